@@ -1,0 +1,407 @@
+"""Typed run configuration: YAML file + `key=value` overrides -> RunConfig.
+
+Every field carries a one-line doc (`field(metadata={"doc": ...})`), validation lives in
+`__post_init__`, and the resolved config (all defaults filled in) is saved in every run as
+`config.yaml`. User mistakes raise `ConfigError` with one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from lorafit.errors import ConfigError
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field with a one-line doc."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name}={value!r} is not valid; use one of {list(choices)}")
+
+
+def _check_positive(section: str, name: str, value: float | int | None, allow_zero=False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name}={value!r} must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("minilm", "Alias (minilm, smollm2), local folder or hub name of the base model.")
+    task: str = _f("auto", "classification | causal_lm | auto (causal_lm if data has SFT fields).")
+    pooling: str = _f("auto", "Classifier pooling: auto | mean | cls | pooler | last.")
+    max_length: int = _f(128, "Truncate inputs to this many tokens.")
+    dtype: str = _f("float32", "Weights dtype for non-quantised layers: float32 | bfloat16 | float16.")
+    gguf_file: str | None = _f(None, "GGUF file inside name_or_path (dequantised on load).")
+    trust_remote_code: bool = _f(False, "Allow code from the model repo to run; off unless you trust it.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "task", self.task, ("auto", "classification", "causal_lm"))
+        _check_choice("model", "pooling", self.pooling, ("auto", "mean", "cls", "pooler", "last"))
+        _check_choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_positive("model", "max_length", self.max_length)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = _f(None, "Data file, folder with train/validation/test files, or hub dataset name.")
+    name: str | None = _f(None, "Hub dataset configuration name (e.g. 'sst2' of 'glue').")
+    train_split: str = _f("train", "Split (or file stem) used for training.")
+    validation_split: str | None = _f("validation", "Given validation split; None or missing -> carved from train.")
+    test_split: str | None = _f("test", "Given test split; missing -> validation split if present, else carved.")
+    text: str = _f("auto", "Text column (auto: sentence, text, content, ...).")
+    text_pair: str | None = _f(None, "Second text column for sentence-pair tasks.")
+    label: str = _f("label", "Label column (strings or integers).")
+    labels: list[str] | None = _f(None, "Label names in id order; default: sorted unique training labels.")
+    k_shot: int | None = _f(None, "Training examples per class (LM-BFF); None uses the whole pool.")
+    k_shot_unit: str = _f("per_class", "per_class: K per class; total: K examples, stratified.")
+    train_size: float | None = _f(None, "Instead of k_shot: a fraction (<1) or a number (>=1) of train rows.")
+    validation_k: int | None = _f(None, "Validation examples per class drawn disjointly from train (default: k_shot).")
+    validation_fraction: float = _f(0.1, "Fraction of train carved out as validation when none is given.")
+    test_fraction: float = _f(0.2, "Fraction carved out as test when a single file has no test split.")
+    min_words: int = _f(0, "Drop training-pool rows with fewer words (SST-2 phrases -> sentences).")
+    seed: int = _f(13, "Seed of K-shot sampling and carved splits.")
+    max_test_examples: int | None = _f(None, "Evaluate on at most this many test rows (stratified); None: all.")
+    # causal-LM SFT
+    instruction: str = _f("instruction", "SFT instruction column.")
+    input: str = _f("input", "SFT optional input column.")
+    output: str = _f("output", "SFT response column.")
+    messages: str = _f("messages", "SFT chat column (list of {role, content}); used when present.")
+    delimiter: str | None = _f(None, "CSV/TSV delimiter; default by extension.")
+
+    def __post_init__(self) -> None:
+        _check_choice("data", "k_shot_unit", self.k_shot_unit, ("per_class", "total"))
+        _check_positive("data", "k_shot", self.k_shot)
+        _check_positive("data", "validation_k", self.validation_k)
+        _check_positive("data", "train_size", self.train_size)
+        _check_positive("data", "min_words", self.min_words, allow_zero=True)
+        _check_positive("data", "max_test_examples", self.max_test_examples)
+        if self.k_shot is not None and self.train_size is not None:
+            raise ConfigError("data.k_shot and data.train_size are exclusive; set one of them to null")
+        for name in ("validation_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise ConfigError(f"data.{name}={v!r} must be between 0 and 1")
+
+
+PEFT_METHODS_WITH_DEFAULTS = ("full", "head", "lora", "qlora")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("lora", "full | head | lora | qlora | any PEFT type (ia3, prompt_tuning, loha, ...).")
+    r: int = _f(8, "LoRA rank.")
+    alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = _f(0.1, "LoRA dropout.")
+    target_modules: Union[str, list[str]] = _f(
+        "auto", "Modules to adapt: auto (detected per architecture), all-linear, attention, or a list."
+    )
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    init_lora_weights: Union[bool, str] = _f(True, "LoRA init: true, gaussian, pissa, olora, loftq, ...")
+    quant_type: str = _f("nf4", "QLoRA 4-bit type: nf4 | fp4.")
+    double_quant: bool = _f(True, "QLoRA double quantisation of the quantisation constants.")
+    compute_dtype: str = _f("auto", "QLoRA compute dtype: auto (bf16 on CUDA if supported, else fp32).")
+    peft_kwargs: dict[str, Any] = _f({}, "Extra keyword arguments passed to the PEFT config class.")
+    reinit_layers: int = _f(0, "Re-initialise this many top encoder layers (full fine-tuning).")
+
+    def __post_init__(self) -> None:
+        _check_positive("method", "r", self.r)
+        _check_positive("method", "alpha", self.alpha)
+        _check_positive("method", "reinit_layers", self.reinit_layers, allow_zero=True)
+        _check_choice("method", "quant_type", self.quant_type, ("nf4", "fp4"))
+        _check_choice("method", "compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"method.dropout={self.dropout!r} must be in [0, 1)")
+        self.name = self.name.lower()
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = _f("accuracy", "Validation metric that selects the best step (loss is minimised).")
+    patience: int | None = _f(None, "Stop after this many evaluations without improvement; None: never stop.")
+    min_steps: int = _f(0, "Never stop before this many optimisation steps.")
+    tie_breaker: str = _f("loss", "On equal metric, prefer the lower validation loss.")
+
+    def __post_init__(self) -> None:
+        _check_positive("train.early_stopping", "patience", self.patience)
+        _check_positive("train.early_stopping", "min_steps", self.min_steps, allow_zero=True)
+        _check_choice("train.early_stopping", "tie_breaker", self.tie_breaker, ("loss", "none"))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(200, "Optimisation steps (a fixed budget, not epochs).")
+    batch_size: int = _f(8, "Examples per device per micro-batch.")
+    grad_accum: int = _f(1, "Micro-batches per optimisation step.")
+    lr: float = _f(5e-4, "Peak learning rate.")
+    head_lr: float | None = _f(None, "Learning rate of the classification head (default: lr).")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
+    warmup: float = _f(0.1, "Warmup: a fraction of steps (<1) or a number of steps (>=1).")
+    schedule: str = _f("linear", "LR schedule after warmup: linear | cosine | constant.")
+    optimizer: str = _f("adamw", "adamw | adamw_8bit (bitsandbytes).")
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float | None = _f(1.0, "Clip gradients to this norm; None: no clipping.")
+    mixed_precision: str = _f("no", "no | bf16 | fp16 (where the hardware supports it).")
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory.")
+    seed: int = _f(42, "Seed of initialisation, dropout and data order.")
+    eval_every: int = _f(20, "Evaluate train sample and validation every N steps.")
+    train_eval_size: int = _f(256, "Size of the fixed training sample evaluated for the gap.")
+    early_stopping: EarlyStoppingConfig = _f(None, "Model selection and early stopping.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the classification loss.")
+    layer_lr_decay: float = _f(1.0, "Layer-wise LR decay factor per layer below the top (1: off).")
+    rdrop: float = _f(0.0, "R-Drop weight: symmetric KL between two dropout passes (0: off).")
+    ema_decay: float | None = _f(None, "EMA of trainable weights, evaluated and saved (None: off).")
+    checkpoint_every: int | None = _f(None, "Save a resumable checkpoint every N steps (default: eval_every).")
+    keep_checkpoints: int = _f(2, "Keep the newest N checkpoints.")
+    resume: bool = _f(False, "Continue from the newest checkpoint in output.dir.")
+    num_workers: int = _f(0, "DataLoader workers.")
+
+    def __post_init__(self) -> None:
+        if self.early_stopping is None:
+            self.early_stopping = EarlyStoppingConfig()
+        for name in ("steps", "batch_size", "grad_accum", "lr", "eval_every", "train_eval_size"):
+            _check_positive("train", name, getattr(self, name))
+        _check_positive("train", "head_lr", self.head_lr)
+        _check_positive("train", "warmup", self.warmup, allow_zero=True)
+        _check_positive("train", "weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("train", "checkpoint_every", self.checkpoint_every)
+        _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
+        _check_positive("train", "rdrop", self.rdrop, allow_zero=True)
+        _check_positive("train", "max_grad_norm", self.max_grad_norm)
+        _check_choice("train", "schedule", self.schedule, ("linear", "cosine", "constant"))
+        _check_choice("train", "optimizer", self.optimizer, ("adamw", "adamw_8bit"))
+        _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ConfigError(f"train.layer_lr_decay={self.layer_lr_decay!r} must be in (0, 1]")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay={self.ema_decay!r} must be in (0, 1)")
+        if len(self.adam_betas) != 2:
+            raise ConfigError("train.adam_betas needs two numbers, e.g. [0.9, 0.999]")
+        if self.checkpoint_every is None:
+            self.checkpoint_every = self.eval_every
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(64, "Examples per evaluation batch.")
+    ece_bins: int = _f(15, "Equal-width bins of the top-label ECE.")
+    bootstrap_samples: int = _f(1000, "Bootstrap resamples for test-metric CIs.")
+    ci_level: float = _f(0.95, "Confidence level of the CIs.")
+    save_predictions: bool = _f(True, "Write per-example test predictions to predictions/.")
+
+    def __post_init__(self) -> None:
+        _check_positive("eval", "batch_size", self.batch_size)
+        _check_positive("eval", "ece_bins", self.ece_bins)
+        _check_positive("eval", "bootstrap_samples", self.bootstrap_samples)
+        if not 0 < self.ci_level < 1:
+            raise ConfigError(f"eval.ci_level={self.ci_level!r} must be between 0 and 1")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/run", "Run directory.")
+    overwrite: bool = _f(False, "Replace an existing finished run directory.")
+    report_to: list[str] = _f(["tensorboard"], "Accelerate trackers (tensorboard, wandb, ...); [] for none.")
+    save_adapter: bool = _f(True, "Write the adapter (or full weights) to adapter/.")
+    plot: bool = _f(True, "Write learning_curve.png.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = _f(None, "Base model.")
+    data: DataConfig = _f(None, "Dataset, columns, splits and K-shot sampling.")
+    method: MethodConfig = _f(None, "Fine-tuning method.")
+    train: TrainConfig = _f(None, "Optimisation loop.")
+    eval: EvalConfig = _f(None, "Evaluation.")
+    output: OutputConfig = _f(None, "Run directory and trackers.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None:
+                setattr(self, f.name, _hints(type(self))[f.name]())
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved config (output.dir and resume excluded)."""
+        d = self.to_dict()
+        d["output"].pop("dir", None)
+        d["train"].pop("resume", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+# -- building from dicts, YAML and overrides -----------------------------------------------------
+
+_HINTS_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS_CACHE:
+        _HINTS_CACHE[cls] = get_type_hints(cls)
+    return _HINTS_CACHE[cls]
+
+
+def _unknown_key(prefix: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert a YAML value to the annotated type (int -> float allowed)."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of keys, got {value!r}")
+        return from_dict(hint, value, prefix=f"{where}.")
+    if origin is Union or str(origin) == "types.UnionType":
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}={value!r} has the wrong type")
+    if hint is Any:
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = get_args(hint) or (Any,)
+        return [_coerce(v, item, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict, rejecting unknown keys."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in names:
+            raise _unknown_key(prefix, str(key), names)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _parse_scalar(text: str) -> Any:
+    """`k=v` values are parsed as YAML scalars/lists: 5e-4 -> float, [a,b] -> list, null -> None."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-4 as a string
+            return float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a nested dict (validated later by from_dict)."""
+    data = json.loads(json.dumps(data or {}))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.lr=1e-4")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/sst2_lora.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + `key=value` overrides -> validated RunConfig."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)
+
+
+def config_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) rows for every field; used by `lorafit config --help` and docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows.extend(config_docs(hint, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("doc", "")))
+    return rows
