@@ -42,13 +42,19 @@ def _check_positive(section: str, name: str, value: float | int | None, allow_ze
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("minilm", "Alias (minilm, smollm2), local folder or hub name of the base model.")
+    name_or_path: str = _f(
+        "minilm", "Alias (minilm, smollm2), local folder or hub name of the base model."
+    )
     task: str = _f("auto", "classification | causal_lm | auto (causal_lm if data has SFT fields).")
     pooling: str = _f("auto", "Classifier pooling: auto | mean | cls | pooler | last.")
     max_length: int = _f(128, "Truncate inputs to this many tokens.")
-    dtype: str = _f("float32", "Weights dtype for non-quantised layers: float32 | bfloat16 | float16.")
+    dtype: str = _f(
+        "float32", "Weights dtype for non-quantised layers: float32 | bfloat16 | float16."
+    )
     gguf_file: str | None = _f(None, "GGUF file inside name_or_path (dequantised on load).")
-    trust_remote_code: bool = _f(False, "Allow code from the model repo to run; off unless you trust it.")
+    trust_remote_code: bool = _f(
+        False, "Allow code from the model repo to run; off unless you trust it."
+    )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
 
     def __post_init__(self) -> None:
@@ -60,24 +66,42 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = _f(None, "Data file, folder with train/validation/test files, or hub dataset name.")
+    path: str | None = _f(
+        None, "Data file, folder with train/validation/test files, or hub dataset name."
+    )
     name: str | None = _f(None, "Hub dataset configuration name (e.g. 'sst2' of 'glue').")
     train_split: str = _f("train", "Split (or file stem) used for training.")
-    validation_split: str | None = _f("validation", "Given validation split; None or missing -> carved from train.")
-    test_split: str | None = _f("test", "Given test split; missing -> validation split if present, else carved.")
+    validation_split: str | None = _f(
+        "validation", "Given validation split; None or missing -> carved from train."
+    )
+    test_split: str | None = _f(
+        "test", "Given test split; missing -> validation split if present, else carved."
+    )
     text: str = _f("auto", "Text column (auto: sentence, text, content, ...).")
     text_pair: str | None = _f(None, "Second text column for sentence-pair tasks.")
     label: str = _f("label", "Label column (strings or integers).")
-    labels: list[str] | None = _f(None, "Label names in id order; default: sorted unique training labels.")
+    labels: list[str] | None = _f(
+        None, "Label names in id order; default: sorted unique training labels."
+    )
     k_shot: int | None = _f(None, "Training examples per class (LM-BFF); None uses the whole pool.")
     k_shot_unit: str = _f("per_class", "per_class: K per class; total: K examples, stratified.")
-    train_size: float | None = _f(None, "Instead of k_shot: a fraction (<1) or a number (>=1) of train rows.")
-    validation_k: int | None = _f(None, "Validation examples per class drawn disjointly from train (default: k_shot).")
-    validation_fraction: float = _f(0.1, "Fraction of train carved out as validation when none is given.")
-    test_fraction: float = _f(0.2, "Fraction carved out as test when a single file has no test split.")
+    train_size: float | None = _f(
+        None, "Instead of k_shot: a fraction (<1) or a number (>=1) of train rows."
+    )
+    validation_k: int | None = _f(
+        None, "Validation examples per class drawn disjointly from train (default: k_shot)."
+    )
+    validation_fraction: float = _f(
+        0.1, "Fraction of train carved out as validation when none is given."
+    )
+    test_fraction: float = _f(
+        0.2, "Fraction carved out as test when a single file has no test split."
+    )
     min_words: int = _f(0, "Drop training-pool rows with fewer words (SST-2 phrases -> sentences).")
     seed: int = _f(13, "Seed of K-shot sampling and carved splits.")
-    max_test_examples: int | None = _f(None, "Evaluate on at most this many test rows (stratified); None: all.")
+    max_test_examples: int | None = _f(
+        None, "Evaluate on at most this many test rows (stratified); None: all."
+    )
     # causal-LM SFT
     instruction: str = _f("instruction", "SFT instruction column.")
     input: str = _f("input", "SFT optional input column.")
@@ -93,7 +117,9 @@ class DataConfig:
         _check_positive("data", "min_words", self.min_words, allow_zero=True)
         _check_positive("data", "max_test_examples", self.max_test_examples)
         if self.k_shot is not None and self.train_size is not None:
-            raise ConfigError("data.k_shot and data.train_size are exclusive; set one of them to null")
+            raise ConfigError(
+                "data.k_shot and data.train_size are exclusive; set one of them to null"
+            )
         for name in ("validation_fraction", "test_fraction"):
             v = getattr(self, name)
             if not 0 < v < 1:
@@ -105,19 +131,26 @@ PEFT_METHODS_WITH_DEFAULTS = ("full", "head", "lora", "qlora")
 
 @dataclass
 class MethodConfig:
-    name: str = _f("lora", "full | head | lora | qlora | any PEFT type (ia3, prompt_tuning, loha, ...).")
+    name: str = _f(
+        "lora", "full | head | lora | qlora | any PEFT type (ia3, prompt_tuning, loha, ...)."
+    )
     r: int = _f(8, "LoRA rank.")
     alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
     dropout: float = _f(0.1, "LoRA dropout.")
     target_modules: Union[str, list[str]] = _f(
-        "auto", "Modules to adapt: auto (detected per architecture), all-linear, attention, or a list."
+        "auto",
+        "Modules to adapt: auto (detected per architecture), all-linear, attention, or a list.",
     )
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
-    init_lora_weights: Union[bool, str] = _f(True, "LoRA init: true, gaussian, pissa, olora, loftq, ...")
+    init_lora_weights: Union[bool, str] = _f(
+        True, "LoRA init: true, gaussian, pissa, olora, loftq, ..."
+    )
     quant_type: str = _f("nf4", "QLoRA 4-bit type: nf4 | fp4.")
     double_quant: bool = _f(True, "QLoRA double quantisation of the quantisation constants.")
-    compute_dtype: str = _f("auto", "QLoRA compute dtype: auto (bf16 on CUDA if supported, else fp32).")
+    compute_dtype: str = _f(
+        "auto", "QLoRA compute dtype: auto (bf16 on CUDA if supported, else fp32)."
+    )
     peft_kwargs: dict[str, Any] = _f({}, "Extra keyword arguments passed to the PEFT config class.")
     reinit_layers: int = _f(0, "Re-initialise this many top encoder layers (full fine-tuning).")
 
@@ -126,7 +159,12 @@ class MethodConfig:
         _check_positive("method", "alpha", self.alpha)
         _check_positive("method", "reinit_layers", self.reinit_layers, allow_zero=True)
         _check_choice("method", "quant_type", self.quant_type, ("nf4", "fp4"))
-        _check_choice("method", "compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice(
+            "method",
+            "compute_dtype",
+            self.compute_dtype,
+            ("auto", "float32", "bfloat16", "float16"),
+        )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"method.dropout={self.dropout!r} must be in [0, 1)")
         self.name = self.name.lower()
@@ -134,8 +172,12 @@ class MethodConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    metric: str = _f("accuracy", "Validation metric that selects the best step (loss is minimised).")
-    patience: int | None = _f(None, "Stop after this many evaluations without improvement; None: never stop.")
+    metric: str = _f(
+        "auto", "Validation metric that selects the best step (auto: accuracy or loss)."
+    )
+    patience: int | None = _f(
+        None, "Stop after this many evaluations without improvement; None: never stop."
+    )
     min_steps: int = _f(0, "Never stop before this many optimisation steps.")
     tie_breaker: str = _f("loss", "On equal metric, prefer the lower validation loss.")
 
@@ -165,11 +207,16 @@ class TrainConfig:
     eval_every: int = _f(20, "Evaluate train sample and validation every N steps.")
     train_eval_size: int = _f(256, "Size of the fixed training sample evaluated for the gap.")
     early_stopping: EarlyStoppingConfig = _f(None, "Model selection and early stopping.")
+    select_best: bool = _f(
+        True, "Restore the best validation step's weights at the end (else the last)."
+    )
     label_smoothing: float = _f(0.0, "Label smoothing of the classification loss.")
     layer_lr_decay: float = _f(1.0, "Layer-wise LR decay factor per layer below the top (1: off).")
     rdrop: float = _f(0.0, "R-Drop weight: symmetric KL between two dropout passes (0: off).")
     ema_decay: float | None = _f(None, "EMA of trainable weights, evaluated and saved (None: off).")
-    checkpoint_every: int | None = _f(None, "Save a resumable checkpoint every N steps (default: eval_every).")
+    checkpoint_every: int | None = _f(
+        None, "Save a resumable checkpoint every N steps (default: eval_every)."
+    )
     keep_checkpoints: int = _f(2, "Keep the newest N checkpoints.")
     resume: bool = _f(False, "Continue from the newest checkpoint in output.dir.")
     num_workers: int = _f(0, "DataLoader workers.")
@@ -221,7 +268,9 @@ class EvalConfig:
 class OutputConfig:
     dir: str = _f("runs/run", "Run directory.")
     overwrite: bool = _f(False, "Replace an existing finished run directory.")
-    report_to: list[str] = _f(["tensorboard"], "Accelerate trackers (tensorboard, wandb, ...); [] for none.")
+    report_to: list[str] = _f(
+        ["tensorboard"], "Accelerate trackers (tensorboard, wandb, ...); [] for none."
+    )
     save_adapter: bool = _f(True, "Write the adapter (or full weights) to adapter/.")
     plot: bool = _f(True, "Write learning_curve.png.")
 
@@ -316,6 +365,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
@@ -360,7 +414,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = json.loads(json.dumps(data or {}))
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.lr=1e-4")
+            raise ConfigError(
+                f"override '{item}' must look like section.key=value, e.g. train.lr=1e-4"
+            )
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
         node = data
@@ -375,7 +431,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/sst2_lora.yaml")
+        raise ConfigError(
+            f"config file {path} not found; pass a YAML file such as configs/sst2_lora.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -1,0 +1,198 @@
+"""`lorafit` command line: train, compare, export, predict, demo, config.
+
+`python -m lorafit`, the `lorafit` console script and `accelerate launch -m lorafit` all land
+here. User mistakes (LorafitError) print one line and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lorafit.errors import LorafitError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="fine-tune one model: lorafit train CONFIG.yaml [key=value ...]"
+    )
+    p.add_argument("config", nargs="?", help="YAML config (optional: all keys can be overrides)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="method x label budget x seed sweep with statistics")
+    p.add_argument("config", help="sweep YAML (see configs/compare_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the sweep")
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs that crashed before")
+    p.add_argument(
+        "--report-only", action="store_true", help="rebuild tables/plots from finished runs"
+    )
+    p.set_defaults(func=_cmd_compare)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="package a run's adapter (or a merged model) for deployment")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--merge", action="store_true", help="write a merged full model (no PEFT needed)"
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=None, help="max |merged - adapter| logit diff"
+    )
+    p.set_defaults(func=_cmd_export)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="batch prediction with an exported adapter or run")
+    p.add_argument("model_dir", nargs="+", help="exported folder(s) or run directories")
+    p.add_argument("--input", default="-", help="csv/tsv/jsonl/txt file, or - for stdin")
+    p.add_argument("--output", default="-", help="jsonl file, or - for stdout")
+    p.add_argument("--adapter", default=None, help="adapter name when several are loaded")
+    p.add_argument("--text-column", default=None, help="text column of csv/jsonl input")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=_cmd_predict)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="a short few-shot LoRA run on SST-2 with MiniLM")
+    p.add_argument("--data", default=None, help="SST-2 folder or file (default: search, then hub)")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="print every config key with its default and meaning")
+    p.set_defaults(func=_cmd_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorafit", description="Parameter-efficient fine-tuning when labels are few."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_compare, _add_export, _add_predict, _add_demo, _add_config):
+        add(sub)
+    return parser
+
+
+def _split_config(args) -> tuple[str | None, list[str]]:
+    """`lorafit train a=b` (no YAML) is allowed: a first positional with '=' is an override."""
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def _cmd_train(args) -> int:
+    from lorafit.config import load_config
+    from lorafit.trainer import train
+
+    cfg = load_config(*_split_config(args))
+    summary = train(cfg)
+    _print_summary(summary, cfg.output.dir)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from lorafit.sweep import run_compare
+
+    run_compare(
+        args.config, args.overrides, retry_failed=args.retry_failed, report_only=args.report_only
+    )
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from lorafit.export import export_run
+
+    export_run(args.run_dir, args.out, merge=args.merge, tolerance=args.tolerance)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from lorafit.export import predict_cli
+
+    return predict_cli(args)
+
+
+def _cmd_demo(args) -> int:
+    from lorafit.config import load_config
+    from lorafit.data import find_demo_data
+    from lorafit.trainer import train
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    demo_yaml = os.path.join(here, "recipes", "demo.yaml")
+    data_path = find_demo_data(args.data)
+    cfg = load_config(
+        demo_yaml,
+        [
+            f"data.path={data_path}",
+            f"output.dir={args.out}",
+            "output.overwrite=true",
+            *args.overrides,
+        ],
+    )
+    summary = train(cfg)
+    _print_summary(summary, cfg.output.dir)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from lorafit.config import config_docs
+
+    rows = config_docs()
+    width = max(len(k) for k, _, _ in rows)
+    for key, default, doc in rows:
+        print(f"{key:<{width}}  {default:<14}  {doc}")
+    return 0
+
+
+def _print_summary(summary: dict, run_dir: str) -> None:
+    """A few readable lines: test metric with its CI, the gap, where the plot is."""
+    if not summary:
+        return
+    test = summary["test"]
+    metric = summary["selection_metric"] if summary["task"] == "classification" else "loss"
+    key = "accuracy" if summary["task"] == "classification" else "loss"
+    ci = test.get("ci", {}).get(key)
+    ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    lines = [
+        "",
+        f"run:        {run_dir}",
+        f"test {key}: {test[key]:.4f}{ci_text} on {summary['num_test']} examples",
+    ]
+    if summary["task"] == "classification":
+        lines.append(
+            f"            macro-F1 {test['f1_macro']:.4f}, ECE {test['ece']:.4f}, NLL {test['nll']:.4f}"
+        )
+    gap = summary.get("train_test_gap") or {}
+    if key in gap:
+        lines.append(
+            f"gap:        train-sample {key} minus test {key} = {gap[key]:+.4f} "
+            f"(selected step {summary['best_step']} by validation {metric})"
+        )
+    lines.append(
+        f"cost:       {summary['trainable_params']:,} trainable of {summary['total_params']:,} params, "
+        f"{summary['wall_time_s']:.0f}s, peak {summary['peak_memory_mb']:.0f} MB"
+    )
+    lines.append(f"plot:       {os.path.join(run_dir, 'learning_curve.png')}")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except LorafitError as e:
+        print(f"lorafit: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("lorafit: interrupted; resume with train.resume=true", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,186 @@
+"""The evaluation loop: forward passes -> small per-example tensors -> lorafit.metrics.
+
+Why per-example tensors: under several processes, `accelerator.gather_for_metrics` collects
+them and drops the samples that the last, padded batch duplicated, so every example is counted
+exactly once and distributed metrics equal single-process metrics. The tensors are small
+(classification: logits [B, C]; causal LM: four numbers per example), so the large [B, T, V]
+logits never cross processes; the C++ core reduces them where they were made.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lorafit import metrics as M
+from lorafit.config import EvalConfig
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    """Scalar metrics (loss, accuracy, ...) for logging."""
+    per_example: dict[str, np.ndarray] | None = None
+    """Per-example arrays (row, label, pred, prob, nll / nll_sum, n_tokens) when requested."""
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    """Non-scalar metrics: per-class precision/recall/f1, confusion matrix."""
+    seconds: float = 0.0
+
+
+def _to_float_logits(logits: torch.Tensor) -> torch.Tensor:
+    # The C++ core reads fp32/fp16/bf16 directly: no upcast copy of the logits.
+    return logits.detach().contiguous()
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("labels", "row")}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataloader,
+    accelerator,
+    task: str,
+    eval_cfg: EvalConfig,
+    num_classes: int | None = None,
+    keep_per_example: bool = False,
+) -> EvalResult:
+    """Evaluate `model` on a prepared dataloader; identical result on every rank."""
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    if task == "classification":
+        result = _evaluate_classification(
+            model, dataloader, accelerator, eval_cfg, num_classes, keep_per_example
+        )
+    else:
+        result = _evaluate_causal_lm(model, dataloader, accelerator, keep_per_example)
+    model.train(was_training)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_classes, keep):
+    acc = M.ClassificationMetrics(num_classes=num_classes, ece_bins=eval_cfg.ece_bins)
+    kept: dict[str, list[np.ndarray]] = {"row": [], "label": [], "logits": []}
+    for batch in dataloader:
+        logits = model(**_model_inputs(batch))  # [B, C]
+        logits = logits.logits if hasattr(logits, "logits") else logits
+        logits, labels, rows = accelerator.gather_for_metrics(
+            (_to_float_logits(logits).float(), batch["labels"], batch["row"])
+        )
+        logits_np = logits.cpu().numpy()
+        labels_np = labels.cpu().numpy()
+        acc.update(logits_np, labels_np)
+        if keep:
+            kept["row"].append(rows.cpu().numpy())
+            kept["label"].append(labels_np)
+            kept["logits"].append(logits_np)
+    out = acc.compute()
+    scalars = {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
+    scalars["loss"] = scalars["nll"]
+    arrays = {k: np.asarray(v) for k, v in out.items() if np.ndim(v) > 0}
+    per_example = None
+    if keep:
+        logits_all = _concat(kept["logits"], (0, num_classes), np.float32)
+        log_probs = _log_softmax(logits_all)
+        labels_all = _concat(kept["label"], (0,), np.int64)
+        per_example = {
+            "row": _concat(kept["row"], (0,), np.int64),
+            "label": labels_all,
+            "pred": logits_all.argmax(-1) if len(logits_all) else np.zeros(0, np.int64),
+            "prob": np.exp(log_probs),
+            "nll": -log_probs[np.arange(len(labels_all)), labels_all],
+        }
+    return EvalResult(metrics=scalars, per_example=per_example, arrays=arrays)
+
+
+def _evaluate_causal_lm(model, dataloader, accelerator, keep):
+    kept: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("row", "nll_sum", "n_tokens", "top1", "top5")
+    }
+    for batch in dataloader:
+        logits = model(**_model_inputs(batch)).logits  # [B, T, V]
+        labels = batch["labels"]  # [B, T]
+        B, T, V = logits.shape
+        # Row t predicts token t+1: shift the labels, not the logits, so the reshape is a view.
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
+        stats = M.token_stats(_to_float_logits(logits).reshape(B * T, V), targets.reshape(-1))
+        nll = torch.as_tensor(stats["nll"]).reshape(B, T).to(torch.float64)  # 0 where ignored
+        mask = (targets != -100).to(torch.float64)
+        per_ex = torch.stack(
+            [
+                nll.sum(1),
+                mask.sum(1),
+                torch.as_tensor(stats["top1"]).reshape(B, T).to(torch.float64).mul(mask).sum(1),
+                torch.as_tensor(stats["top5"]).reshape(B, T).to(torch.float64).mul(mask).sum(1),
+            ],
+            dim=1,
+        ).to(accelerator.device)  # [B, 4]
+        per_ex, rows = accelerator.gather_for_metrics((per_ex, batch["row"]))
+        per_ex = per_ex.cpu().numpy()
+        kept["row"].append(rows.cpu().numpy())
+        for i, key in enumerate(("nll_sum", "n_tokens", "top1", "top5")):
+            kept[key].append(per_ex[:, i])
+    arr = {k: _concat(v, (0,), np.float64) for k, v in kept.items()}
+    n_tokens = max(arr["n_tokens"].sum(), 1.0)
+    loss = float(arr["nll_sum"].sum() / n_tokens)
+    scalars = {
+        "loss": loss,
+        "perplexity": float(np.exp(min(loss, 700.0))),
+        "top1_accuracy": float(arr["top1"].sum() / n_tokens),
+        "top5_accuracy": float(arr["top5"].sum() / n_tokens),
+        "n_tokens": float(arr["n_tokens"].sum()),
+        "n": float(len(arr["row"])),
+    }
+    per_example = None
+    if keep:
+        per_example = {
+            "row": arr["row"].astype(np.int64),
+            "nll_sum": arr["nll_sum"],
+            "n_tokens": arr["n_tokens"].astype(np.int64),
+            "nll": arr["nll_sum"] / np.maximum(arr["n_tokens"], 1.0),
+        }
+    return EvalResult(metrics=scalars, per_example=per_example)
+
+
+def _concat(parts: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    if not len(logits):
+        return logits
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def confidence_intervals(per_example: dict[str, np.ndarray], task: str, num_classes, eval_cfg):
+    """Bootstrap CIs over test examples: {metric: [low, high]}."""
+    if per_example is None or len(per_example["row"]) == 0:
+        return {}
+    if task == "classification":
+        ci = M.bootstrap_ci(
+            per_example["label"],
+            per_example["pred"],
+            nll=per_example["nll"],
+            num_classes=num_classes,
+            n_resamples=eval_cfg.bootstrap_samples,
+            level=eval_cfg.ci_level,
+            seed=0,
+        )
+    else:
+        ci = M.bootstrap_ci(
+            None,
+            None,
+            nll=per_example["nll"],
+            n_resamples=eval_cfg.bootstrap_samples,
+            level=eval_cfg.ci_level,
+            seed=0,
+        )
+    return {k: [float(v[0]), float(v[1])] for k, v in ci.items()}

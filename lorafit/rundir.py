@@ -1,0 +1,143 @@
+"""The run directory: the seam between training, sweeps and export (see docs/design.md)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.errors import ConfigError
+from lorafit.io import read_jsonl, write_text, write_with
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def label_map(self) -> Path:
+        return self.root / "label_map.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions" / "test.jsonl"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def learning_curve(self) -> Path:
+        return self.root / "learning_curve.png"
+
+    @property
+    def tracker_dir(self) -> Path:
+        return self.root / "tb"
+
+    def is_complete(self) -> bool:
+        return read_summary(self.root).get("status") == "completed"
+
+
+def read_summary(root: str | Path) -> dict:
+    path = Path(root) / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def prepare_run_dir(root: str | Path, overwrite: bool, resume: bool) -> RunDir:
+    """Create the run directory; refuse to mix a new run into an old one by accident."""
+    run = RunDir(Path(root))
+    if run.root.exists() and any(run.root.iterdir()) and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"output.dir {run.root} already holds a run; pass train.resume=true to continue "
+                "it, output.overwrite=true to replace it, or choose another output.dir"
+            )
+        shutil.rmtree(run.root)
+    run.root.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop evaluations logged after the checkpoint we continue from."""
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plot_learning_curve(metrics_path: Path, out_path: Path, metric: str, best_step: int | None):
+    """Train vs validation loss and metric over steps: the overfitting picture at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "loss", "loss (NLL)"), (axes[1], metric, metric)):
+        for split, style in (("train", "-o"), ("validation", "-s")):
+            values = [r.get(split, {}).get(key) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(steps, values, style, label=f"{split}", markersize=3)
+        if best_step is not None:
+            ax.axvline(best_step, color="grey", linestyle="--", label=f"best step {best_step}")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("train (fixed sample) vs validation: the gap is the overfitting")
+    fig.tight_layout()
+    write_with(out_path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def environment_info() -> dict:
+    """Library versions and hardware, recorded in every summary."""
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    import lorafit
+
+    hardware = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return {
+        "versions": {
+            "lorafit": lorafit.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "accelerate": accelerate.__version__,
+            "python": platform.python_version(),
+        },
+        "hardware": hardware,
+    }

@@ -1,0 +1,663 @@
+"""The training recipe: setup -> train (with evaluation and model selection) -> test -> save.
+
+Read top to bottom. One `Trainer` holds the run; `train(cfg)` is the entry point used by the CLI,
+sweeps and tests. Under `accelerate launch` every process runs this same code: the model is
+wrapped for DDP by `accelerator.prepare`, each rank takes its own share of the training batches,
+and only the main process writes files, logs and shows progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lorafit import data as D
+from lorafit import methods as Meth
+from lorafit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from lorafit.config import RunConfig
+from lorafit.distributed import make_accelerator
+from lorafit.errors import ConfigError, TrainingError
+from lorafit.evaluate import EvalResult, confidence_intervals, evaluate
+from lorafit.io import append_jsonl, read_jsonl, write_json, write_text
+from lorafit.rundir import (
+    RunDir,
+    environment_info,
+    plot_learning_curve,
+    prepare_run_dir,
+    truncate_metrics,
+)
+
+# Test hook: SIGKILL this process after the given optimisation step (checkpoint written first),
+# so the tests can check that `resume=true` continues to the same result after a hard kill.
+FAULT_ENV = "LORAFIT_FAULT_AT_STEP"
+
+
+class StepBatchSampler:
+    """Micro-batch indices as a pure function of (seed, batch number).
+
+    The index stream is a concatenation of seeded permutations of the training set, cut into
+    batches of `batch_size`; rank r of W takes global batches r, r+W, r+2W, ... Resuming at batch
+    b needs no saved sampler state, so a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank=0, world=1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def batch(self, global_batch: int) -> list[int]:
+        first = global_batch * self.batch_size
+        indices, epoch_cache = [], {}
+        for pos in range(first, first + self.batch_size):
+            epoch, offset = divmod(pos, self.n)
+            if epoch not in epoch_cache:
+                epoch_cache[epoch] = self._permutation(epoch)
+            indices.append(int(epoch_cache[epoch][offset]))
+        return indices
+
+    def __iter__(self):
+        for local in range(self.start, self.stop):
+            yield self.batch(local * self.world + self.rank)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class Selection:
+    """Model selection state: which evaluation was best, and how long since it improved."""
+
+    metric: str
+    higher_is_better: bool
+    tie_breaker: str
+    best_value: float | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+
+    def update(self, step: int, value: float, loss: float) -> bool:
+        """Record an evaluation; True if it is the new best."""
+        if self.best_value is None:
+            improved = True
+        else:
+            delta = value - self.best_value if self.higher_is_better else self.best_value - value
+            improved = delta > 1e-12 or (
+                abs(delta) <= 1e-12 and self.tie_breaker == "loss" and loss < self.best_loss
+            )
+        if improved:
+            self.best_value, self.best_loss, self.best_step = value, loss, step
+            self.evals_since_best = 0
+        else:
+            self.evals_since_best += 1
+        return improved
+
+    def state(self) -> dict:
+        return {
+            k: getattr(self, k)
+            for k in ("best_value", "best_loss", "best_step", "evals_since_best")
+        }
+
+    def load(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class EMA:
+    """Exponential moving average of the trainable weights (evaluated and saved when enabled)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().clone().float() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for k, p in params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("labels", "row")}
+
+
+def _logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.accelerator = make_accelerator(cfg)
+        self.is_main = self.accelerator.is_main_process
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        from accelerate.utils import set_seed
+
+        self.run = RunDir(cfg.output.dir)
+        if self.is_main:
+            prepare_run_dir(cfg.output.dir, cfg.output.overwrite, cfg.train.resume)
+        acc.wait_for_everyone()
+        set_seed(cfg.train.seed)
+
+        # data: normalised columns, K-shot sampled per seed, then tokenised
+        self.task = cfg.model.task if cfg.model.task != "auto" else D.infer_task(cfg.data)
+        self.data = D.load_task_data(cfg.data, self.task)
+        self.label_names = self.data.label_names
+        self.num_classes = len(self.label_names) if self.task == "classification" else None
+
+        # model + method (the tokenizer comes with the model: aliases resolve in one place)
+        built = Meth.build_model(
+            cfg.model,
+            cfg.method,
+            self.task,
+            num_labels=self.num_classes,
+            label_names=self.label_names,
+        )
+        self.model, self.tokenizer, self.model_info = built.model, built.tokenizer, built.info
+        if cfg.train.gradient_checkpointing:
+            _enable_gradient_checkpointing(self.model)
+
+        tok = lambda ds: D.tokenize(ds, self.tokenizer, self.task, cfg.model.max_length)  # noqa: E731
+        self.train_set = tok(self.data.train)
+        self.validation_set = tok(self.data.validation)
+        self.test_set = tok(self.data.test)
+        # A fixed sample of the training set, evaluated like validation: the gap between the two
+        # curves is the overfitting signal.
+        rng = np.random.default_rng(cfg.train.seed)
+        sample = rng.permutation(len(self.train_set))[: cfg.train.train_eval_size]
+        self.train_sample = self.train_set.select(sorted(sample.tolist()))
+
+        self.collate = D.Collator(self.tokenizer, self.task)
+        eval_loader = lambda ds: torch.utils.data.DataLoader(  # noqa: E731
+            ds,
+            batch_size=cfg.eval.batch_size,
+            shuffle=False,
+            collate_fn=self.collate,
+            # A private generator: creating loader iterators must not draw from the global RNG,
+            # or a resumed run would see other dropout masks than an uninterrupted one.
+            generator=torch.Generator(),
+        )
+        self.train_sample_loader, self.validation_loader, self.test_loader = (
+            eval_loader(self.train_sample),
+            eval_loader(self.validation_set),
+            eval_loader(self.test_set),
+        )
+
+        # optimiser over trainable parameters only; weight decay and LR groups by methods.py
+        groups = Meth.param_groups(self.model, cfg.train, cfg.method)
+        self.optimizer = _make_optimizer(groups, cfg)
+        self.scheduler = _make_scheduler(self.optimizer, cfg)
+
+        (
+            self.model,
+            self.optimizer,
+            self.train_sample_loader,
+            self.validation_loader,
+            self.test_loader,
+        ) = acc.prepare(
+            self.model,
+            self.optimizer,
+            self.train_sample_loader,
+            self.validation_loader,
+            self.test_loader,
+        )
+        self.unwrapped = acc.unwrap_model(self.model)
+        self.trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        self.ema = EMA(self.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
+
+        metric = cfg.train.early_stopping.metric
+        if metric == "auto":
+            metric = "accuracy" if self.task == "classification" else "loss"
+        self.selection = Selection(
+            metric=metric,
+            higher_is_better=metric not in ("loss", "nll", "brier", "ece", "perplexity"),
+            tie_breaker=cfg.train.early_stopping.tie_breaker,
+        )
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.start_step = 0
+        self.elapsed_before = 0.0
+        if cfg.train.resume:
+            self._resume()
+
+        if self.is_main:
+            write_text(self.run.config, cfg.to_yaml())
+            if self.label_names is not None:
+                D.save_label_map(self.run.label_map, self.label_names)
+        if cfg.output.report_to:
+            acc.init_trackers("lorafit", config=_flat(cfg.to_dict()))
+        self._print(
+            f"{self.task} | {cfg.method.name} on {cfg.model.name_or_path} | "
+            f"train {len(self.train_set)}, validation {len(self.validation_set)}, test {len(self.test_set)} | "
+            f"trainable {self.model_info['trainable_params']:,} / {self.model_info['total_params']:,} params"
+        )
+
+    def _resume(self) -> None:
+        checkpoints = list_checkpoints(self.run.checkpoints)
+        if not checkpoints:
+            self._print("resume: no checkpoint found, starting from step 0")
+            return
+        ckpt = load_checkpoint(checkpoints[-1])
+        Meth.load_trainable_state_dict(self.unwrapped, ckpt["trainable"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(*ckpt["rng"])
+        self.selection.load(ckpt["trainer"]["selection"])
+        self.elapsed_before = ckpt["trainer"]["elapsed_s"]
+        self.best_weights = ckpt["best_weights"]
+        if self.ema is not None and ckpt["ema_weights"] is not None:
+            self.ema.shadow = {k: v.float() for k, v in ckpt["ema_weights"].items()}
+        self.start_step = ckpt["step"]
+        if self.is_main:
+            truncate_metrics(self.run.metrics, self.start_step)
+        self._print(f"resumed from {checkpoints[-1]} at step {self.start_step}")
+
+    # ------------------------------------------------------------------------------------- train
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """Mean loss of one micro-batch (label smoothing and R-Drop when switched on)."""
+        cfg = self.cfg.train
+        logits = _logits(self.model(**_model_inputs(batch)))
+        labels = batch["labels"]
+        if self.task == "classification":  # logits [B, C], labels [B]
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            if cfg.rdrop > 0:
+                # R-Drop: a second pass with other dropout masks; penalise disagreement.
+                logits2 = _logits(self.model(**_model_inputs(batch))).float()
+                loss2 = F.cross_entropy(logits2, labels, label_smoothing=cfg.label_smoothing)
+                lp1, lp2 = F.log_softmax(logits.float(), -1), F.log_softmax(logits2, -1)
+                kl = 0.5 * (
+                    F.kl_div(lp1, lp2, log_target=True, reduction="batchmean")
+                    + F.kl_div(lp2, lp1, log_target=True, reduction="batchmean")
+                )
+                loss = 0.5 * (loss + loss2) + cfg.rdrop * kl
+            return loss
+        # causal LM: logits [B, T, V]; position t predicts token t+1; -100 masks the prompt
+        vocab = logits.shape[-1]
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, vocab).float(),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            label_smoothing=cfg.label_smoothing,
+        )
+
+    def train(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        tc = cfg.train
+        sampler = StepBatchSampler(
+            len(self.train_set),
+            tc.batch_size,
+            tc.seed,
+            start=self.start_step * tc.grad_accum,
+            stop=tc.steps * tc.grad_accum,
+            rank=acc.process_index,
+            world=acc.num_processes,
+        )
+        # Not passed through accelerate.prepare: the sampler already shards by rank.
+        loader = torch.utils.data.DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=tc.num_workers,
+            generator=torch.Generator(),
+        )
+        batches = iter(loader)
+        fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+
+        self.model.train()
+        start_time = time.perf_counter()
+        self.eval_seconds = 0.0
+        examples_seen = 0
+        bar = tqdm(
+            total=tc.steps,
+            initial=self.start_step,
+            disable=not self.is_main,
+            desc="train",
+            unit="step",
+        )
+        stopped_early = False
+        step = self.start_step
+        for step in range(self.start_step + 1, tc.steps + 1):
+            lr = self.scheduler.get_last_lr()[0]
+            step_loss = torch.zeros((), device=acc.device)
+            for micro in range(tc.grad_accum):
+                batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+                # Only the last micro-batch of a step synchronises gradients across ranks.
+                sync = micro == tc.grad_accum - 1
+                with acc.no_sync(self.model) if not sync else contextlib.nullcontext():
+                    loss = self.compute_loss(batch) / tc.grad_accum
+                    acc.backward(loss)
+                step_loss += loss.detach()
+                examples_seen += len(batch["labels"]) * acc.num_processes
+            # A NaN/inf on any rank stops every rank: the last good checkpoint stays on disk.
+            if acc.reduce(torch.isfinite(step_loss).logical_not().float(), "sum").item() > 0:
+                raise TrainingError(
+                    f"training loss is {step_loss.item()} at step {step} (lr {lr:.3g}); lower "
+                    f"train.lr or enable train.max_grad_norm; last good checkpoint: "
+                    f"{_newest(self.run)}"
+                )
+            if tc.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.trainable)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}")
+
+            if step % tc.eval_every == 0 or step == tc.steps:
+                stop = self._evaluate_and_select(step, lr, time.perf_counter() - start_time)
+                if stop:
+                    stopped_early = True
+            if step % tc.checkpoint_every == 0 or step == tc.steps or stopped_early:
+                self._save_checkpoint(step, time.perf_counter() - start_time)
+            if fault_step and step == fault_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stopped_early:
+                self._print(
+                    f"early stop at step {step}: no {self.selection.metric} improvement in "
+                    f"{self.selection.evals_since_best} evaluations"
+                )
+                break
+        bar.close()
+        self.train_seconds = time.perf_counter() - start_time
+        self.examples_per_s = examples_seen / max(self.train_seconds, 1e-9)
+        self.stopped_at = step
+        self.stopped_early = stopped_early
+        return self.finish()
+
+    # ------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, loader, keep=False) -> EvalResult:
+        with self._eval_weights():
+            result = evaluate(
+                self.model,
+                loader,
+                self.accelerator,
+                self.task,
+                self.cfg.eval,
+                num_classes=self.num_classes,
+                keep_per_example=keep,
+            )
+        self.eval_seconds += result.seconds
+        return result
+
+    @contextlib.contextmanager
+    def _eval_weights(self):
+        """Evaluate the EMA weights when EMA is on (swap in, then back)."""
+        if self.ema is None:
+            yield
+            return
+        saved = {k: p.detach().clone() for k, p in self.trainable.items()}
+        _copy_into(self.trainable, self.ema.shadow)
+        try:
+            yield
+        finally:
+            _copy_into(self.trainable, saved)
+
+    def _evaluate_and_select(self, step: int, lr: float, elapsed: float) -> bool:
+        """Evaluate train sample + validation, log the gap, track the best; True = stop now."""
+        tc = self.cfg.train
+        train_eval = self._evaluate(self.train_sample_loader).metrics
+        val = self._evaluate(self.validation_loader).metrics
+        metric = self.selection.metric
+        gap = {"loss": val["loss"] - train_eval["loss"]}
+        if metric in val and metric != "loss":
+            gap[metric] = train_eval[metric] - val[metric]
+        improved = self.selection.update(step, val[metric], val["loss"])
+        if improved:
+            self.best_weights = self._snapshot()
+        row = {
+            "step": step,
+            "epoch": step
+            * tc.batch_size
+            * tc.grad_accum
+            * self.accelerator.num_processes
+            / max(len(self.train_set), 1),
+            "lr": lr,
+            "elapsed_s": self.elapsed_before + elapsed,
+            "train": train_eval,
+            "validation": val,
+            "gap": gap,
+            "best": improved,
+        }
+        if self.is_main:
+            append_jsonl(self.run.metrics, row)
+        self.accelerator.log(
+            {
+                **{f"train/{k}": v for k, v in train_eval.items()},
+                **{f"validation/{k}": v for k, v in val.items()},
+                **{f"gap/{k}": v for k, v in gap.items()},
+                "lr": lr,
+            },
+            step=step,
+        )
+        patience = tc.early_stopping.patience
+        return (
+            patience is not None
+            and step >= tc.early_stopping.min_steps
+            and self.selection.evals_since_best >= patience
+        )
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        source = self.ema.shadow if self.ema is not None else self.trainable
+        return {k: v.detach().to("cpu", copy=True) for k, v in source.items()}
+
+    def _save_checkpoint(self, step: int, elapsed: float) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_checkpoint(
+                self.run.checkpoints,
+                step,
+                trainable={k: p.detach() for k, p in self.trainable.items()},
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                trainer_state={
+                    "selection": self.selection.state(),
+                    "elapsed_s": self.elapsed_before + elapsed,
+                },
+                best_weights=self.best_weights,
+                ema_weights=self.ema.shadow if self.ema is not None else None,
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        self.accelerator.wait_for_everyone()
+
+    # ----------------------------------------------------------------------------------- finish
+    def finish(self) -> dict:
+        """Restore the selected weights, test once, write adapter, predictions and summary."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.train.select_best and self.best_weights is not None:
+            _copy_into(self.trainable, self.best_weights)
+        elif self.ema is not None:
+            _copy_into(self.trainable, self.ema.shadow)
+        self.ema = None  # the chosen weights are now in the model itself
+        metric = self.selection.metric
+        final_train = self._evaluate(self.train_sample_loader).metrics
+        test = self._evaluate(self.test_loader, keep=True)
+        ci = confidence_intervals(test.per_example, self.task, self.num_classes, cfg.eval)
+
+        rows = read_jsonl(self.run.metrics) if self.is_main else []
+        best_row = next((r for r in rows if r["step"] == self.selection.best_step), None)
+        last_row = rows[-1] if rows else None
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        summary = {
+            "status": "completed",
+            "task": self.task,
+            "method": cfg.method.name,
+            "model": cfg.model.name_or_path,
+            "pooling": self.model_info.get("pooling"),
+            "k_shot": cfg.data.k_shot,
+            "seed": cfg.train.seed,
+            "data_seed": cfg.data.seed,
+            "selection_metric": metric,
+            "selected": "best"
+            if cfg.train.select_best and self.best_weights is not None
+            else "last",
+            "best_step": self.selection.best_step,
+            "stopped_at_step": self.stopped_at,
+            "stopped_early": self.stopped_early,
+            "test": {**test.metrics, "ci": ci, "ci_level": cfg.eval.ci_level},
+            "test_per_class": {k: v.tolist() for k, v in test.arrays.items()},
+            "train_sample_at_selected": final_train,
+            "best_validation": best_row["validation"] if best_row else None,
+            "gap_at_best": best_row["gap"] if best_row else None,
+            "gap_at_end": last_row["gap"] if last_row else None,
+            "train_test_gap": _gap(final_train, test.metrics, metric),
+            "label_names": self.label_names,
+            "num_train": len(self.train_set),
+            "num_validation": len(self.validation_set),
+            "num_test": len(self.test_set),
+            "trainable_params": self.model_info["trainable_params"],
+            "total_params": self.model_info["total_params"],
+            "peak_memory_mb": peak_rss_mb,
+            "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20
+            if torch.cuda.is_available()
+            else None,
+            "wall_time_s": self.elapsed_before + self.train_seconds,
+            "eval_time_s": self.eval_seconds,
+            "examples_per_s": self.examples_per_s,
+            "num_processes": acc.num_processes,
+            "config_sha256": cfg.fingerprint(),
+            **environment_info(),
+        }
+        acc.wait_for_everyone()
+        if self.is_main:
+            if cfg.eval.save_predictions:
+                _write_predictions(self.run.predictions, test.per_example, self.label_names)
+            if cfg.output.save_adapter:
+                Meth.save_trained(self.unwrapped, self.run.adapter, tokenizer=self.tokenizer)
+            if cfg.output.plot:
+                plot_learning_curve(
+                    self.run.metrics, self.run.learning_curve, metric, self.selection.best_step
+                )
+            summary["adapter_bytes"] = _folder_bytes(self.run.adapter)
+            write_json(self.run.summary, summary)
+        acc.wait_for_everyone()
+        if cfg.output.report_to:
+            acc.end_training()
+        return summary
+
+    def _print(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(msg)
+
+
+# --------------------------------------------------------------------------------------- helpers
+def train(cfg: RunConfig) -> dict:
+    """Run one training job and return its summary (also written to summary.json)."""
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.train()
+
+
+def _make_optimizer(groups: list[dict], cfg: RunConfig) -> torch.optim.Optimizer:
+    tc = cfg.train
+    kwargs = dict(lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps)
+    if tc.optimizer == "adamw_8bit":
+        from lorafit._optional import bitsandbytes
+
+        return bitsandbytes().optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)  # bias-corrected (Mosbach et al. 2021)
+
+
+def _make_scheduler(optimizer, cfg: RunConfig):
+    tc = cfg.train
+    warmup = int(tc.warmup) if tc.warmup >= 1 else int(round(tc.warmup * tc.steps))
+    if warmup > tc.steps:
+        raise ConfigError(f"train.warmup={tc.warmup} is longer than train.steps={tc.steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if tc.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, tc.steps - warmup)
+        if tc.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing_enable"):
+            module.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            if hasattr(module, "enable_input_require_grads"):
+                module.enable_input_require_grads()
+            return
+    raise ConfigError("train.gradient_checkpointing=true but this model does not support it")
+
+
+@torch.no_grad()
+def _copy_into(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    for k, p in params.items():
+        p.copy_(values[k].to(p.device, p.dtype))
+
+
+def _gap(train_metrics: dict, test_metrics: dict, metric: str) -> dict:
+    gap = {"loss": test_metrics["loss"] - train_metrics["loss"]}
+    if metric != "loss" and metric in test_metrics:
+        gap[metric] = train_metrics[metric] - test_metrics[metric]
+    if "accuracy" in test_metrics:
+        gap["accuracy"] = train_metrics["accuracy"] - test_metrics["accuracy"]
+    return gap
+
+
+def _write_predictions(path, per_example: dict | None, label_names) -> None:
+    import json
+
+    if per_example is None:
+        return
+    order = np.argsort(per_example["row"], kind="stable")
+    lines = []
+    for i in order:
+        row = {"row": int(per_example["row"][i]), "nll": float(per_example["nll"][i])}
+        if "label" in per_example:
+            row.update(
+                label=int(per_example["label"][i]),
+                pred=int(per_example["pred"][i]),
+                prob=[round(float(p), 6) for p in per_example["prob"][i]],
+            )
+            if label_names:
+                row.update(label_name=label_names[row["label"]], pred_name=label_names[row["pred"]])
+        else:
+            row.update(
+                nll_sum=float(per_example["nll_sum"][i]), n_tokens=int(per_example["n_tokens"][i])
+            )
+        lines.append(json.dumps(row))
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _folder_bytes(path) -> int | None:
+    if not path.exists():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _newest(run: RunDir) -> str:
+    found = list_checkpoints(run.checkpoints)
+    return str(found[-1]) if found else "none yet"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
