@@ -106,19 +106,20 @@ def _evaluate_causal_lm(model, dataloader, accelerator, keep):
     for batch in dataloader:
         logits = model(**_model_inputs(batch)).logits  # [B, T, V]
         labels = batch["labels"]  # [B, T]
+        logits = logits[:, -labels.shape[1] :]  # prompt-learning methods prepend virtual tokens
         B, T, V = logits.shape
         # Row t predicts token t+1: shift the labels, not the logits, so the reshape is a view.
         targets = torch.full_like(labels, -100)
         targets[:, :-1] = labels[:, 1:]
         stats = M.token_stats(_to_float_logits(logits).reshape(B * T, V), targets.reshape(-1))
-        nll = torch.as_tensor(stats["nll"]).reshape(B, T).to(torch.float64)  # 0 where ignored
+        nll = torch.as_tensor(stats.nll).reshape(B, T)  # float64, 0 where ignored
         mask = (targets != -100).to(torch.float64)
         per_ex = torch.stack(
             [
                 nll.sum(1),
                 mask.sum(1),
-                torch.as_tensor(stats["top1"]).reshape(B, T).to(torch.float64).mul(mask).sum(1),
-                torch.as_tensor(stats["top5"]).reshape(B, T).to(torch.float64).mul(mask).sum(1),
+                torch.as_tensor(stats.top1).reshape(B, T).to(torch.float64).mul(mask).sum(1),
+                torch.as_tensor(stats.top5).reshape(B, T).to(torch.float64).mul(mask).sum(1),
             ],
             dim=1,
         ).to(accelerator.device)  # [B, 4]
@@ -174,13 +175,16 @@ def confidence_intervals(per_example: dict[str, np.ndarray], task: str, num_clas
             level=eval_cfg.ci_level,
             seed=0,
         )
-    else:
+    else:  # causal LM: CI of the mean per-example NLL only
+        n = len(per_example["nll"])
         ci = M.bootstrap_ci(
-            None,
-            None,
+            np.zeros(n, np.int64),
+            np.zeros(n, np.int64),
             nll=per_example["nll"],
+            num_classes=1,
             n_resamples=eval_cfg.bootstrap_samples,
             level=eval_cfg.ci_level,
             seed=0,
         )
-    return {k: [float(v[0]), float(v[1])] for k, v in ci.items()}
+        ci = {"nll": ci["nll"]}
+    return {k: [float(v.low), float(v.high)] for k, v in ci.items()}

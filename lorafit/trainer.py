@@ -15,6 +15,7 @@ import resource
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -146,7 +147,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         from accelerate.utils import set_seed
 
-        self.run = RunDir(cfg.output.dir)
+        self.run = RunDir(Path(cfg.output.dir))
         if self.is_main:
             prepare_run_dir(cfg.output.dir, cfg.output.overwrite, cfg.train.resume)
         acc.wait_for_everyone()
@@ -283,7 +284,9 @@ class Trainer:
                 )
                 loss = 0.5 * (loss + loss2) + cfg.rdrop * kl
             return loss
-        # causal LM: logits [B, T, V]; position t predicts token t+1; -100 masks the prompt
+        # causal LM: logits [B, T, V]; position t predicts token t+1; -100 masks the prompt.
+        # Prompt-learning methods prepend virtual tokens: keep the last T positions.
+        logits = logits[:, -labels.shape[1] :]
         vocab = logits.shape[-1]
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, vocab).float(),
@@ -319,59 +322,59 @@ class Trainer:
         start_time = time.perf_counter()
         self.eval_seconds = 0.0
         examples_seen = 0
-        bar = tqdm(
+        stopped_early = False
+        step = self.start_step
+        progress = tqdm(
             total=tc.steps,
             initial=self.start_step,
             disable=not self.is_main,
             desc="train",
             unit="step",
         )
-        stopped_early = False
-        step = self.start_step
-        for step in range(self.start_step + 1, tc.steps + 1):
-            lr = self.scheduler.get_last_lr()[0]
-            step_loss = torch.zeros((), device=acc.device)
-            for micro in range(tc.grad_accum):
-                batch = {k: v.to(acc.device) for k, v in next(batches).items()}
-                # Only the last micro-batch of a step synchronises gradients across ranks.
-                sync = micro == tc.grad_accum - 1
-                with acc.no_sync(self.model) if not sync else contextlib.nullcontext():
-                    loss = self.compute_loss(batch) / tc.grad_accum
-                    acc.backward(loss)
-                step_loss += loss.detach()
-                examples_seen += len(batch["labels"]) * acc.num_processes
-            # A NaN/inf on any rank stops every rank: the last good checkpoint stays on disk.
-            if acc.reduce(torch.isfinite(step_loss).logical_not().float(), "sum").item() > 0:
-                raise TrainingError(
-                    f"training loss is {step_loss.item()} at step {step} (lr {lr:.3g}); lower "
-                    f"train.lr or enable train.max_grad_norm; last good checkpoint: "
-                    f"{_newest(self.run)}"
-                )
-            if tc.max_grad_norm is not None:
-                acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.trainable)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}")
+        with progress as bar:  # closed on errors too
+            for step in range(self.start_step + 1, tc.steps + 1):
+                lr = self.scheduler.get_last_lr()[0]
+                step_loss = torch.zeros((), device=acc.device)
+                for micro in range(tc.grad_accum):
+                    batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+                    # Only the last micro-batch of a step synchronises gradients across ranks.
+                    sync = micro == tc.grad_accum - 1
+                    with acc.no_sync(self.model) if not sync else contextlib.nullcontext():
+                        loss = self.compute_loss(batch) / tc.grad_accum
+                        acc.backward(loss)
+                    step_loss += loss.detach()
+                    examples_seen += len(batch["labels"]) * acc.num_processes
+                # A NaN/inf on any rank stops every rank: the last good checkpoint stays on disk.
+                if acc.reduce(torch.isfinite(step_loss).logical_not().float(), "sum").item() > 0:
+                    raise TrainingError(
+                        f"training loss is {step_loss.item()} at step {step} (lr {lr:.3g}); lower "
+                        f"train.lr or enable train.max_grad_norm; last good checkpoint: "
+                        f"{_newest(self.run)}"
+                    )
+                if tc.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.trainable)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}")
 
-            if step % tc.eval_every == 0 or step == tc.steps:
-                stop = self._evaluate_and_select(step, lr, time.perf_counter() - start_time)
-                if stop:
-                    stopped_early = True
-            if step % tc.checkpoint_every == 0 or step == tc.steps or stopped_early:
-                self._save_checkpoint(step, time.perf_counter() - start_time)
-            if fault_step and step == fault_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stopped_early:
-                self._print(
-                    f"early stop at step {step}: no {self.selection.metric} improvement in "
-                    f"{self.selection.evals_since_best} evaluations"
-                )
-                break
-        bar.close()
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    stop = self._evaluate_and_select(step, lr, time.perf_counter() - start_time)
+                    if stop:
+                        stopped_early = True
+                if step % tc.checkpoint_every == 0 or step == tc.steps or stopped_early:
+                    self._save_checkpoint(step, time.perf_counter() - start_time)
+                if fault_step and step == fault_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stopped_early:
+                    self._print(
+                        f"early stop at step {step}: no {self.selection.metric} improvement in "
+                        f"{self.selection.evals_since_best} evaluations"
+                    )
+                    break
         self.train_seconds = time.perf_counter() - start_time
         self.examples_per_s = examples_seen / max(self.train_seconds, 1e-9)
         self.stopped_at = step

@@ -1,0 +1,772 @@
+"""Data: load -> map columns and labels -> split -> K-shot sample -> tokenise.
+
+Every source goes through the `datasets` library: a local csv/tsv/jsonl/json/parquet file, a
+folder of train/validation/test files, or a hub dataset name. Rows are normalised to
+
+- classification: "text", optional "text_pair", "label" (int id), "row" (0-based data row in its file)
+- causal LM (SFT): "messages" (list of {"role", "content"}, the last one the assistant's response), "row"
+
+and split following LM-BFF in K-shot mode: K per class for training and a disjoint K per class
+for validation, both from the train pool, and the full test set untouched. Bad data raises
+`DataError` with one line naming the file, row and column, and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+
+from lorafit.config import DataConfig
+from lorafit.errors import DataError, ModelError
+from lorafit.io import write_json
+
+logger = logging.getLogger(__name__)
+
+# extension -> `datasets` builder
+SUPPORTED_EXTENSIONS: dict[str, str] = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
+TEXT_COLUMN_CANDIDATES: tuple[str, ...] = (
+    "sentence",
+    "text",
+    "content",
+    "review",
+    "document",
+    "comment",
+    "tweet",
+    "utterance",
+)
+HUB_DEMO_DATASET = "stanfordnlp/sst2"
+IGNORE_INDEX = -100
+TASKS = ("classification", "causal_lm")
+# Used when a tokenizer has no chat template (base models): the Alpaca prompt format.
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+# seeds of the independent sampling stages: changing one stage's size leaves the others alone
+_CARVE_TEST, _CARVE_VALIDATION, _K_SHOT, _TRAIN_SIZE, _MAX_TEST = range(5)
+
+
+@dataclass
+class TaskData:
+    """The three splits of one task, normalised (see the module docstring for the columns)."""
+
+    task: str
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+    label_names: list[str] | None  # id order (classification); None for causal LM
+    source: str  # one line: where each split came from and how it was sampled
+
+
+@dataclass
+class _Split:
+    dataset: Dataset
+    origin: str  # the file (or hub split) named in error messages
+
+
+# -- public API ----------------------------------------------------------------------------------
+
+
+def load_task_data(cfg: DataConfig, task: str) -> TaskData:
+    """Read `cfg.path`, normalise columns and labels, and build train/validation/test."""
+    if task not in TASKS:
+        raise DataError(f"task {task!r} is not valid; use one of {list(TASKS)}")
+    raw = _read_splits(cfg)
+    if task == "classification":
+        label_names, pools = _normalise_classification(raw, cfg)
+    else:
+        label_names, pools = None, {role: _normalise_sft(split, cfg) for role, split in raw.items()}
+    train, validation, test, notes = _assign_splits(pools, cfg, label_names)
+    origins = ", ".join(f"{role}: {raw[role].origin}" for role in pools)
+    return TaskData(task, train, validation, test, label_names, f"{origins}; " + "; ".join(notes))
+
+
+def infer_task(cfg: DataConfig) -> str:
+    """Return "causal_lm" when the training data has a messages column or instruction + output columns."""
+    columns = _read_splits(cfg)["train"].dataset.column_names
+    sft = cfg.messages in columns or (cfg.instruction in columns and cfg.output in columns)
+    return "causal_lm" if sft else "classification"
+
+
+def tokenize(dataset: Dataset, tokenizer: Any, task: str, max_length: int) -> Dataset:
+    """Normalised rows -> input_ids, attention_mask (+ token_type_ids), labels, row.
+
+    Causal LM: the prompt is rendered with the tokenizer's chat template (Alpaca-style without
+    one) and the labels are IGNORE_INDEX on every prompt token, so the loss covers the response.
+    """
+    if task == "classification":
+        texts = dataset["text"][:]
+        pairs = dataset["text_pair"][:] if "text_pair" in dataset.column_names else None
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        columns = {
+            name: encoded[name]
+            for name in ("input_ids", "attention_mask", "token_type_ids")
+            if name in encoded
+        }
+        if "label" in dataset.column_names:  # absent when predicting on unlabelled text
+            columns["labels"] = dataset["label"][:]
+    elif task == "causal_lm":
+        columns = _tokenize_sft(dataset["messages"][:], tokenizer, max_length)
+    else:
+        raise DataError(f"task {task!r} is not valid; use one of {list(TASKS)}")
+    columns["row"] = dataset["row"][:]
+    return Dataset.from_dict(columns)
+
+
+class Collator:
+    """DataLoader collate_fn: right-pads a list of tokenised rows into torch tensors.
+
+    input_ids with the pad id, attention_mask/token_type_ids with 0, causal-LM labels with
+    IGNORE_INDEX; classification labels and "row" become 1-D tensors. Padding is always on the
+    right so that positions match training without position ids.
+    """
+
+    def __init__(self, tokenizer: Any, task: str) -> None:
+        if task not in TASKS:
+            raise DataError(f"task {task!r} is not valid; use one of {list(TASKS)}")
+        if tokenizer.pad_token_id is None:
+            raise ModelError(
+                "the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)"
+            )
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.task = task
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        pad_values = {"input_ids": self.pad_id, "attention_mask": 0, "token_type_ids": 0}
+        if self.task == "causal_lm":
+            pad_values["labels"] = IGNORE_INDEX
+        longest = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, Any] = {}
+        for name, pad in pad_values.items():
+            if name not in features[0]:
+                continue
+            rows = [_as_list(f[name]) for f in features]
+            batch[name] = torch.tensor(
+                [r + [pad] * (longest - len(r)) for r in rows], dtype=torch.long
+            )
+        if self.task == "classification" and "labels" in features[0]:
+            batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+        batch["row"] = torch.tensor([int(f["row"]) for f in features], dtype=torch.long)
+        return batch
+
+
+def save_label_map(path: str | Path, names: Sequence[str]) -> None:
+    """Write {"labels": [...], "label2id": {...}} atomically."""
+    names = [str(n) for n in names]
+    write_json(path, {"labels": names, "label2id": {n: i for i, n in enumerate(names)}})
+
+
+def load_label_map(path: str | Path) -> list[str]:
+    """Label names in id order from a file written by `save_label_map`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        names = [str(n) for n in data["labels"]]
+    except FileNotFoundError:
+        raise DataError(
+            f"label map {path} not found; it is written to the run directory as label_map.json"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(
+            f"label map {path} is not valid ({e}); expected {{'labels': [...], 'label2id': {{...}}}}"
+        ) from None
+    expected = {n: i for i, n in enumerate(names)}
+    if data.get("label2id", expected) != expected:
+        raise DataError(f"label map {path}: 'label2id' disagrees with the order of 'labels'")
+    return names
+
+
+def find_demo_data(explicit: str | None) -> str:
+    """SST-2 for `lorafit demo`: --data, $LORAFIT_DATA_DIR/sst2, <repo>/../shared/data/sst2, the hub."""
+    if explicit:
+        return explicit
+    candidates = []
+    if os.environ.get("LORAFIT_DATA_DIR"):
+        candidates.append(Path(os.environ["LORAFIT_DATA_DIR"]) / "sst2")
+    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2")
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate)
+    return HUB_DEMO_DATASET  # offline, loading it raises a DataError that says to pass --data
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def _read_splits(cfg: DataConfig) -> dict[str, _Split]:
+    """Raw splits by role ("train", and "validation"/"test" when given)."""
+    if not cfg.path:
+        raise DataError(
+            "data.path is not set; pass a csv/tsv/jsonl/json/parquet file, a folder or a hub dataset name"
+        )
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        splits = {"train": _Split(_load_file(path, cfg.delimiter), str(path))}
+    elif path.is_dir():
+        splits = {
+            role: _Split(_load_file(file, cfg.delimiter), str(file))
+            for role, file in _split_files(path, cfg).items()
+        }
+    elif _looks_local(cfg.path):
+        raise DataError(
+            f"data file or folder {cfg.path} not found (working directory {Path.cwd()}); check data.path"
+        )
+    else:
+        splits = _hub_splits(cfg)
+    for split in splits.values():
+        if len(split.dataset) == 0:
+            raise DataError(
+                f"{split.origin}: no data rows (empty split); add rows or point data.path elsewhere"
+            )
+    return splits
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in SUPPORTED_EXTENSIONS
+
+
+def _split_files(folder: Path, cfg: DataConfig) -> dict[str, Path]:
+    """Files of a folder matched to split roles by stem; a folder with one data file is the train pool."""
+    files = sorted(
+        f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in SUPPORTED_EXTENSIONS
+    )
+    if not files:
+        raise DataError(
+            f"{folder}: no data files; expected e.g. train.tsv, validation.tsv, test.tsv (csv/tsv/jsonl/json/parquet)"
+        )
+    wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
+    found: dict[str, Path] = {}
+    for role, stem in wanted.items():
+        matches = [f for f in files if stem is not None and f.stem == stem]
+        if len(matches) > 1:
+            raise DataError(
+                f"{folder}: several files for the {role} split ({', '.join(f.name for f in matches)}); keep one"
+            )
+        if matches:
+            found[role] = matches[0]
+    if "train" not in found:
+        if len(files) == 1:
+            return {"train": files[0]}
+        names = ", ".join(f.name for f in files)
+        raise DataError(
+            f"{folder}: no file for the train split '{cfg.train_split}' among {names}; rename one or set data.train_split"
+        )
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> Dataset:
+    suffix = Path(path).suffix.lower()
+    kwargs: dict[str, Any] = {}
+    if SUPPORTED_EXTENSIONS[suffix] == "csv":
+        # keep "NA"/"null" as text; TSV files carry bare quote characters, so quoting is off
+        kwargs = {
+            "delimiter": delimiter or ("\t" if suffix == ".tsv" else ","),
+            "keep_default_na": False,
+        }
+        if suffix == ".tsv":
+            kwargs["quoting"] = 3  # csv.QUOTE_NONE
+    try:
+        return load_dataset(SUPPORTED_EXTENSIONS[suffix], data_files=path, split="train", **kwargs)
+    except Exception as e:
+        if "corresponds to no data" in str(e):  # a header without rows
+            return Dataset.from_dict({})
+        raise DataError(
+            f"could not read {path}: {_root_cause(e)}; check that it is valid {suffix[1:]}"
+        ) from None
+
+
+def _load_file(path: Path, delimiter: str | None) -> Dataset:
+    if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        supported = ", ".join(s[1:] for s in SUPPORTED_EXTENSIONS)
+        raise DataError(
+            f"{path}: unsupported file extension '{path.suffix}'; use one of {supported}"
+        )
+    stat = path.stat()
+    return _load_cached(str(path), stat.st_mtime_ns, stat.st_size, delimiter)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_hub(path: str, name: str | None) -> DatasetDict:
+    try:
+        loaded = load_dataset(path, name)
+    except ConnectionError as e:
+        raise DataError(
+            f"could not download the hub dataset '{path}' ({_root_cause(e)}); offline? pass a local file or folder "
+            f"instead, e.g. data.path=../shared/data/sst2 (lorafit demo: --data ../shared/data/sst2)"
+        ) from None
+    except Exception as e:
+        raise DataError(
+            f"'{path}' is neither a local file or folder nor a loadable hub dataset ({_root_cause(e)}); check data.path and data.name"
+        ) from None
+    if not isinstance(loaded, DatasetDict):
+        loaded = DatasetDict({"train": loaded})
+    return loaded
+
+
+def _hub_splits(cfg: DataConfig) -> dict[str, _Split]:
+    loaded = _load_hub(cfg.path, cfg.name)
+    label = f"{cfg.path}" + (f"/{cfg.name}" if cfg.name else "")
+    if cfg.train_split not in loaded:
+        raise DataError(
+            f"hub dataset {label} has no split '{cfg.train_split}' (splits: {', '.join(loaded)}); set data.train_split"
+        )
+    wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
+    return {
+        role: _Split(loaded[s], f"{label}[{s}]")
+        for role, s in wanted.items()
+        if s is not None and s in loaded
+    }
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# -- columns and labels --------------------------------------------------------------------------
+
+
+def _require_column(split: _Split, column: str, field: str) -> str:
+    columns = split.dataset.column_names
+    if column in columns:
+        return column
+    close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
+    hint = (
+        f"did you mean '{close[0]}'? set data.{field}={close[0]}"
+        if close
+        else f"set data.{field} to one of them"
+    )
+    raise DataError(
+        f"{split.origin}: no column '{column}' (data.{field}); available columns: {', '.join(columns)}; {hint}"
+    )
+
+
+def _text_column(split: _Split, cfg: DataConfig) -> str:
+    if cfg.text != "auto":
+        return _require_column(split, cfg.text, "text")
+    columns = split.dataset.column_names
+    for candidate in TEXT_COLUMN_CANDIDATES:
+        if candidate in columns:
+            return candidate
+    raise DataError(
+        f"{split.origin}: no text column found (data.text=auto looks for {', '.join(TEXT_COLUMN_CANDIDATES)}); "
+        f"available columns: {', '.join(columns)}; set data.text=<column>"
+    )
+
+
+def _texts(split: _Split, column: str) -> list[str]:
+    values = split.dataset[column][:]
+    for row, value in enumerate(values):
+        if value is None or not str(value).strip():
+            raise DataError(
+                f"{split.origin} row {row} column '{column}': empty text; fill it in or remove the row"
+            )
+    return [v if isinstance(v, str) else str(v) for v in values]
+
+
+def _label_key(value: Any, negative_is_missing: bool) -> int | str | None:
+    """Raw label -> int or str; None for an unlabelled row (None, "", NaN; -1 in hub ClassLabel columns)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return None if negative_is_missing and value < 0 else int(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return int(value) if value.is_integer() else str(value)
+    return str(value).strip() or None
+
+
+def _label_keys(split: _Split, column: str) -> list[int | str | None]:
+    # hub ClassLabel columns mark hidden labels (GLUE test) with -1; elsewhere -1 is a real label
+    hidden = isinstance(split.dataset.features.get(column), ClassLabel)
+    return [_label_key(v, hidden) for v in split.dataset[column][:]]
+
+
+def _unlabelled_error(split: _Split, role: str, row: int, column: str, value: Any) -> DataError:
+    fix = (
+        "set data.test_split=null to evaluate on the validation split instead"
+        if role == "test"
+        else "label the row or remove it"
+    )
+    return DataError(
+        f"{split.origin} row {row} column '{column}': unlabelled row (label {value!r}); {fix}"
+    )
+
+
+def _normalise_classification(
+    raw: dict[str, _Split], cfg: DataConfig
+) -> tuple[list[str], dict[str, Dataset]]:
+    """Map text and label columns of every split; label ids follow `cfg.labels` or sorted training values."""
+    raw = dict(raw)
+    keys: dict[str, list] = {}
+    for role, split in list(raw.items()):
+        column = _require_column(split, cfg.label, "label")
+        keys[role] = _label_keys(split, column)
+        if role == "test" and all(k is None for k in keys[role]):
+            # hidden test labels (GLUE on the hub): behave as if no test split was given
+            del raw[role], keys[role]
+
+    train = raw["train"]
+    feature = train.dataset.features.get(cfg.label)
+    train_keys = [k for k in keys["train"] if k is not None]
+    if cfg.labels is not None:
+        names = [str(n) for n in cfg.labels]
+        ints = all(isinstance(k, int) for k in train_keys)
+        ints_are_ids = ints and not {str(k) for k in train_keys} <= set(names)
+    elif isinstance(feature, ClassLabel):
+        names, ints_are_ids = list(feature.names), True
+    else:
+        distinct = set(train_keys)
+        if all(isinstance(k, int) for k in distinct):
+            names = [str(k) for k in sorted(distinct)]
+        else:
+            names = sorted(str(k) for k in distinct)
+        ints_are_ids = False
+    label2id = {n: i for i, n in enumerate(names)}
+
+    pools: dict[str, Dataset] = {}
+    for role, split in raw.items():
+        text_column = _text_column(split, cfg)
+        columns: dict[str, list] = {"text": _texts(split, text_column)}
+        if cfg.text_pair is not None:
+            columns["text_pair"] = _texts(split, _require_column(split, cfg.text_pair, "text_pair"))
+        ids = []
+        for row, key in enumerate(keys[role]):
+            if key is None:
+                raise _unlabelled_error(split, role, row, cfg.label, split.dataset[row][cfg.label])
+            ids.append(_label_id(key, label2id, ints_are_ids, split, row, cfg))
+        columns["label"] = ids
+        columns["row"] = list(range(len(ids)))
+        pools[role] = Dataset.from_dict(columns)
+    return names, pools
+
+
+def _label_id(
+    key: int | str,
+    label2id: dict[str, int],
+    ints_are_ids: bool,
+    split: _Split,
+    row: int,
+    cfg: DataConfig,
+) -> int:
+    where = f"{split.origin} row {row} column '{cfg.label}'"
+    if ints_are_ids and isinstance(key, int):
+        if key < len(label2id):
+            return key
+        raise DataError(
+            f"{where}: label id {key} is outside 0..{len(label2id) - 1} of data.labels; fix the row or extend data.labels"
+        )
+    if str(key) in label2id:
+        return label2id[str(key)]
+    names = list(label2id)
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    if cfg.labels is not None:
+        raise DataError(
+            f"{where}: unknown label '{key}'{hint}; data.labels is {names}: fix the row or add the label"
+        )
+    raise DataError(
+        f"{where}: label '{key}' does not occur in the training split{hint}; list every label in data.labels"
+    )
+
+
+def _normalise_sft(split: _Split, cfg: DataConfig) -> Dataset:
+    """Chat `messages`, or instruction (+ input) and output columns -> messages ending with the response."""
+    columns = split.dataset.column_names
+    if cfg.messages in columns:
+        conversations = [
+            _check_messages(m, split, row, cfg.messages)
+            for row, m in enumerate(split.dataset[cfg.messages][:])
+        ]
+    else:
+        instruction = _require_column(split, cfg.instruction, "instruction")
+        output = _require_column(split, cfg.output, "output")
+        instructions, outputs = _texts(split, instruction), _texts(split, output)
+        inputs = split.dataset[cfg.input][:] if cfg.input in columns else [None] * len(instructions)
+        conversations = []
+        for text, extra, response in zip(instructions, inputs, outputs):
+            prompt = f"{text}\n\n{extra}" if extra is not None and str(extra).strip() else text
+            conversations.append(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            )
+    return Dataset.from_dict({"messages": conversations, "row": list(range(len(conversations)))})
+
+
+def _check_messages(messages: Any, split: _Split, row: int, column: str) -> list[dict[str, str]]:
+    where = f"{split.origin} row {row} column '{column}'"
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages")
+    checked = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(
+                f"{where}: every message needs 'role' and 'content', got {str(message)[:80]!r}"
+            )
+        checked.append({"role": str(message["role"]), "content": str(message["content"] or "")})
+    if checked[-1]["role"] != "assistant" or not checked[-1]["content"].strip():
+        raise DataError(
+            f"{where}: the last message must be a non-empty 'assistant' response (the training target)"
+        )
+    return checked
+
+
+# -- splits and sampling -------------------------------------------------------------------------
+
+
+def _strata(dataset: Dataset) -> np.ndarray:
+    """Class ids to stratify on (one stratum for causal LM)."""
+    if "label" in dataset.column_names:
+        return np.asarray(dataset["label"][:], dtype=np.int64)
+    return np.zeros(len(dataset), dtype=np.int64)
+
+
+def _allocate(counts: dict[int, int], total: int) -> dict[int, int]:
+    """Split `total` across classes in proportion to `counts` (largest remainder), never above a count."""
+    size = sum(counts.values())
+    total = min(total, size)
+    exact = {c: total * n / size for c, n in counts.items()}
+    share = {c: int(math.floor(x)) for c, x in exact.items()}
+    for c in sorted(counts, key=lambda c: (share[c] - exact[c], c))[: total - sum(share.values())]:
+        share[c] += 1
+    return share
+
+
+def _draw(
+    strata: np.ndarray, sizes: list[dict[int, int]], seed: int, stage: int
+) -> list[np.ndarray]:
+    """Disjoint stratified draws: draw j takes sizes[j][c] rows of class c; sorted row indices."""
+    rng = np.random.default_rng([seed, stage])
+    draws: list[list[np.ndarray]] = [[] for _ in sizes]
+    for c in np.unique(strata):
+        order = rng.permutation(np.flatnonzero(strata == c))
+        start = 0
+        for j, size in enumerate(sizes):
+            draws[j].append(order[start : start + size.get(int(c), 0)])
+            start += size.get(int(c), 0)
+    return [np.sort(np.concatenate(d)) if d else np.zeros(0, dtype=np.int64) for d in draws]
+
+
+def _class_counts(strata: np.ndarray) -> dict[int, int]:
+    values, counts = np.unique(strata, return_counts=True)
+    return {int(v): int(n) for v, n in zip(values, counts)}
+
+
+def _split_off(dataset: Dataset, n_out: int, seed: int, stage: int) -> tuple[Dataset, Dataset]:
+    """(rest, carved): `n_out` rows carved out, stratified by class."""
+    strata = _strata(dataset)
+    (carved,) = _draw(strata, [_allocate(_class_counts(strata), n_out)], seed, stage)
+    rest = np.setdiff1d(np.arange(len(dataset)), carved)
+    return dataset.select(rest), dataset.select(carved)
+
+
+def _fraction_size(n: int, fraction: float, what: str, origin: str) -> int:
+    if n < 2:
+        raise DataError(
+            f"{origin}: {n} row(s) cannot be split into train and {what}; add rows or give a {what} file"
+        )
+    return min(n - 1, max(1, int(n * fraction + 0.5)))
+
+
+def _assign_splits(
+    pools: dict[str, Dataset], cfg: DataConfig, label_names: list[str] | None
+) -> tuple[Dataset, Dataset, Dataset, list[str]]:
+    """Given or carved test, then (K-shot) train and validation from the train pool."""
+    pool = pools["train"]
+    notes: list[str] = []
+    if "test" in pools:
+        test = pools["test"]
+        notes.append("test: the given test split")
+    elif "validation" in pools:
+        test = pools["validation"]
+        notes.append("test: the given validation split (no labelled test split)")
+    else:
+        pool, test = _split_off(
+            pool,
+            _fraction_size(len(pool), cfg.test_fraction, "test", "train pool"),
+            cfg.seed,
+            _CARVE_TEST,
+        )
+        notes.append(
+            f"test: {len(test)} rows carved from train (test_fraction={cfg.test_fraction}, seed {cfg.seed})"
+        )
+
+    if cfg.min_words:
+        kept = [i for i, n in enumerate(_word_counts(pool)) if n >= cfg.min_words]
+        notes.append(f"train pool: {len(kept)} of {len(pool)} rows with >= {cfg.min_words} words")
+        pool = pool.select(kept)
+        if len(pool) == 0:
+            raise DataError(
+                f"no training rows have >= {cfg.min_words} words (data.min_words); lower it"
+            )
+
+    given_validation = "validation" in pools and "test" in pools
+    if cfg.k_shot is not None:
+        train, validation = _k_shot(pool, cfg, label_names)
+        unit = (
+            "per class"
+            if cfg.k_shot_unit == "per_class" and label_names is not None
+            else "in total"
+        )
+        notes.append(
+            f"train: {cfg.k_shot} {unit}, validation: {cfg.validation_k or cfg.k_shot} {unit}, disjoint, "
+            f"both from the train pool (LM-BFF, seed {cfg.seed})"
+            + ("; the given validation split is unused" if given_validation else "")
+        )
+    else:
+        if given_validation:
+            train, validation = pool, pools["validation"]
+            notes.append("validation: the given validation split")
+        else:
+            n_validation = _fraction_size(
+                len(pool), cfg.validation_fraction, "validation", "train pool"
+            )
+            train, validation = _split_off(pool, n_validation, cfg.seed, _CARVE_VALIDATION)
+            notes.append(
+                f"validation: {len(validation)} rows carved from train (validation_fraction={cfg.validation_fraction})"
+            )
+        if cfg.train_size is not None:
+            n_train = (
+                int(len(train) * cfg.train_size + 0.5)
+                if cfg.train_size < 1
+                else int(cfg.train_size)
+            )
+            if n_train > len(train):
+                raise DataError(
+                    f"data.train_size={cfg.train_size:g} exceeds the {len(train)} training rows; lower it"
+                )
+            _, train = _split_off(train, max(1, n_train), cfg.seed, _TRAIN_SIZE)
+            notes.append(
+                f"train: {len(train)} rows, stratified (train_size={cfg.train_size:g}, seed {cfg.seed})"
+            )
+
+    if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
+        _, test = _split_off(test, cfg.max_test_examples, cfg.seed, _MAX_TEST)
+        notes.append(f"test: stratified sample of {len(test)} rows (max_test_examples)")
+    for role, dataset in (("train", train), ("validation", validation), ("test", test)):
+        if len(dataset) == 0:
+            raise DataError(
+                f"the {role} split is empty after sampling; check data.k_shot, data.train_size and the data files"
+            )
+    return train, validation, test, notes
+
+
+def _word_counts(dataset: Dataset) -> list[int]:
+    if "text" in dataset.column_names:
+        return [len(t.split()) for t in dataset["text"][:]]
+    return [sum(len(m["content"].split()) for m in messages) for messages in dataset["messages"][:]]
+
+
+def _k_shot(
+    pool: Dataset, cfg: DataConfig, label_names: list[str] | None
+) -> tuple[Dataset, Dataset]:
+    """LM-BFF: K per class for training and a disjoint validation_k per class, from the train pool."""
+    k, validation_k = cfg.k_shot, cfg.validation_k or cfg.k_shot
+    strata = _strata(pool)
+    counts = _class_counts(strata)
+    if cfg.k_shot_unit == "per_class" and label_names is not None:
+        train_sizes = {c: k for c in counts}
+        validation_sizes = {c: validation_k for c in counts}
+        missing = [label_names[c] for c in range(len(label_names)) if c not in counts]
+        if missing:
+            raise DataError(
+                f"class '{missing[0]}' has no rows in the train pool, so data.k_shot={k} per class is impossible; add rows or drop it from data.labels"
+            )
+        for c, n in counts.items():
+            if n < k + validation_k:
+                raise DataError(
+                    f"class '{label_names[c]}' has {n} rows in the train pool but K-shot needs {k} (data.k_shot) "
+                    f"+ {validation_k} (data.validation_k) disjoint rows; lower data.k_shot/data.validation_k or add rows"
+                )
+    else:
+        if len(pool) < k + validation_k:
+            raise DataError(
+                f"the train pool has {len(pool)} rows but K-shot needs {k} (data.k_shot) + {validation_k} "
+                f"(data.validation_k) disjoint rows; lower them or add rows"
+            )
+        train_sizes = _allocate(counts, k)
+        remaining = {c: counts[c] - train_sizes[c] for c in counts}
+        validation_sizes = _allocate(remaining, validation_k)
+    train_idx, validation_idx = _draw(strata, [train_sizes, validation_sizes], cfg.seed, _K_SHOT)
+    return pool.select(train_idx), pool.select(validation_idx)
+
+
+# -- SFT tokenisation ----------------------------------------------------------------------------
+
+
+def _render_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """Text of the prompt messages up to and including the assistant's generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    preamble = ALPACA_PREAMBLE
+    parts = []
+    for message in messages:
+        if message["role"] == "system":
+            preamble = message["content"].strip() + "\n\n"
+        elif message["role"] == "assistant":
+            parts.append(f"### Response:\n{message['content']}\n\n")
+        else:
+            parts.append(f"### Instruction:\n{message['content']}\n\n")
+    return (tokenizer.bos_token or "") + preamble + "".join(parts) + "### Response:\n"
+
+
+def _tokenize_sft(
+    conversations: list[list[dict[str, str]]], tokenizer: Any, max_length: int
+) -> dict[str, list]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError(
+            "the tokenizer has no eos token; causal-LM SFT needs one to end each response"
+        )
+    min_response = max(1, max_length // 4)
+    columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    truncated = 0
+    for messages in conversations:
+        prompt = tokenizer(_render_prompt(messages[:-1], tokenizer), add_special_tokens=False)[
+            "input_ids"
+        ]
+        response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [eos]
+        if len(prompt) + len(response) > max_length:
+            # keep the head of the prompt and at least `min_response` response tokens
+            truncated += 1
+            keep_response = min(len(response), max(max_length - len(prompt), min_response))
+            prompt, response = prompt[: max_length - keep_response], response[:keep_response]
+        columns["input_ids"].append(prompt + response)
+        columns["attention_mask"].append([1] * (len(prompt) + len(response)))
+        columns["labels"].append([IGNORE_INDEX] * len(prompt) + response)
+    if truncated:
+        logger.warning(
+            "%d of %d SFT examples exceed max_length=%d tokens and were truncated (prompt head and "
+            "response start kept); raise model.max_length to train on full responses",
+            truncated,
+            len(conversations),
+            max_length,
+        )
+    return columns
+
+
+def _as_list(value: Any) -> list[int]:
+    return value.tolist() if hasattr(value, "tolist") else list(value)

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random models (built once per session) and the shared data folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# `from tests.tiny import ...` works under plain `pytest` too (not only `python -m pytest`).
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.tiny import tiny_bert, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Folder of a tiny BERT-like encoder (hidden 64, 2 layers, pooler) + WordPiece tokenizer."""
+    return tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Folder of a tiny Llama-like causal LM (hidden 64, 2 layers) + BPE tokenizer with a chat template."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder: $LORAFIT_DATA_DIR, else <repo>/../shared/data."""
+    path = Path(os.environ.get("LORAFIT_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
+    if not path.is_dir():
+        pytest.fail(
+            f"shared data folder {path} is missing; set LORAFIT_DATA_DIR to the data folder"
+        )
+    return path

