@@ -1,0 +1,662 @@
+"""Tables, statistics and plots of a `lorafit compare` sweep, read back from its run directories.
+
+Everything here is recomputed from the run directories (summary.json, predictions/test.jsonl)
+and `state.json`, so `--report-only` rebuilds the same report at any time. Statistics come from
+`lorafit.metrics` (mean_ci, paired_bootstrap_test, permutation_test); only Holm's step-down
+correction lives here.
+
+Protocol, in the order it is applied:
+1. Grid search: per (method, K, seed), the grid point with the best validation metric is kept
+   (ties: lower validation loss, then grid order). Test metrics never take part.
+2. Failed runs (Mosbach et al. 2021): a kept run whose best validation accuracy is at or below
+   the validation set's majority-class rate is `failed`: listed apart, never averaged.
+3. Per method x K over the `ok` seeds: mean, sample std, Student-t CI across seeds, the mean of
+   the per-run bootstrap CIs, gap, ECE and cost.
+4. Paired test against the baseline at the same K: per-example test predictions of every seed
+   where both runs are ok are aligned by test row and pooled; one paired bootstrap and one
+   paired permutation test on the pool. Holm-Bonferroni adjusts the chosen p-values over all
+   comparisons in the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lorafit.io import read_jsonl, write_text, write_with
+from lorafit.rundir import RunDir, read_summary
+
+if TYPE_CHECKING:
+    from lorafit.sweep import Run, Sweep
+
+_STATUSES = ("ok", "failed", "crashed", "pending")
+PLOTS = {
+    "metric_vs_k": "test {metric} vs K (mean and CI across seeds)",
+    "gap_vs_k": "generalisation gap vs K",
+    "ece_vs_k": "calibration (ECE) vs K",
+    "params_vs_metric": "trainable parameters vs test {metric}",
+}
+
+
+# ----------------------------------------------------------------------------------- statistics
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1), in input order."""
+    p = np.asarray(p_values, dtype=np.float64)
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, (m - rank) * p[index])
+        adjusted[index] = min(1.0, running)
+    return adjusted.tolist()
+
+
+def seed_stats(values: list[float], level: float) -> dict[str, float]:
+    """Mean, sample std and Student-t CI across seeds (NaN where undefined)."""
+    from lorafit.metrics import mean_ci
+
+    nan = float("nan")
+    if not values:
+        return {"mean": nan, "std": nan, "ci_low": nan, "ci_high": nan}
+    ci = mean_ci(values, level=level)
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else nan
+    return {"mean": ci.estimate, "std": std, "ci_low": ci.low, "ci_high": ci.high}
+
+
+# ------------------------------------------------------------------------------- run collection
+def collect_runs(sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per run: settings, status, validation and test metrics, gap, cost."""
+    from lorafit.sweep import SweepState, hp_label, run_status
+
+    state = SweepState(sweep.dir / "state.json")
+    metric = sweep.config.metric
+    varying = _varying_settings(sweep.runs)
+    rows = []
+    for run in sweep.runs:
+        status = run_status(run, state)  # refuses a finished run made with another config
+        summary = read_summary(run.dir)
+        launched = state.get(run)
+        row: dict[str, Any] = {
+            "run_id": run.id,
+            "method": run.method,
+            "k_shot": run.k_shot,
+            "k_shot_unit": run.config.data.k_shot_unit,
+            "seed": run.seed,
+            "hp": hp_label(run.hp),
+            "selected": False,
+            "status": "pending",
+            "error": "",
+        }
+        if status == "completed":
+            row.update(_summary_fields(summary, _validation_of_tested_weights(run), metric))
+            row["validation_majority_rate"] = validation_majority_rate(run, summary)
+            row["status"] = "failed" if _is_failed(row) else "ok"
+        elif status == "crashed":
+            row["status"] = "crashed"
+            row["error"] = launched.get("error") or ""
+        row["process_time_s"] = launched.get("process_time_s")
+        row.update({f"cfg.{key}": _setting(run, key) for key in varying})
+        row["run_dir"] = str(run.dir)
+        rows.append(row)
+    _select_grid_points(rows, metric)
+    return rows
+
+
+def _validation_of_tested_weights(run: Run) -> dict:
+    """Validation metrics of the weights that were tested: the best step's, or the last one's
+    when the run kept its last weights (train.select_best=false)."""
+    summary = read_summary(run.dir)
+    if summary.get("selected") == "last":
+        rows = read_jsonl(RunDir(run.dir).metrics)
+        return rows[-1].get("validation", {}) if rows else {}
+    return summary.get("best_validation") or {}
+
+
+def _summary_fields(summary: dict, validation: dict, metric: str) -> dict[str, Any]:
+    test = summary.get("test") or {}
+    train_sample = summary.get("train_sample_at_selected") or {}
+    ci = (test.get("ci") or {}).get(metric) or [None, None]
+    wall, eval_s = summary.get("wall_time_s"), summary.get("eval_time_s")
+    return {
+        f"validation_{metric}": validation.get(metric),
+        "validation_accuracy": validation.get("accuracy"),
+        "validation_loss": validation.get("loss"),
+        f"test_{metric}": test.get(metric),
+        "test_accuracy": test.get("accuracy"),
+        "test_f1_macro": test.get("f1_macro"),
+        "test_nll": test.get("nll"),
+        "test_ece": test.get("ece"),
+        f"test_{metric}_ci_low": ci[0],
+        f"test_{metric}_ci_high": ci[1],
+        # train-sample metric minus test metric, both with the selected weights
+        f"gap_{metric}": _minus(train_sample.get(metric), test.get(metric)),
+        "gap_loss": _minus(test.get("loss"), train_sample.get("loss")),
+        "trainable_params": summary.get("trainable_params"),
+        "total_params": summary.get("total_params"),
+        "adapter_bytes": summary.get("adapter_bytes"),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "peak_cuda_memory_mb": summary.get("peak_cuda_memory_mb"),
+        "wall_time_s": wall,
+        "eval_time_s": eval_s,
+        "eval_share": eval_s / wall if wall and eval_s is not None else None,
+        "examples_per_s": summary.get("examples_per_s"),
+        "best_step": summary.get("best_step"),
+        "stopped_at_step": summary.get("stopped_at_step"),
+        "num_train": summary.get("num_train"),
+        "num_validation": summary.get("num_validation"),
+        "num_test": summary.get("num_test"),
+        "num_classes": len(summary.get("label_names") or []) or None,
+    }
+
+
+def _minus(a, b):
+    return None if a is None or b is None else a - b
+
+
+def _is_failed(row: dict) -> bool:
+    accuracy, majority = row.get("validation_accuracy"), row.get("validation_majority_rate")
+    return accuracy is not None and majority is not None and accuracy <= majority + 1e-12
+
+
+def validation_majority_rate(run: Run, summary: dict) -> float | None:
+    """Share of the validation set's most frequent class (the Mosbach et al. failure line)."""
+    counts = summary.get("validation_label_counts")
+    if counts:
+        return max(counts) / sum(counts)
+    return _majority_from_data(json.dumps(run.config.data.__dict__, sort_keys=True, default=str))
+
+
+@functools.cache
+def _majority_from_data(data_json: str) -> float | None:
+    """Rebuild the run's validation split (same data config, same seed) and count its labels."""
+    from lorafit.config import DataConfig, from_dict
+    from lorafit.data import load_task_data
+    from lorafit.errors import LorafitError
+
+    try:
+        data = load_task_data(from_dict(DataConfig, json.loads(data_json)), "classification")
+    except LorafitError:
+        return None
+    counts = np.bincount(np.asarray(data.validation["label"], dtype=np.int64))
+    return float(counts.max() / counts.sum()) if counts.sum() else None
+
+
+def _select_grid_points(rows: list[dict], metric: str) -> None:
+    """Per (method, K, seed) keep the best grid point on validation; test never decides."""
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["method"], row["k_shot"], row["seed"]), []).append(row)
+    for variants in cells.values():
+        finished = [r for r in variants if r["status"] in ("ok", "failed")]
+        if finished:
+            best = max(
+                finished,
+                key=lambda r: (
+                    _number(r.get(f"validation_{metric}"), -math.inf),
+                    -_number(r.get("validation_loss"), math.inf),
+                ),
+            )  # max() keeps the first of equals: grid order breaks the last ties
+        else:
+            best = next((r for r in variants if r["status"] == "crashed"), variants[0])
+        best["selected"] = True
+
+
+def _number(value, default: float) -> float:
+    return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _varying_settings(runs: list[Run]) -> list[str]:
+    """Config keys whose value differs between runs (plus the method name): the 'settings'."""
+    from lorafit.sweep import _flat
+
+    flat = [_flat(run.config.to_dict()) for run in runs]
+    skip = {"output.dir", "data.seed", "train.seed", "data.k_shot", "data.k_shot_unit"}
+    keys = [k for k in flat[0] if k not in skip and len({json.dumps(f[k]) for f in flat}) > 1]
+    return ["method.name", *[k for k in keys if k != "method.name"]]
+
+
+def _setting(run: Run, key: str) -> Any:
+    from lorafit.sweep import _flat
+
+    value = _flat(run.config.to_dict())[key]
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+# ------------------------------------------------------------------------------------ summary
+def summarise(sweep: Sweep, rows: list[dict]) -> list[dict[str, Any]]:
+    """One row per method x K over the selected runs, with the paired test against baseline."""
+    cfg = sweep.config
+    metric = cfg.metric
+    kept = [r for r in rows if r["selected"]]
+    by_cell = {(r["method"], r["k_shot"], r["seed"]): r for r in kept}
+    table = []
+    for method in cfg.methods:
+        for k in cfg.k_shots:
+            cell_rows = [r for r in kept if r["method"] == method and r["k_shot"] == k]
+            ok = [r for r in cell_rows if r["status"] == "ok"]
+            stats = seed_stats([r[f"test_{metric}"] for r in ok], cfg.ci_level)
+            entry: dict[str, Any] = {
+                "method": method,
+                "k_shot": k,
+                "n_seeds": len(cell_rows),
+                "n_ok": len(ok),
+                "n_failed": sum(r["status"] == "failed" for r in cell_rows),
+                "n_crashed": sum(r["status"] == "crashed" for r in cell_rows),
+                "n_pending": sum(r["status"] == "pending" for r in cell_rows),
+                f"{metric}_mean": stats["mean"],
+                f"{metric}_std": stats["std"],
+                f"{metric}_ci_low": stats["ci_low"],
+                f"{metric}_ci_high": stats["ci_high"],
+                "bootstrap_ci_low_mean": _mean(ok, f"test_{metric}_ci_low"),
+                "bootstrap_ci_high_mean": _mean(ok, f"test_{metric}_ci_high"),
+                "gap_mean": _mean(ok, f"gap_{metric}"),
+                "gap_std": _std(ok, f"gap_{metric}"),
+                "ece_mean": _mean(ok, "test_ece"),
+                "ece_std": _std(ok, "test_ece"),
+                "nll_mean": _mean(ok, "test_nll"),
+                "trainable_params": _median(ok, "trainable_params"),
+                "adapter_bytes": _median(ok, "adapter_bytes"),
+                "peak_memory_mb": _mean(ok, "peak_memory_mb"),
+                "peak_cuda_memory_mb": _mean(ok, "peak_cuda_memory_mb"),
+                "wall_time_s": _mean(ok, "wall_time_s"),
+                "eval_share": _mean(ok, "eval_share"),
+                "process_time_s": _mean(ok, "process_time_s"),
+            }
+            if method != cfg.baseline:
+                entry.update(_paired_against_baseline(sweep, by_cell, method, k))
+            table.append(entry)
+    primary = f"p_{cfg.paired_test}"
+    tested = [e for e in table if e.get(primary) is not None]
+    for entry, adjusted in zip(tested, holm([e[primary] for e in tested])):
+        entry["p_holm"] = adjusted
+    return table
+
+
+def _paired_against_baseline(sweep: Sweep, by_cell: dict, method: str, k: int) -> dict:
+    """Pool the aligned per-example test predictions of the seeds where both runs are ok."""
+    from lorafit import metrics as M
+
+    cfg = sweep.config
+    labels, preds_method, preds_baseline, seeds, deltas = [], [], [], [], []
+    num_classes = None
+    for seed in cfg.seeds:
+        a, b = by_cell.get((method, k, seed)), by_cell.get((cfg.baseline, k, seed))
+        if not a or not b or a["status"] != "ok" or b["status"] != "ok":
+            continue
+        pa, pb = _predictions(a["run_dir"]), _predictions(b["run_dir"])
+        common = sorted(set(pa) & set(pb))
+        if not common:
+            continue
+        if any(pa[row][0] != pb[row][0] for row in common):
+            raise ValueError(f"test labels differ between {a['run_id']} and {b['run_id']}")
+        labels += [pa[row][0] for row in common]
+        preds_method += [pa[row][1] for row in common]
+        preds_baseline += [pb[row][1] for row in common]
+        seeds.append(seed)
+        deltas.append(a[f"test_{cfg.metric}"] - b[f"test_{cfg.metric}"])
+        num_classes = max(num_classes or 0, a.get("num_classes") or 0) or None
+    if not seeds:
+        return {"paired_seeds": 0}
+    args = dict(
+        metric=cfg.metric, num_classes=num_classes, n_resamples=cfg.n_resamples, level=0.95, seed=0
+    )
+    bootstrap = M.paired_bootstrap_test(labels, preds_method, preds_baseline, **args)
+    permutation = M.permutation_test(labels, preds_method, preds_baseline, **args)
+    return {
+        "paired_seeds": len(seeds),
+        "paired_examples": len(labels),
+        "delta": bootstrap.difference,
+        "delta_ci_low": bootstrap.low,
+        "delta_ci_high": bootstrap.high,
+        "delta_seed_min": min(deltas),
+        "delta_seed_max": max(deltas),
+        "p_bootstrap": bootstrap.p_value,
+        "p_permutation": permutation.p_value,
+    }
+
+
+def _predictions(run_dir: str) -> dict[int, tuple[int, int]]:
+    """test row -> (label, predicted label)."""
+    rows = read_jsonl(RunDir(Path(run_dir)).predictions)
+    return {int(r["row"]): (int(r["label"]), int(r["pred"])) for r in rows if "pred" in r}
+
+
+def _values(rows: list[dict], key: str) -> list[float]:
+    return [r[key] for r in rows if r.get(key) is not None]
+
+
+def _mean(rows, key) -> float:
+    values = _values(rows, key)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _std(rows, key) -> float:
+    values = _values(rows, key)
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def _median(rows, key) -> float:
+    values = _values(rows, key)
+    return float(np.median(values)) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------- writing
+def write_csv(path: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: _csv_value(row.get(c)) for c in columns})
+    write_text(path, buffer.getvalue())
+
+
+def _csv_value(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, list):
+        return json.dumps(value)
+    return value
+
+
+def _fmt(value, digits=3, unit="") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}{unit}"
+
+
+def _fmt_count(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def _fmt_bytes(value) -> str:
+    text = _fmt_count(value)
+    return text if text == "–" else f"{text}B"
+
+
+def _fmt_p(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2g}" if value >= 0.001 else "<0.001"
+
+
+def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
+    cfg = sweep.config
+    metric, level = cfg.metric, int(round(cfg.ci_level * 100))
+    counts = {s: sum(r["status"] == s for r in rows if r["selected"]) for s in _STATUSES}
+    lines = [
+        f"# {metric} on test: {len(cfg.methods)} methods x K in {cfg.k_shots} "
+        f"({cfg.k_shot_unit.replace('_', ' ')}) x {len(cfg.seeds)} seeds",
+        "",
+        f"Seeds {cfg.seeds}. Selected runs: {counts['ok']} ok, {counts['failed']} failed, "
+        f"{counts['crashed']} crashed, {counts['pending']} not run yet. "
+        f"Baseline for the paired tests: **{cfg.baseline}**.",
+        "",
+        f"| method | K | ok / failed / crashed | {metric} mean ± std | {level}% CI across seeds "
+        f"| mean per-run {level}% bootstrap CI | gap (train − test) | ECE "
+        f"| Δ vs {cfg.baseline} [95% CI] | p ({cfg.paired_test}) | p (Holm) |",
+        "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in table:
+        delta = "baseline" if e["method"] == cfg.baseline else "–"
+        if e.get("delta") is not None:
+            delta = (
+                f"{e['delta']:+.3f} [{e['delta_ci_low']:+.3f}, {e['delta_ci_high']:+.3f}] "
+                f"({e['paired_seeds']} seeds)"
+            )
+        pending = f" (+{e['n_pending']} pending)" if e["n_pending"] else ""
+        lines.append(
+            f"| {e['method']} | {e['k_shot']} | {e['n_ok']} / {e['n_failed']} / {e['n_crashed']}"
+            f"{pending} "
+            f"| {_fmt(e[f'{metric}_mean'])} ± {_fmt(e[f'{metric}_std'])} "
+            f"| [{_fmt(e[f'{metric}_ci_low'])}, {_fmt(e[f'{metric}_ci_high'])}] "
+            f"| [{_fmt(e['bootstrap_ci_low_mean'])}, {_fmt(e['bootstrap_ci_high_mean'])}] "
+            f"| {_fmt(e['gap_mean'])} ± {_fmt(e['gap_std'])} "
+            f"| {_fmt(e['ece_mean'])} ± {_fmt(e['ece_std'])} "
+            f"| {delta} | {_fmt_p(e.get(f'p_{cfg.paired_test}'))} | {_fmt_p(e.get('p_holm'))} |"
+        )
+    m = sum(e.get("p_holm") is not None for e in table)
+    lines += [
+        "",
+        f"- **mean ± std**: over the ok seeds (sample std). **{level}% CI across seeds**: "
+        "Student-t interval of the mean over seeds (training and sampling randomness). "
+        f"**Per-run bootstrap CI**: the mean of each run's {level}% bootstrap CI over its test "
+        "examples (test-set noise only).",
+        "- **gap**: train-sample metric minus test metric with the selected weights; "
+        "**ECE**: top-label expected calibration error on test.",
+        f"- **Δ and p**: paired tests of the method against {cfg.baseline} at the same K. "
+        "For every seed where both runs are ok, the per-example test predictions are aligned "
+        "by test row (same seed: same training sample, same test examples) and pooled over "
+        f"seeds; one paired bootstrap and one paired permutation test ({cfg.n_resamples} "
+        "resamples) on the pool. Δ is the pooled difference with its paired-bootstrap 95% CI. "
+        "Pooling treats the seeds as fixed: the test reflects test-set noise; compare the "
+        "CI across seeds for the training-seed spread.",
+        f"- **Multiple comparisons**: {m} comparisons in this table; Holm-Bonferroni adjusted "
+        f"p-values (of the {cfg.paired_test} test) control the family-wise error rate. "
+        "Read a difference as significant at 5% only if p (Holm) < 0.05.",
+        "- **Failed runs** (validation accuracy at or below the majority-class rate of the "
+        "validation set, Mosbach et al. 2021) and crashed runs are listed below and are not in "
+        "the means.",
+        "",
+        "## Cost",
+        "",
+        "| method | K | trainable params | adapter | peak memory (RSS) | peak GPU memory "
+        "| wall time / run | eval share | process time / run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in table:
+        lines.append(
+            f"| {e['method']} | {e['k_shot']} | {_fmt_count(e['trainable_params'])} "
+            f"| {_fmt_bytes(e['adapter_bytes'])} | {_fmt(e['peak_memory_mb'], 0, ' MB')} "
+            f"| {_fmt(e['peak_cuda_memory_mb'], 0, ' MB')} | {_fmt(e['wall_time_s'], 1, ' s')} "
+            f"| {_fmt(_pct(e['eval_share']), 0, '%')} | {_fmt(e['process_time_s'], 1, ' s')} |"
+        )
+    lines += [
+        "",
+        "Wall time: the run's training loop with its periodic evaluations (summary.json "
+        "wall_time_s). Eval share: eval_time_s / wall_time_s, where eval_time_s also counts the "
+        "final train-sample and test evaluations. Process time: the whole `lorafit train` "
+        "process (start-up, data and model loading, training, test, saving).",
+    ]
+    lines += _run_list(rows, "failed", metric)
+    lines += _run_list(rows, "crashed", metric)
+    lines += _run_list(rows, "pending", metric)
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value):
+    return None if value is None or math.isnan(value) else 100 * value
+
+
+def _run_list(rows: list[dict], status: str, metric: str) -> list[str]:
+    chosen = [r for r in rows if r["selected"] and r["status"] == status]
+    if not chosen:
+        return []
+    if status == "failed":
+        out = [
+            "",
+            "## Failed runs (not averaged)",
+            "",
+            "| run | validation accuracy | majority-class rate | test " + metric + " |",
+            "|---|---:|---:|---:|",
+        ]
+        out += [
+            f"| {r['run_id']} | {_fmt(r['validation_accuracy'])} "
+            f"| {_fmt(r['validation_majority_rate'])} | {_fmt(r[f'test_{metric}'])} |"
+            for r in chosen
+        ]
+    elif status == "crashed":
+        out = ["", "## Crashed runs (not averaged; rerun with --retry-failed)", ""]
+        out += ["| run | error |", "|---|---|"]
+        out += [f"| {r['run_id']} | {r['error'].replace('|', '/')} |" for r in chosen]
+    else:
+        out = ["", "## Not run yet", "", ", ".join(r["run_id"] for r in chosen)]
+    return out
+
+
+# --------------------------------------------------------------------------------------- plots
+def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = sweep.config
+    metric = cfg.metric
+    ks = cfg.k_shots
+    colours = {m: f"C{i}" for i, m in enumerate(cfg.methods)}
+    unit = "per class" if cfg.k_shot_unit == "per_class" else "in total"
+    paths = {}
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        path = sweep.dir / f"{name}.png"
+        write_with(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+        plt.close(fig)
+        paths[name] = path
+
+    def by_k_axes(title: str, ylabel: str):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel(f"K (labels {unit})")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        return fig, ax
+
+    # test metric vs K: mean with the CI band across seeds, each ok seed as a dot, failed as x
+    fig, ax = by_k_axes(PLOTS["metric_vs_k"].format(metric=metric), f"test {metric}")
+    for method in cfg.methods:
+        cells = [e for e in table if e["method"] == method]
+        x = [e["k_shot"] for e in cells]
+        ax.plot(x, [e[f"{metric}_mean"] for e in cells], "-o", color=colours[method], label=method)
+        ax.fill_between(
+            x,
+            [e[f"{metric}_ci_low"] for e in cells],
+            [e[f"{metric}_ci_high"] for e in cells],
+            color=colours[method],
+            alpha=0.15,
+        )
+        for status, marker in (("ok", "."), ("failed", "x")):
+            points = [
+                (r["k_shot"], r[f"test_{metric}"])
+                for r in rows
+                if r["selected"] and r["method"] == method and r["status"] == status
+            ]
+            if points:
+                ax.scatter(*zip(*points), marker=marker, color=colours[method], alpha=0.5, s=18)
+    ax.legend(title=f"band: {int(cfg.ci_level * 100)}% CI; x: failed run", fontsize=8)
+    save(fig, "metric_vs_k")
+
+    for name, key, ylabel in (
+        ("gap_vs_k", "gap", f"train − test {metric}"),
+        ("ece_vs_k", "ece", "test ECE"),
+    ):
+        fig, ax = by_k_axes(PLOTS[name], ylabel)
+        for i, method in enumerate(cfg.methods):
+            cells = [e for e in table if e["method"] == method]
+            dodge = 2 ** (0.04 * (i - (len(cfg.methods) - 1) / 2))  # keep error bars apart
+            ax.errorbar(
+                [e["k_shot"] * dodge for e in cells],
+                [e[f"{key}_mean"] for e in cells],
+                yerr=[0.0 if math.isnan(e[f"{key}_std"]) else e[f"{key}_std"] for e in cells],
+                fmt="-o",
+                capsize=3,
+                color=colours[method],
+                label=method,
+            )
+        if key == "gap":
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.legend(title="mean ± std over seeds", fontsize=8)
+        save(fig, name)
+
+    # cost vs quality: one point per method x K, bigger markers for bigger K
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in cfg.methods:
+        cells = [e for e in table if e["method"] == method and not math.isnan(e[f"{metric}_mean"])]
+        for e in cells:
+            half = e[f"{metric}_ci_high"] - e[f"{metric}_mean"]
+            ax.errorbar(
+                e["trainable_params"],
+                e[f"{metric}_mean"],
+                yerr=None if math.isnan(half) else half,
+                fmt="o",
+                markersize=4 + 2 * ks.index(e["k_shot"]),
+                capsize=3,
+                color=colours[method],
+                label=method if e is cells[0] else None,
+            )
+            ax.annotate(
+                f"K={e['k_shot']}",
+                (e["trainable_params"], e[f"{metric}_mean"]),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=7,
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(PLOTS["params_vs_metric"].format(metric=metric))
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    save(fig, "params_vs_metric")
+    return paths
+
+
+# -------------------------------------------------------------------------------------- report
+def write_report(sweep: Sweep) -> Path:
+    """runs.csv, summary.csv, summary.md, the four plots and report.md; returns report.md."""
+    rows = collect_runs(sweep)
+    table = summarise(sweep, rows)
+    write_csv(sweep.dir / "runs.csv", rows)
+    write_csv(sweep.dir / "summary.csv", table)
+    summary_md = summary_markdown(sweep, rows, table)
+    write_text(sweep.dir / "summary.md", summary_md)
+    plots = write_plots(sweep, rows, table)
+    metric = sweep.config.metric
+    body = summary_md.split("\n", 1)[1]  # the report has its own title
+    lines = [
+        f"# Comparison report: {sweep.dir.name}",
+        "",
+        f"Rebuild with `lorafit compare {sweep.dir / 'sweep.yaml'} --report-only`. "
+        "Files: [runs.csv](runs.csv) (one row per run), [summary.csv](summary.csv), "
+        "[summary.md](summary.md), [sweep.yaml](sweep.yaml) (the resolved sweep), "
+        "[state.json](state.json) (launch status and errors), `logs/` (each run's output).",
+        body,
+        "## Plots",
+        "",
+    ]
+    for name, path in plots.items():
+        title = PLOTS[name].format(metric=metric)
+        lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    lines += ["## Runs", "", "| run | status | selected | test " + metric + " | curve |"]
+    lines += ["|---|---|:---:|---:|---|"]
+    for r in rows:
+        rel = Path(r["run_dir"]).relative_to(sweep.dir.absolute())
+        curve = RunDir(rel).learning_curve
+        link = f"[learning curve]({curve})" if (sweep.dir / curve).exists() else "–"
+        lines.append(
+            f"| [{r['run_id']}]({rel}) | {r['status']} | {'yes' if r['selected'] else ''} "
+            f"| {_fmt(r.get(f'test_{metric}'))} | {link} |"
+        )
+    path = sweep.dir / "report.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path

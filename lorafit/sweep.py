@@ -1,0 +1,552 @@
+"""`lorafit compare`: a method x label budget (K) x seed grid of ordinary runs, then a report.
+
+Flow: sweep YAML (+ overrides) -> SweepConfig -> one RunConfig per (method, K, seed, hyper-parameter
+choice) -> each run is a normal run directory under `<sweep.dir>/runs/`, trained by its own
+`python -m lorafit train` process -> `lorafit.report` reads the run directories back and writes the
+tables, plots and report.md.
+
+Why one process per run: a crash stays inside its run, the peak memory that a run records is its
+own (ru_maxrss is per process), and N workers map onto N GPUs (or share the CPU threads).
+Resumable: a run whose summary.json says "completed" is never run again; a crashed one is
+reported as crashed until `--retry-failed` reruns it (from its last checkpoint when it has one).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from lorafit.config import RunConfig, _f, _unknown_key, apply_overrides, from_dict, load_yaml
+from lorafit.errors import ConfigError
+from lorafit.io import write_json, write_text
+from lorafit.rundir import RunDir, read_summary
+
+# The five data seeds of LM-BFF (Gao et al. 2021); `seeds: N` takes the first N.
+LMBFF_SEEDS = (13, 21, 42, 87, 100)
+# Metrics that the paired tests of lorafit.metrics resample.
+SWEEP_METRICS = ("accuracy", "f1_macro")
+# Keys each run gets from the sweep; setting them in `base` or a method would be silently lost.
+SWEEP_OWNED_KEYS = {
+    "data.k_shot": "sweep.k_shots",
+    "data.k_shot_unit": "sweep.k_shot_unit",
+    "data.train_size": "sweep.k_shots",
+    "data.seed": "sweep.seeds",
+    "train.seed": "sweep.seeds",
+    "train.resume": "the sweep (it resumes crashed runs itself)",
+    "output.dir": "sweep.dir",
+    "output.overwrite": "the sweep (finished runs are kept)",
+}
+
+
+@dataclass
+class SweepConfig:
+    dir: str = _f("runs/compare", "Sweep directory: run directories, tables, plots, report.")
+    methods: dict[str, Any] = _f(
+        {}, "Method name -> partial run config; its `method:` section is the whole method."
+    )
+    k_shots: list[int] = _f([16], "Label budgets K (see k_shot_unit).")
+    k_shot_unit: str = _f("per_class", "per_class: K per class; total: K examples, stratified.")
+    seeds: Union[int, list[int]] = _f(
+        5, "Seeds (each sets data.seed and train.seed), or N: the first N LM-BFF seeds."
+    )
+    grid: dict[str, Any] = _f(
+        {}, "Method -> {section.key: [values]}: chosen per seed on validation, never on test."
+    )
+    baseline: str | None = _f(None, "Method the others are tested against (default: the first).")
+    metric: str = _f("accuracy", "Test metric of the tables, tests and plots: accuracy | f1_macro.")
+    paired_test: str = _f(
+        "permutation", "permutation | bootstrap: the p-value that Holm's correction adjusts."
+    )
+    n_resamples: int = _f(10000, "Resamples of the paired bootstrap and permutation tests.")
+    ci_level: float = _f(0.95, "Level of the confidence intervals across seeds.")
+    workers: int = _f(
+        1, "Runs at once, one process each (round-robin over GPUs; CPU threads split)."
+    )
+    keep_checkpoints: bool = _f(
+        False, "Keep checkpoints/ of completed runs (only a crashed run resumes from them)."
+    )
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ConfigError("sweep.methods is empty; add e.g. `lora: {method: {name: lora}}`")
+        if not self.k_shots or any(k <= 0 for k in self.k_shots):
+            raise ConfigError(f"sweep.k_shots={self.k_shots!r} needs one or more positive K")
+        if len(set(self.k_shots)) != len(self.k_shots):
+            raise ConfigError(f"sweep.k_shots={self.k_shots!r} lists a K twice")
+        if self.k_shot_unit not in ("per_class", "total"):
+            raise ConfigError(
+                f"sweep.k_shot_unit={self.k_shot_unit!r} is not valid; use per_class or total"
+            )
+        if isinstance(self.seeds, int):
+            if self.seeds <= 0:
+                raise ConfigError(f"sweep.seeds={self.seeds} must be > 0 (or a list of seeds)")
+            extra = range(LMBFF_SEEDS[-1] + 1, LMBFF_SEEDS[-1] + 1 + self.seeds)
+            self.seeds = list(itertools.islice(itertools.chain(LMBFF_SEEDS, extra), self.seeds))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"sweep.seeds={self.seeds!r} needs distinct seeds")
+        if self.baseline is None:
+            self.baseline = next(iter(self.methods))
+        if self.baseline not in self.methods:
+            raise ConfigError(
+                f"sweep.baseline={self.baseline!r} is not one of sweep.methods {list(self.methods)}"
+            )
+        if self.metric not in SWEEP_METRICS:
+            raise ConfigError(
+                f"sweep.metric={self.metric!r} is not valid; use one of {list(SWEEP_METRICS)}"
+            )
+        if self.paired_test not in ("permutation", "bootstrap"):
+            raise ConfigError(
+                f"sweep.paired_test={self.paired_test!r} is not valid; use permutation or bootstrap"
+            )
+        if self.n_resamples < 100:
+            raise ConfigError(f"sweep.n_resamples={self.n_resamples} must be >= 100")
+        if not 0 < self.ci_level < 1:
+            raise ConfigError(f"sweep.ci_level={self.ci_level!r} must be between 0 and 1")
+        if self.workers <= 0:
+            raise ConfigError(f"sweep.workers={self.workers} must be > 0")
+        for name in self.grid:
+            if name not in self.methods:
+                raise ConfigError(
+                    f"sweep.grid.{name} names no method; use one of {list(self.methods)}"
+                )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid: a method at one K and seed, with one hyper-parameter choice."""
+
+    method: str
+    k_shot: int
+    seed: int
+    hp: tuple[tuple[str, Any], ...]  # (dotted key, value) from sweep.grid; () without a grid
+    config: RunConfig
+
+    @property
+    def cell(self) -> str:
+        """The id shared by the grid variants among which validation chooses."""
+        return run_id(self.method, self.k_shot, self.seed, ())
+
+    @property
+    def id(self) -> str:
+        return run_id(self.method, self.k_shot, self.seed, self.hp)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.config.output.dir)
+
+
+@dataclass
+class Sweep:
+    config: SweepConfig
+    base: dict[str, Any]
+    runs: list[Run]
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.config.dir)
+
+
+# ----------------------------------------------------------------------------------- config
+def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> Sweep:
+    """Sweep YAML (`sweep:` + `base:`) + `sweep.x=...` / `base.train.x=...` overrides -> Sweep."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return build_sweep(data)
+
+
+def build_sweep(data: dict[str, Any]) -> Sweep:
+    if "sweep" not in data and not any(str(k).startswith("sweep") for k in data):
+        raise ConfigError(
+            "a compare config needs a top-level `sweep:` section (methods, k_shots, seeds) and "
+            "`base:` (a run config); for a single run use `lorafit train`"
+        )
+    for key in data:
+        if key not in ("sweep", "base"):
+            raise _unknown_key("", str(key), ["sweep", "base"])
+    cfg = from_dict(SweepConfig, data["sweep"] or {}, prefix="sweep.")
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"base must be a mapping of run config sections, got {base!r}")
+    if "method" in base:
+        raise ConfigError("base.method is not used: each entry of sweep.methods has its method")
+    _check_not_owned(base, "base")
+    from_dict(RunConfig, base, prefix="base.")  # names a bad base key before anything else
+
+    methods = {}
+    for name, entry in cfg.methods.items():
+        entry = copy.deepcopy(entry) if entry is not None else {}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"sweep.methods.{name} must be a mapping of run config sections")
+        entry.setdefault("method", {}).setdefault("name", name)
+        _check_not_owned(entry, f"sweep.methods.{name}")
+        from_dict(RunConfig, entry, prefix=f"sweep.methods.{name}.")
+        methods[name] = entry
+    cfg.methods = methods
+    cfg.grid = {name: _parse_grid(name, grid) for name, grid in cfg.grid.items()}
+
+    sweep_dir = Path(cfg.dir).absolute()
+    runs = []
+    for name, entry in methods.items():
+        for k in cfg.k_shots:
+            for seed in cfg.seeds:
+                for hp in _grid_points(cfg.grid.get(name, {})):
+                    run_dict = _merge(base, entry)
+                    _set(run_dict, "data.k_shot", k)
+                    _set(run_dict, "data.k_shot_unit", cfg.k_shot_unit)
+                    _set(run_dict, "data.seed", seed)
+                    _set(run_dict, "train.seed", seed)
+                    for key, value in hp:
+                        _set(run_dict, key, value)
+                    _set(
+                        run_dict, "output.dir", str(sweep_dir / "runs" / run_id(name, k, seed, hp))
+                    )
+                    where = f"sweep.methods.{name} (K={k}, seed={seed}{_hp_text(hp)})"
+                    try:
+                        config = from_dict(RunConfig, run_dict)
+                    except ConfigError as e:
+                        raise ConfigError(f"{where}: {e}") from None
+                    runs.append(Run(name, k, seed, hp, config))
+    return Sweep(cfg, base, runs)
+
+
+def _check_not_owned(section: dict, where: str) -> None:
+    for dotted, owner in SWEEP_OWNED_KEYS.items():
+        head, key = dotted.split(".")
+        if isinstance(section.get(head), dict) and key in section[head]:
+            raise ConfigError(f"{where}.{dotted} is set by {owner}; remove it from {where}")
+
+
+def _parse_grid(method: str, grid: Any) -> dict[str, list]:
+    where = f"sweep.grid.{method}"
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(
+            f"{where} must map section.key to a list of values, e.g. train.lr: [1e-4]"
+        )
+    parsed = {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{key} must be a non-empty list of values")
+        if key in SWEEP_OWNED_KEYS or "." not in key:
+            raise ConfigError(f"{where}.{key} cannot be searched; use e.g. train.lr or method.r")
+        parsed[key] = []
+        for (
+            value
+        ) in values:  # each value alone must be valid; keep it typed (YAML reads 1e-4 as text)
+            probe: dict[str, Any] = {}
+            _set(probe, key, value)
+            typed: Any = from_dict(RunConfig, probe, prefix=f"{where}.")
+            for part in key.split("."):
+                typed = getattr(typed, part)
+            parsed[key].append(typed)
+    return parsed
+
+
+def _grid_points(grid: dict[str, list]) -> list[tuple[tuple[str, Any], ...]]:
+    if not grid:
+        return [()]
+    keys = list(grid)
+    return [tuple(zip(keys, values)) for values in itertools.product(*grid.values())]
+
+
+def run_id(method: str, k_shot: int, seed: int, hp: tuple) -> str:
+    """`<method>/k<K>/seed<S>[/<grid point>]`: also the run's folder under `runs/`."""
+    cell = f"{method}/k{k_shot}/seed{seed}"
+    return f"{cell}/{hp_label(hp)}" if hp else cell
+
+
+def hp_label(hp: tuple[tuple[str, Any], ...]) -> str:
+    """A folder name for one grid point: (('train.lr', 1e-4), ('method.r', 4)) -> lr-0.0001_r-4."""
+    return "_".join(f"{key.split('.')[-1]}-{value}" for key, value in hp).replace("/", "-")
+
+
+def _hp_text(hp) -> str:
+    return "".join(f", {k}={v}" for k, v in hp)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+    d[last] = value
+
+
+# -------------------------------------------------------------------------------- execution
+@dataclass
+class Outcome:
+    ok: bool
+    error: str | None
+    seconds: float
+
+
+# launch(run, config_path, log_path, env) -> Outcome; tests swap in a fake trainer.
+Launcher = Callable[[Run, Path, Path, dict], Outcome]
+
+
+class SweepState:
+    """`state.json`: per run id the last launch's status, error line and process time.
+
+    Only the main process writes it. summary.json stays the authority on completion.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.runs: dict[str, dict] = {}
+        if path.exists():
+            self.runs = json.loads(path.read_text()).get("runs", {})
+
+    def get(self, run: Run) -> dict:
+        return self.runs.get(run.id, {})
+
+    def record(self, run: Run, **fields) -> None:
+        self.runs[run.id] = {**self.runs.get(run.id, {}), **fields}
+        write_json(self.path, {"runs": self.runs})
+
+
+def run_status(run: Run, state: SweepState) -> str:
+    """completed | crashed | pending (never run, or interrupted with the sweep)."""
+    summary = read_summary(run.dir)
+    if summary.get("status") == "completed":
+        if summary.get("config_sha256") not in (None, run.config.fingerprint()):
+            changed = _changed_settings(run)
+            if changed:
+                raise ConfigError(
+                    f"run {run.dir} was trained with other settings than sweep run {run.id} now "
+                    f"has ({'; '.join(changed[:3])}); restore them or choose a new sweep.dir"
+                )
+        return "completed"
+    return "crashed" if state.get(run).get("status") == "crashed" else "pending"
+
+
+def _changed_settings(run: Run) -> list[str]:
+    """Settings whose value differs between the run's saved config.yaml and the sweep's plan.
+
+    Keys present on one side only (a lorafit version that added or removed a setting) are not
+    differences: only a value both configs state and disagree on makes a run another experiment.
+    """
+    path = RunDir(run.dir).config
+    if not path.exists():
+        return ["its config.yaml is missing"]
+    saved = _flat(yaml.safe_load(path.read_text()) or {})
+    planned = _flat(run.config.to_dict())
+    ignored = {"output.dir", "output.overwrite", "train.resume"}
+    return [
+        f"{key}: {saved[key]!r} then, {planned[key]!r} now"
+        for key in planned
+        if key in saved and key not in ignored and not _same(saved[key], planned[key])
+    ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "peft_kwargs":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def execute(
+    sweep: Sweep,
+    retry_failed: bool = False,
+    launch: Launcher | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Train every run that is not finished; returns counts of completed/crashed/skipped runs."""
+    from tqdm.auto import tqdm
+
+    launch = launch or launch_subprocess
+    state = SweepState(sweep.dir / "state.json")
+    todo, counts = [], {"skipped": 0, "completed": 0, "crashed": 0, "kept_crashed": 0}
+    for run in sweep.runs:
+        status = run_status(run, state)
+        if status == "completed":
+            counts["skipped"] += 1
+        elif status == "crashed" and not retry_failed:
+            counts["kept_crashed"] += 1
+        else:
+            todo.append(run)
+    if counts["kept_crashed"]:
+        print(
+            f"lorafit compare: {counts['kept_crashed']} crashed run(s) are reported, not rerun; "
+            "pass --retry-failed to rerun them",
+            file=sys.stderr,
+        )
+    if not todo:
+        return counts
+
+    slots: queue.Queue[int] = queue.Queue()
+    for slot in range(sweep.config.workers):
+        slots.put(slot)
+    devices = _worker_devices()
+
+    def work(run: Run) -> Outcome:
+        slot = slots.get()
+        try:
+            config_path = sweep.dir / "configs" / f"{run.id.replace('/', '__')}.yaml"
+            log_path = sweep.dir / "logs" / f"{run.id.replace('/', '__')}.log"
+            _prepare_run_dir_for_launch(run)
+            config = copy.deepcopy(run.config)
+            config.train.resume = run.dir.exists()
+            write_text(config_path, f"# lorafit train {config_path}\n" + config.to_yaml())
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            env = _worker_env(slot, sweep.config.workers, devices)
+            return launch(run, config_path, log_path, env)
+        finally:
+            slots.put(slot)
+
+    done_before = len(sweep.runs) - len(todo)
+    bar = tqdm(total=len(sweep.runs), initial=done_before, desc="compare", disable=not progress)
+    bar.set_postfix_str(f"{len(todo)} to run, {sweep.config.workers} worker(s)")
+    with ThreadPoolExecutor(max_workers=sweep.config.workers) as pool:
+        futures = {}
+        for run in todo:
+            state.record(run, status="running", error=None, started=time.time())
+            futures[pool.submit(work, run)] = run
+        for future in as_completed(futures):
+            run = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as e:  # a launcher failure is that run's crash, not the sweep's
+                outcome = Outcome(False, f"{type(e).__name__}: {e}".splitlines()[0], 0.0)
+            done = outcome.ok and read_summary(run.dir).get("status") == "completed"
+            if done and not sweep.config.keep_checkpoints:
+                # optimizer state + weights: ~700 MB per full fine-tuning run of MiniLM
+                shutil.rmtree(RunDir(run.dir).checkpoints, ignore_errors=True)
+            error = None if done else (outcome.error or "exited without summary.json")
+            state.record(
+                run,
+                status="completed" if done else "crashed",
+                error=error,
+                process_time_s=round(outcome.seconds, 2),
+            )
+            counts["completed" if done else "crashed"] += 1
+            bar.update(1)
+            bar.set_postfix_str(f"{run.id}: {'ok' if done else 'CRASHED'}")
+            if not done:
+                bar.write(f"lorafit compare: {run.id} crashed: {error}")
+    bar.close()
+    return counts
+
+
+def _prepare_run_dir_for_launch(run: Run) -> None:
+    """Continue from the newest checkpoint; a folder without one holds nothing worth keeping."""
+    checkpoints = RunDir(run.dir).checkpoints
+    if run.dir.exists() and not (checkpoints.exists() and any(checkpoints.iterdir())):
+        shutil.rmtree(run.dir)
+
+
+def _worker_devices() -> list[str]:
+    """GPU ids the workers share round-robin ([] on CPU)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no usable torch/CUDA: CPU workers
+        return []
+
+
+def _worker_env(slot: int, workers: int, devices: list[str]) -> dict[str, str]:
+    env = dict(os.environ)
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+    elif workers > 1:  # CPU: give each worker its share of the cores instead of oversubscribing
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
+    return env
+
+
+def launch_subprocess(run: Run, config_path: Path, log_path: Path, env: dict) -> Outcome:
+    """`python -m lorafit train CONFIG` with its output in the log; the error is its last line."""
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} lorafit train {config_path}\n")
+        log.flush()
+        code = subprocess.call(
+            [sys.executable, "-m", "lorafit", "train", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    seconds = time.perf_counter() - start
+    if code == 0:
+        return Outcome(True, None, seconds)
+    return Outcome(False, f"exit code {code}: {_error_line(log_path)}", seconds)
+
+
+def _error_line(log_path: Path) -> str:
+    """The `lorafit: error:` line if the run printed one, else the traceback's last line."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    for line in reversed(lines):
+        if line.startswith("lorafit: error:"):
+            return line[len("lorafit: error:") :].strip()
+    return lines[-1] if lines else "no output"
+
+
+# ---------------------------------------------------------------------------------- command
+def run_compare(
+    config_path: str | Path | None,
+    overrides: list[str] | None = None,
+    retry_failed: bool = False,
+    report_only: bool = False,
+    launch: Launcher | None = None,
+) -> Path:
+    """`lorafit compare`: run what is missing, then write the tables, plots and report."""
+    from lorafit import report
+
+    sweep = load_sweep(config_path, overrides)
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    write_text(
+        sweep.dir / "sweep.yaml",
+        f"# lorafit compare {sweep.dir / 'sweep.yaml'} --report-only\n"
+        + yaml.safe_dump(
+            {"sweep": _plain(sweep.config), "base": sweep.base}, sort_keys=False, width=100
+        ),
+    )
+    if not report_only:
+        execute(sweep, retry_failed=retry_failed, launch=launch)
+    path = report.write_report(sweep)
+    print(f"report: {path}")
+    return path
+
+
+def _plain(cfg: SweepConfig) -> dict:
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    d["dir"] = str(Path(cfg.dir).absolute())
+    return d

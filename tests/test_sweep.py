@@ -1,0 +1,456 @@
+"""`lorafit compare`: sweep config, grid expansion, resumption, statistics, failed runs, report.
+
+Most tests use a fake launcher that writes synthetic run directories (summary.json and
+predictions/test.jsonl with a chosen per-example correctness), so the statistics can be checked
+against hand-computed values. One test runs a real tiny sweep end to end through the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lorafit.errors import ConfigError
+from lorafit.io import write_json
+from lorafit.report import holm
+from lorafit.sweep import Outcome, execute, launch_subprocess, load_sweep, run_compare
+
+ROOT = Path(__file__).resolve().parent.parent
+N_TEST = 200
+
+
+def _sweep_file(tmp_path: Path, sweep: dict | None = None, base: dict | None = None) -> Path:
+    spec = {
+        "sweep": {
+            "dir": str(tmp_path / "sweep"),
+            "methods": {"full": {"train": {"lr": 1e-4}}, "lora": {"method": {"r": 4}}},
+            "k_shots": [8],
+            "seeds": [1, 2, 3],
+            "baseline": "full",
+            "n_resamples": 2000,
+            **(sweep or {}),
+        },
+        "base": base or {"model": {"name_or_path": "unused"}, "data": {"path": "unused"}},
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text("# lorafit compare compare.yaml\n" + yaml.safe_dump(spec))
+    return path
+
+
+class FakeTrainer:
+    """A launcher that writes a finished (or crashed) run directory without training.
+
+    `plan[(method, seed)]` (or `plan[(method, seed, hp_label)]`) gives the run's test
+    correctness mask, its validation accuracy, or "crash"; the test labels are fixed.
+    """
+
+    def __init__(self, plan: dict, labels: np.ndarray | None = None):
+        self.plan = plan
+        self.labels = labels if labels is not None else np.arange(N_TEST) % 2
+        self.calls: list[str] = []
+
+    def __call__(self, run, config_path, log_path, env) -> Outcome:
+        from lorafit.sweep import hp_label
+
+        self.calls.append(run.id)
+        assert config_path.read_text().startswith(f"# lorafit train {config_path}")
+        assert env["PATH"] == os.environ["PATH"]
+        spec = self.plan.get((run.method, run.seed, hp_label(run.hp))) or self.plan.get(
+            (run.method, run.seed), {}
+        )
+        if spec == "crash":
+            run.dir.mkdir(parents=True, exist_ok=True)
+            return Outcome(False, "exit code 2: training loss is nan at step 3", 1.0)
+        correct = np.asarray(spec.get("correct", np.ones(N_TEST, bool)))
+        (run.dir / "checkpoints" / "step-3").mkdir(parents=True)
+        write_fake_run(run, self.labels, correct, spec.get("val_acc", 0.9), spec.get("val_loss"))
+        return Outcome(True, None, 2.5)
+
+
+def write_fake_run(run, labels, correct, val_acc, val_loss=None, train_acc=1.0) -> None:
+    preds = np.where(correct, labels, 1 - labels)
+    accuracy = float(correct.mean())
+    lines = [
+        json.dumps({"row": 100 + i, "label": int(y), "pred": int(p), "prob": [0.5, 0.5]})
+        for i, (y, p) in enumerate(zip(labels, preds))
+    ]
+    (run.dir / "predictions").mkdir(parents=True, exist_ok=True)
+    (run.dir / "predictions" / "test.jsonl").write_text("\n".join(lines) + "\n")
+    (run.dir / "config.yaml").write_text(run.config.to_yaml())  # as the trainer saves it
+    summary = {
+        "status": "completed",
+        "task": "classification",
+        "test": {
+            "accuracy": accuracy,
+            "f1_macro": accuracy,
+            "nll": 0.5,
+            "loss": 0.5,
+            "ece": 0.1 + accuracy / 10,
+            "ci": {"accuracy": [accuracy - 0.05, accuracy + 0.05]},
+        },
+        "best_validation": {"accuracy": val_acc, "loss": 1.0 if val_loss is None else val_loss},
+        "train_sample_at_selected": {"accuracy": train_acc, "loss": 0.1},
+        "label_names": ["neg", "pos"],
+        "validation_label_counts": [8, 8],
+        "trainable_params": 1000 if run.method == "lora" else 100000,
+        "total_params": 100000,
+        "adapter_bytes": 4000,
+        "peak_memory_mb": 500.0,
+        "peak_cuda_memory_mb": None,
+        "wall_time_s": 10.0,
+        "eval_time_s": 2.5,
+        "config_sha256": run.config.fingerprint(),
+    }
+    write_json(run.dir / "summary.json", summary)
+
+
+def _mask(accuracy: float, seed: int = 0) -> np.ndarray:
+    """Exactly round(accuracy * N_TEST) correct examples at random positions."""
+    mask = np.zeros(N_TEST, bool)
+    mask[: round(accuracy * N_TEST)] = True
+    return np.random.default_rng(seed).permutation(mask)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _summary_row(sweep_dir: Path, method: str, k: int = 8) -> dict:
+    rows = _read_csv(sweep_dir / "summary.csv")
+    return next(r for r in rows if r["method"] == method and int(r["k_shot"]) == k)
+
+
+# ------------------------------------------------------------------------------------- config
+def test_example_configs_parse_and_follow_the_protocol():
+    lmbff = load_sweep(ROOT / "configs/compare_sst2_lmbff.yaml")
+    assert set(lmbff.config.methods) == {"full", "head", "lora", "qlora"}
+    assert lmbff.config.k_shots == [16, 64, 256]
+    assert lmbff.config.k_shot_unit == "per_class"
+    assert lmbff.config.seeds == [13, 21, 42, 87, 100]
+    assert len({r.cell for r in lmbff.runs}) == 4 * 3 * 5  # x the learning-rate grid
+    assert all(r.config.model.name_or_path == "minilm" for r in lmbff.runs)
+    ci = load_sweep(ROOT / "configs/compare_sst2_ci.yaml")
+    assert len(ci.runs) <= 12
+    for name in ("compare_sst2_lmbff.yaml", "compare_sst2_ci.yaml"):
+        text = (ROOT / "configs" / name).read_text()
+        assert text.startswith(f"# lorafit compare configs/{name}"), name
+        assert "sweep" in yaml.safe_load(text)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sweep.methodz={}"], "did you mean 'sweep.methods'"),
+        (["sweeps.k_shots=[8]"], "did you mean 'sweep'"),
+        (["sweep.baseline=nope"], "sweep.baseline='nope' is not one of sweep.methods"),
+        (["sweep.k_shots=[0]"], "sweep.k_shots=[0]"),
+        (["sweep.seeds=[1,1]"], "sweep.seeds"),
+        (["sweep.metric=auroc"], "sweep.metric='auroc' is not valid"),
+        (["sweep.workers=0"], "sweep.workers=0 must be > 0"),
+        (["base.data.k_shot=8"], "base.data.k_shot is set by sweep.k_shots"),
+        (["base.train.seed=8"], "base.train.seed is set by sweep.seeds"),
+        (["base.train.lrr=1"], "did you mean 'base.train.lr'"),
+        (["base.method.name=lora"], "base.method is not used"),
+        (["sweep.methods.lora.train.stepz=3"], "did you mean 'sweep.methods.lora.train.steps'"),
+        (["sweep.methods.lora.data.seed=3"], "sweep.methods.lora.data.seed is set by sweep.seeds"),
+        (["sweep.grid.nope={train.lr: [1]}"], "sweep.grid.nope names no method"),
+        (["sweep.grid.lora={train.lr: 1e-4}"], "sweep.grid.lora.train.lr must be a non-empty list"),
+        (["sweep.grid.lora={method.dropout: [1.5]}"], "method.dropout=1.5 must be in [0, 1)"),
+        (["sweep.grid.lora={data.seed: [1]}"], "sweep.grid.lora.data.seed cannot be searched"),
+    ],
+)
+def test_bad_sweep_config_names_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_sweep(_sweep_file(tmp_path), overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_sweep_section_is_a_config_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {steps: 3}\n")
+    with pytest.raises(ConfigError, match="top-level `sweep:` section"):
+        load_sweep(path)
+
+
+def test_grid_expansion_sets_k_seed_and_hyper_parameters(tmp_path):
+    sweep = load_sweep(
+        _sweep_file(tmp_path),
+        [
+            "sweep.k_shots=[8,16]",
+            "sweep.seeds=2",
+            "sweep.grid.lora={train.lr: [1.0e-4, 1.0e-3], method.r: [4, 8]}",
+            "sweep.k_shot_unit=total",
+        ],
+    )
+    assert sweep.config.seeds == [13, 21]  # the first LM-BFF seeds
+    full = [r for r in sweep.runs if r.method == "full"]
+    lora = [r for r in sweep.runs if r.method == "lora"]
+    assert len(full) == 2 * 2 and len(lora) == 2 * 2 * 4
+    assert len({r.id for r in sweep.runs}) == len(sweep.runs)
+    for run in sweep.runs:
+        c = run.config
+        assert c.data.seed == c.train.seed == run.seed
+        assert c.data.k_shot == run.k_shot and c.data.k_shot_unit == "total"
+        assert run.dir == (tmp_path / "sweep" / "runs" / run.id).absolute()
+        assert c.method.name == run.method
+    r = next(
+        r
+        for r in lora
+        if dict(r.hp) == {"train.lr": 1e-3, "method.r": 8} and (r.k_shot, r.seed) == (16, 21)
+    )
+    assert r.id == "lora/k16/seed21/lr-0.001_r-8"
+    assert r.config.train.lr == 1e-3 and r.config.method.r == 8
+    assert all(r.config.train.lr == 1e-4 and r.config.method.r == 8 for r in full)
+    assert {dict(r.hp)["method.r"] for r in lora} == {4, 8}
+
+
+# ------------------------------------------------------------------------------- resumption
+def test_finished_runs_are_skipped_and_crashed_ones_retried_on_request(tmp_path):
+    path = _sweep_file(tmp_path, {"seeds": [1, 2], "workers": 2})
+    crashing = FakeTrainer({("lora", 2): "crash"})
+    run_compare(path, [], launch=crashing)
+    assert len(crashing.calls) == 4
+    sweep_dir = tmp_path / "sweep"
+    lora = _summary_row(sweep_dir, "lora")
+    assert (lora["n_ok"], lora["n_crashed"]) == ("1", "1")  # reported, never averaged in
+    assert float(lora["accuracy_mean"]) == 1.0
+    assert "training loss is nan at step 3" in (sweep_dir / "summary.md").read_text()
+    state = json.loads((sweep_dir / "state.json").read_text())["runs"]
+    assert state["lora/k8/seed2"]["status"] == "crashed"
+
+    again = FakeTrainer({})
+    run_compare(path, [], launch=again)
+    assert again.calls == []  # finished runs skipped, the crashed one only reported
+    run_compare(path, [], retry_failed=True, launch=again)
+    assert again.calls == ["lora/k8/seed2"]
+    assert not list(sweep_dir.glob("runs/*/*/*/checkpoints"))  # completed: no resume needed
+    lora = _summary_row(sweep_dir, "lora")
+    assert (lora["n_ok"], lora["n_crashed"]) == ("2", "0")
+
+
+def test_interrupted_run_is_rerun_from_scratch_without_checkpoint(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path, {"seeds": [1]}))
+    stale = sweep.runs[0].dir
+    (stale / "metrics.jsonl").parent.mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text('{"step": 5}\n')
+    fake = FakeTrainer({})
+    counts = execute(sweep, launch=fake, progress=False)
+    assert counts["completed"] == 2 and not (stale / "metrics.jsonl").exists()
+
+
+def test_subprocess_launcher_reports_the_error_line(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path, {"seeds": [1]}))
+    log = tmp_path / "run.log"
+    outcome = launch_subprocess(sweep.runs[0], tmp_path / "missing.yaml", log, dict(os.environ))
+    assert not outcome.ok and outcome.seconds > 0
+    assert outcome.error.startswith("exit code 2: config file") and "missing.yaml" in outcome.error
+    assert "lorafit train" in log.read_text()
+
+
+def test_changed_config_of_a_finished_run_is_refused(tmp_path):
+    path = _sweep_file(tmp_path, {"seeds": [1]})
+    sweep = load_sweep(path)
+    run_compare(path, [], launch=FakeTrainer({}))
+    for report_only in (False, True):
+        with pytest.raises(ConfigError, match=r"other settings .*train.steps: \d+ then, 7 now"):
+            run_compare(path, ["base.train.steps=7"], report_only=report_only)
+    # a setting that an older lorafit did not have is not a difference
+    summary = json.loads((sweep.runs[0].dir / "summary.json").read_text())
+    write_json(sweep.runs[0].dir / "summary.json", {**summary, "config_sha256": "older"})
+    saved = yaml.safe_load((sweep.runs[0].dir / "config.yaml").read_text())
+    del saved["train"]["label_smoothing"]
+    (sweep.runs[0].dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    run_compare(path, [], report_only=True)
+
+
+def test_report_only_runs_nothing_and_lists_missing_runs(tmp_path):
+    path = _sweep_file(tmp_path, {"seeds": [1, 2]})
+    run_compare(path, ["sweep.seeds=[1]"], launch=FakeTrainer({}))
+
+    def refuse(*args):
+        raise AssertionError("report-only must not train")
+
+    report = run_compare(path, [], report_only=True, launch=refuse)
+    text = report.read_text()
+    assert "lora/k8/seed2" in text.split("## Not run yet")[1]
+    assert _summary_row(tmp_path / "sweep", "lora")["n_pending"] == "1"
+
+
+# ------------------------------------------------------------------------------- statistics
+def test_holm_matches_hand_computed_values():
+    # sorted 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> monotone 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm([0.02]) == pytest.approx([0.02])
+
+
+def test_seed_statistics_match_hand_computed_values(tmp_path):
+    accuracies = [0.80, 0.82, 0.78, 0.85, 0.75]
+    seeds = [1, 2, 3, 4, 5]
+    plan = {("lora", s): {"correct": _mask(a, s)} for s, a in zip(seeds, accuracies)}
+    plan.update({("full", s): {"correct": _mask(0.7, 50 + s)} for s in seeds})
+    run_compare(_sweep_file(tmp_path, {"seeds": seeds}), [], launch=FakeTrainer(plan))
+    row = _summary_row(tmp_path / "sweep", "lora")
+    # mean 0.8; squared deviations sum to 0.0058 -> std sqrt(0.00145); t(0.975, 4) = 2.776445
+    std = math.sqrt(0.0058 / 4)
+    half = 2.776445 * std / math.sqrt(5)
+    assert float(row["accuracy_mean"]) == pytest.approx(0.8)
+    assert float(row["accuracy_std"]) == pytest.approx(std)
+    assert float(row["accuracy_ci_low"]) == pytest.approx(0.8 - half, abs=1e-6)
+    assert float(row["accuracy_ci_high"]) == pytest.approx(0.8 + half, abs=1e-6)
+    assert float(row["bootstrap_ci_low_mean"]) == pytest.approx(0.75)  # fake CIs: acc ± 0.05
+    assert float(row["gap_mean"]) == pytest.approx(0.2)  # train-sample accuracy 1.0 - 0.8
+    assert float(row["ece_mean"]) == pytest.approx(0.18)
+    assert float(row["eval_share"]) == pytest.approx(0.25)
+    assert float(row["delta"]) == pytest.approx(0.1)  # pooled: 0.8 vs 0.7 over the same seeds
+    assert int(row["paired_examples"]) == 5 * N_TEST
+    assert _summary_row(tmp_path / "sweep", "full")["p_permutation"] == ""  # the baseline
+    runs = _read_csv(tmp_path / "sweep" / "runs.csv")
+    assert len(runs) == 10 and {r["status"] for r in runs} == {"ok"}
+    assert {"cfg.method.name", "cfg.train.lr", "cfg.method.r", "wall_time_s"} <= set(runs[0])
+
+
+def test_paired_test_detects_a_real_difference_and_not_a_null_one(tmp_path):
+    seeds = [1, 2, 3]
+    plan = {}
+    for s in seeds:
+        plan[("full", s)] = {"correct": _mask(0.70, s)}
+        plan[("better", s)] = {"correct": _mask(0.80, 100 + s)}
+        plan[("same", s)] = {"correct": _mask(0.70, 200 + s)}  # same rate, other errors
+    methods = {"full": None, "better": None, "same": None}
+    base = {"model": {"name_or_path": "unused"}, "data": {"path": "unused"}}
+    path = _sweep_file(tmp_path, {"seeds": seeds, "methods": methods}, base)
+    run_compare(path, [], launch=FakeTrainer(plan))
+    better = _summary_row(tmp_path / "sweep", "better")
+    same = _summary_row(tmp_path / "sweep", "same")
+    assert float(better["p_permutation"]) < 0.01 and float(better["p_bootstrap"]) < 0.01
+    assert float(same["p_permutation"]) > 0.2 and float(same["p_bootstrap"]) > 0.2
+    assert float(better["delta_ci_low"]) > 0 > float(same["delta_ci_low"])
+    # Holm over the two comparisons: the smaller p doubles, the larger stays (>= the first)
+    assert float(better["p_holm"]) == pytest.approx(2 * float(better["p_permutation"]))
+    assert float(same["p_holm"]) == pytest.approx(float(same["p_permutation"]))
+    text = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "Holm-Bonferroni" in text and "2 comparisons" in text
+
+
+def test_failed_runs_are_flagged_and_kept_out_of_the_means(tmp_path):
+    plan = {
+        ("lora", 1): {"correct": _mask(0.9, 1)},
+        ("lora", 2): {"correct": _mask(0.8, 2)},
+        ("lora", 3): {"correct": _mask(0.5, 3), "val_acc": 0.5},  # = majority rate 8/16
+    }
+    run_compare(_sweep_file(tmp_path), [], launch=FakeTrainer(plan))
+    sweep_dir = tmp_path / "sweep"
+    row = _summary_row(sweep_dir, "lora")
+    assert (row["n_ok"], row["n_failed"]) == ("2", "1")
+    assert float(row["accuracy_mean"]) == pytest.approx(0.85)
+    runs = {r["run_id"]: r for r in _read_csv(sweep_dir / "runs.csv")}
+    assert runs["lora/k8/seed3"]["status"] == "failed"
+    assert runs["lora/k8/seed1"]["status"] == "ok"
+    assert float(runs["lora/k8/seed3"]["validation_majority_rate"]) == 0.5
+    failed = (sweep_dir / "summary.md").read_text().split("## Failed runs")[1]
+    assert "lora/k8/seed3" in failed and "lora/k8/seed1" not in failed
+    assert int(row["paired_seeds"]) == 2  # the failed seed is not in the paired test
+
+
+def test_grid_point_is_chosen_on_validation_never_on_test(tmp_path):
+    plan = {}
+    for s in (1, 2, 3):
+        # lr 0.01 wins on test but loses on validation; it must not be chosen
+        plan[("lora", s, "lr-0.01")] = {"correct": _mask(0.95, s), "val_acc": 0.7}
+        plan[("lora", s, "lr-0.001")] = {"correct": _mask(0.75, s), "val_acc": 0.8}
+    path = _sweep_file(tmp_path, {"grid": {"lora": {"train.lr": [0.01, 0.001]}}})
+    run_compare(path, [], launch=FakeTrainer(plan))
+    runs = _read_csv(tmp_path / "sweep" / "runs.csv")
+    chosen = [r["hp"] for r in runs if r["method"] == "lora" and r["selected"] == "True"]
+    assert chosen == ["lr-0.001"] * 3
+    assert float(_summary_row(tmp_path / "sweep", "lora")["accuracy_mean"]) == pytest.approx(0.75)
+
+
+def test_report_links_tables_and_plots(tmp_path):
+    run_compare(_sweep_file(tmp_path, {"k_shots": [8, 16]}), [], launch=FakeTrainer({}))
+    sweep_dir = tmp_path / "sweep"
+    report = (sweep_dir / "report.md").read_text()
+    for name in ("metric_vs_k", "gap_vs_k", "ece_vs_k", "params_vs_metric"):
+        png = sweep_dir / f"{name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"]({name}.png)" in report
+    for name in ("runs.csv", "summary.csv", "summary.md", "sweep.yaml"):
+        assert (sweep_dir / name).exists() and f"({name})" in report
+    assert not list(sweep_dir.glob(".*.tmp"))  # atomic writes leave no temporaries
+    # the resolved sweep.yaml rebuilds the same report
+    again = run_compare(sweep_dir / "sweep.yaml", [], report_only=True)
+    assert again.read_text() == report
+
+
+# ---------------------------------------------------------------------------------- real runs
+@pytest.mark.slow  # four `python -m lorafit train` processes: mostly their start-up time
+def test_tiny_sweep_end_to_end(tmp_path, tiny_bert_path):
+    """2 methods x 1 K x 2 seeds of real training on the tiny BERT, through the CLI."""
+    from lorafit.cli import main
+
+    words = {0: "terrible boring bad dull worst slow", 1: "great wonderful loved excellent joy"}
+    rows = ["sentence\tlabel"]
+    for i in range(60):
+        label = i % 2
+        picked = words[label].split()
+        rows.append(f"the movie was {picked[i % len(picked)]} and {picked[(i + 2) % 5]}\t{label}")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("\n".join(rows[:41]) + "\n")
+    (data / "test.tsv").write_text("\n".join([rows[0], *rows[41:]]) + "\n")
+    spec = {
+        "sweep": {
+            "dir": str(tmp_path / "sweep"),
+            "methods": {"head": {"train": {"lr": 5e-3}}, "lora": {"method": {"r": 2}}},
+            "k_shots": [4],
+            "seeds": [1, 2],
+            "n_resamples": 200,
+        },
+        "base": {
+            "model": {"name_or_path": tiny_bert_path, "max_length": 16},
+            "data": {"path": str(data), "validation_split": None},
+            "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "train_eval_size": 8},
+            "eval": {"batch_size": 32, "bootstrap_samples": 50},
+            "output": {"report_to": [], "plot": False},
+        },
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(path), "--workers", "2"])
+    assert exit_info.value.code == 0
+    sweep_dir = tmp_path / "sweep"
+    runs = _read_csv(sweep_dir / "runs.csv")
+    assert len(runs) == 4
+    assert all(r["status"] in ("ok", "failed") for r in runs), [r["error"] for r in runs]
+    for r in runs:
+        assert float(r["validation_majority_rate"]) == 0.5  # 4 + 4 validation rows
+        failed = float(r["validation_accuracy"]) <= 0.5
+        assert r["status"] == ("failed" if failed else "ok")
+        assert 0.0 <= float(r["test_accuracy"]) <= 1.0 and float(r["wall_time_s"]) > 0
+        assert int(r["trainable_params"]) > 0 and float(r["process_time_s"]) > 0
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert summary["data_seed"] == summary["seed"] == int(r["seed"])
+    head = _summary_row(sweep_dir, "head", 4)
+    assert int(head["n_ok"]) + int(head["n_failed"]) == 2
+    params = {r["method"]: int(r["trainable_params"]) for r in runs}
+    assert params["head"] < params["lora"]  # lora trains the head and the adapters
+    report = (sweep_dir / "report.md").read_text()
+    assert "| lora | 4 |" in report and "metric_vs_k.png" in report
+    # a second invocation finds everything finished and trains nothing
+    stamps = {r["run_id"]: (Path(r["run_dir"]) / "summary.json").stat().st_mtime_ns for r in runs}
+    with pytest.raises(SystemExit):
+        main(["compare", str(path)])
+    for r in runs:
+        assert (Path(r["run_dir"]) / "summary.json").stat().st_mtime_ns == stamps[r["run_id"]]
+    state = json.loads((sweep_dir / "state.json").read_text())["runs"]
+    assert len(state) == 4 and all(s["status"] == "completed" for s in state.values())
