@@ -1,0 +1,462 @@
+"""Batch prediction with one or several adapters on one base: `Predictor` and `lorafit predict`.
+
+`Predictor({"sst2": dir_a, "news": dir_b})` loads the base once and every adapter onto it (PEFT
+`load_adapter`); `predict(texts, adapter="news")` switches the active adapter (and, for
+classification, the head that belongs to it) without reloading anything.
+Classification returns the label and the probabilities; causal LM returns a generation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorafit import data as D
+from lorafit import methods as Meth
+from lorafit.errors import DataError, ModelError
+from lorafit.export import LoadedModel, check_base, load, open_package, verify_files
+from lorafit.io import atomic_path
+from lorafit.models import TextClassifier
+
+logger = logging.getLogger(__name__)
+
+INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
+PROMPT_COLUMNS = ("prompt", "instruction", "input", "question")
+
+
+@dataclass
+class _Adapter:
+    """One named adapter, ready to predict: the model to call and the PEFT adapter to activate."""
+
+    loaded: LoadedModel
+    model: nn.Module
+    peft_name: str | None  # None: a single model that needs no switching
+
+
+class Predictor:
+    """Predict with one model, or with several adapters sharing one base in memory.
+
+    sources: a folder (export, run directory, plain PEFT adapter) or {name: folder}. With several,
+    every adapter must be a PEFT adapter of the same task on the same base (same weight hash).
+    """
+
+    def __init__(
+        self,
+        sources: str | Path | Mapping[str, str | Path],
+        *,
+        base_model: str | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if not isinstance(sources, Mapping):
+            sources = {Path(sources).name: sources}
+        if not sources:
+            raise ModelError("no model folder given")
+        names = list(sources)
+        first = load(sources[names[0]], base_model=base_model, device=device)
+        body = first.model.encoder if isinstance(first.model, TextClassifier) else first.model
+        self.device = next(p.device for p in first.model.parameters())
+        self._adapters = {names[0]: _Adapter(first, first.model, "default")}
+        for i, name in enumerate(names[1:], start=1):
+            self._adapters[name] = self._attach(name, sources[name], f"adapter{i}", first, body)
+        if len(names) == 1:
+            self._adapters[names[0]].peft_name = None
+
+    def _attach(
+        self, name: str, source: str | Path, peft_name: str, first: LoadedModel, body: nn.Module
+    ) -> _Adapter:
+        from peft import PeftModel
+
+        if not isinstance(body, PeftModel):
+            raise ModelError(
+                f"the first model ({first.meta.get('method')}, {'merged' if first.manifest and first.manifest.get('kind') == 'merged' else 'no adapter'}) "
+                "cannot share its base; list PEFT adapter folders (not merged or full models)"
+            )
+        package = open_package(source)
+        verify_files(package)
+        meta = package.meta
+        if meta["task"] != first.task or bool(meta.get("plain_peft")) != bool(
+            first.meta.get("plain_peft")
+        ):
+            raise ModelError(
+                f"adapter {name!r} ({source}) is a {meta['task']} "
+                f"{'plain-PEFT' if meta.get('plain_peft') else 'lorafit'} adapter but the first is a "
+                f"{first.task} {'plain-PEFT' if first.meta.get('plain_peft') else 'lorafit'} one; "
+                "adapters on one base must share the task and the format"
+            )
+        if meta.get("quantized") != first.meta.get("quantized") or meta["method"] == "full":
+            raise ModelError(
+                f"adapter {name!r} ({source}) cannot share the base of the first: one is 4-bit "
+                "(qlora) or a full model; load it on its own"
+            )
+        if package.manifest:
+            check_base(package, _config_of(first))
+        elif not package.manifest and meta["base_model"] != first.meta["base_model"]:
+            raise ModelError(
+                f"adapter {name!r} was trained on {meta['base_model']}, not on "
+                f"{first.meta['base_model']}; adapters on one base must share it"
+            )
+        try:
+            body.load_adapter(str(package.weights_dir), adapter_name=peft_name, is_trainable=False)
+        except Exception as e:
+            raise ModelError(
+                f"cannot load adapter {name!r} from {package.weights_dir}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
+        model = first.model
+        if isinstance(first.model, TextClassifier):  # its own head on the shared encoder
+            model = TextClassifier(body, meta["num_labels"], meta["pooling"]).to(self.device)
+            Meth._load_head(model, package.weights_dir / Meth.HEAD_FILE)
+            model.requires_grad_(False).eval()
+        body.requires_grad_(False)
+        label_names = package.label_names
+        if label_names is None and meta.get("plain_peft") and meta["task"] == "classification":
+            label_names = [f"LABEL_{i}" for i in range(meta["num_labels"])]
+        loaded = first._replace(
+            model=model,
+            label_names=label_names,
+            max_length=(meta.get("model_config") or {}).get("max_length") or first.max_length,
+            meta=meta,
+            manifest=package.manifest,
+        )
+        return _Adapter(loaded, model, peft_name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    @property
+    def task(self) -> str:
+        return next(iter(self._adapters.values())).loaded.task
+
+    def _select(self, adapter: str | None) -> _Adapter:
+        if adapter is None:
+            if len(self._adapters) > 1:
+                raise ModelError(
+                    f"several adapters are loaded ({', '.join(self._adapters)}); choose one "
+                    "(CLI: --adapter NAME, or an 'adapter' field per input row)"
+                )
+            adapter = self.adapters[0]
+        if adapter not in self._adapters:
+            raise ModelError(
+                f"unknown adapter {adapter!r}; loaded adapters: {', '.join(self._adapters)}"
+            )
+        chosen = self._adapters[adapter]
+        if chosen.peft_name is not None:
+            body = (
+                chosen.model.encoder if isinstance(chosen.model, TextClassifier) else chosen.model
+            )
+            body.set_adapter(chosen.peft_name)
+            body.requires_grad_(False)  # set_adapter marks the active adapter trainable
+        return chosen
+
+    def predict(
+        self,
+        inputs: Sequence[str | list[dict[str, str]]],
+        *,
+        adapter: str | None = None,
+        batch_size: int = 32,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        progress: bool = False,
+    ) -> list[dict[str, Any]]:
+        """One result per input, in order. Inputs are texts (or chat messages for causal LM).
+
+        classification: {"label", "label_id", "probs": {label: p}};
+        causal LM: {"generation"} (temperature 0 = greedy).
+        """
+        chosen = self._select(adapter)
+        if not inputs:
+            raise DataError("no inputs to predict")
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        if chosen.loaded.task == "classification":
+            texts = [_as_text(x) for x in inputs]
+            return _classify(chosen, texts, batch_size, progress, self.device)
+        return _generate(
+            chosen, list(inputs), batch_size, max_new_tokens, temperature, progress, self.device
+        )
+
+
+def _config_of(loaded: LoadedModel):
+    from lorafit.config import ModelConfig
+
+    return ModelConfig(**loaded.meta["model_config"])
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise DataError(f"classification inputs must be texts, got {type(value).__name__}")
+
+
+def _warn_truncated(count: int, total: int, max_length: int, kept: str) -> None:
+    if count:
+        logger.warning(
+            "%d of %d inputs exceed max_length=%d tokens and were truncated (%s kept)",
+            count,
+            total,
+            max_length,
+            kept,
+        )
+
+
+def _length_order(lengths: list[int]) -> list[int]:
+    # Longest first: batches of similar length waste less compute on padding.
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+@torch.no_grad()
+def _classify(
+    chosen: _Adapter, texts: list[str], batch_size: int, progress: bool, device: torch.device
+) -> list[dict[str, Any]]:
+    loaded = chosen.loaded
+    tokenizer, max_length = loaded.tokenizer, loaded.max_length
+    full_lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    _warn_truncated(sum(n > max_length for n in full_lengths), len(texts), max_length, "start")
+    rows = Dataset.from_dict({"text": texts, "row": list(range(len(texts)))})
+    features = D.tokenize(rows, tokenizer, "classification", max_length).to_list()
+    collate = D.Collator(tokenizer, "classification")
+    names = loaded.label_names
+    results: list[dict[str, Any]] = [{} for _ in texts]
+    order = _length_order(full_lengths)
+    with tqdm(total=len(texts), unit="ex", desc="predict", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = collate([features[i] for i in order[start : start + batch_size]])
+            rows_in_batch = batch.pop("row").tolist()
+            out = chosen.model(**{k: v.to(device) for k, v in batch.items()})
+            logits = out if torch.is_tensor(out) else out.logits  # [B, C]
+            probs = torch.softmax(logits.float(), dim=-1).cpu()
+            for row, p in zip(rows_in_batch, probs):
+                label_id = int(p.argmax())
+                results[row] = {
+                    "label": names[label_id] if names else label_id,
+                    "label_id": label_id,
+                    "probs": {
+                        (names[c] if names else str(c)): round(float(v), 6) for c, v in enumerate(p)
+                    },
+                }
+            bar.update(len(rows_in_batch))
+    return results
+
+
+@torch.no_grad()
+def _generate(
+    chosen: _Adapter,
+    inputs: list[str | list[dict[str, str]]],
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    progress: bool,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    loaded = chosen.loaded
+    tokenizer, max_length = loaded.tokenizer, loaded.max_length
+    prompts = [
+        D._render_prompt([{"role": "user", "content": x}] if isinstance(x, str) else x, tokenizer)
+        for x in inputs
+    ]
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    # Keep the end of an over-long prompt: it holds the question and the assistant turn marker.
+    _warn_truncated(sum(len(ids) > max_length for ids in encoded), len(encoded), max_length, "end")
+    encoded = [ids[-max_length:] for ids in encoded]
+    pad_id = tokenizer.pad_token_id
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    results: list[dict[str, Any]] = [{} for _ in encoded]
+    order = _length_order([len(ids) for ids in encoded])
+    with tqdm(total=len(encoded), unit="ex", desc="generate", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            longest = max(len(encoded[i]) for i in rows)
+            # generation continues at the right edge, so prompts are padded on the left
+            input_ids = torch.tensor(
+                [[pad_id] * (longest - len(encoded[i])) + encoded[i] for i in rows]
+            )
+            attention_mask = torch.tensor(
+                [[0] * (longest - len(encoded[i])) + [1] * len(encoded[i]) for i in rows]
+            )
+            out = chosen.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            for row, ids in zip(rows, out[:, longest:].cpu()):
+                results[row] = {"generation": tokenizer.decode(ids, skip_special_tokens=True)}
+            bar.update(len(rows))
+    return results
+
+
+# -- input files ----------------------------------------------------------------------------------
+
+
+def _row_from_record(record: Any, origin: str, text_column: str | None) -> dict[str, Any]:
+    """{"input": text or messages, "id"?, "adapter"?} from a JSON value or a csv row."""
+    if isinstance(record, str):
+        return {"input": record}
+    if not isinstance(record, dict):
+        raise DataError(f"{origin}: expected a JSON object or string, got {type(record).__name__}")
+    row: dict[str, Any] = {
+        k: record[k] for k in ("id", "adapter") if record.get(k) not in (None, "")
+    }
+    if text_column is None and isinstance(record.get("messages"), list):
+        messages = record["messages"]
+        if messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # a reference answer: generate it instead
+        row["input"] = messages
+        return row
+    candidates = (text_column,) if text_column else D.TEXT_COLUMN_CANDIDATES + PROMPT_COLUMNS
+    column = next((c for c in candidates if c in record), None)
+    if column is None:
+        raise DataError(
+            f"{origin}: no text column ({', '.join(candidates)}); columns: "
+            f"{', '.join(record)}; pass --text-column"
+        )
+    row["input"] = str(record[column])
+    return row
+
+
+def read_inputs(path: str | Path, text_column: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a csv/tsv/jsonl/txt file: {"input", optional "id" and "adapter"}."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported input '{suffix}'; use one of {', '.join(INPUT_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise DataError(f"input file {path} not found")
+    rows = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        if suffix == ".txt":
+            rows = [{"input": line.rstrip("\n")} for line in fh if line.strip()]
+        elif suffix == ".jsonl":
+            for n, line in enumerate(fh, start=1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+                    rows.append(_row_from_record(record, f"{path} line {n}", text_column))
+        else:  # TSV files carry bare quote characters, so quoting is off (as in lorafit.data)
+            reader = csv.DictReader(
+                fh,
+                delimiter="\t" if suffix == ".tsv" else ",",
+                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
+            )
+            for n, record in enumerate(reader, start=2):
+                rows.append(_row_from_record(record, f"{path} row {n}", text_column))
+    if not rows:
+        raise DataError(f"{path} has no input rows; nothing to predict")
+    return rows
+
+
+def _output_record(index: int, row: dict[str, Any], result: dict[str, Any], named: bool) -> dict:
+    record: dict[str, Any] = {"row": index}
+    if "id" in row:
+        record["id"] = row["id"]
+    if named:
+        record["adapter"] = row["adapter"]
+    record.update(result)
+    return record
+
+
+def predict_rows(
+    predictor: Predictor, rows: list[dict[str, Any]], adapter: str | None, **options: Any
+) -> list[dict[str, Any]]:
+    """Predict every row, grouped by adapter (a row's own "adapter" field wins over `adapter`)."""
+    named = len(predictor.adapters) > 1
+    groups: dict[str | None, list[int]] = {}
+    for i, row in enumerate(rows):
+        row.setdefault("adapter", adapter if adapter is not None else None)
+        if row["adapter"] is None and not named:
+            row["adapter"] = predictor.adapters[0]
+        groups.setdefault(row["adapter"], []).append(i)
+    results: list[dict[str, Any]] = [{} for _ in rows]
+    for name, indices in groups.items():
+        outputs = predictor.predict([rows[i]["input"] for i in indices], adapter=name, **options)
+        for i, out in zip(indices, outputs):
+            results[i] = _output_record(i, rows[i], out, named)
+    return results
+
+
+def _stream(predictor: Predictor, args: Any, options: dict[str, Any]) -> int:
+    """stdin -> stdout, one line at a time: each line is a text or a JSON object/string."""
+    count = 0
+    for n, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        stripped = line.strip()
+        record: Any = stripped
+        if stripped.startswith(("{", '"')):
+            try:
+                record = json.loads(stripped)
+            except json.JSONDecodeError as e:
+                raise DataError(f"stdin line {n}: not valid JSON ({e.msg})") from None
+        row = _row_from_record(record, f"stdin line {n}", args.text_column)
+        [result] = predict_rows(predictor, [row], args.adapter, **options)
+        result["row"] = count
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+        count += 1
+    if count == 0:
+        raise DataError("no input rows on stdin; nothing to predict")
+    return 0
+
+
+def parse_model_dirs(values: Iterable[str]) -> dict[str, str]:
+    """CLI model folders, each DIR or NAME=DIR; names default to the folder name."""
+    sources: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep:
+            name, folder = Path(value.rstrip("/")).name, value
+        if name in sources:
+            raise ModelError(f"two model folders are named {name!r}; name them with NAME=DIR")
+        sources[name] = folder
+    return sources
+
+
+def predict_cli(args: Any) -> int:
+    """`lorafit predict DIR [NAME=DIR ...] --input FILE|- --output FILE|-`."""
+    rows = None if args.input == "-" else read_inputs(args.input, args.text_column)
+    predictor = Predictor(
+        parse_model_dirs(args.model_dir), base_model=args.base_model, device=args.device
+    )
+    if args.adapter is not None:
+        predictor._select(args.adapter)  # an unknown name fails before any work
+    options = {
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+    }
+    if rows is None:
+        if args.output != "-":
+            raise DataError("--input - streams to stdout; use --output - with it")
+        return _stream(predictor, args, options)
+    results = predict_rows(predictor, rows, args.adapter, progress=True, **options)
+    lines = "".join(json.dumps(r) + "\n" for r in results)
+    if args.output == "-":
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+    else:
+        with atomic_path(args.output) as tmp:
+            tmp.write_text(lines)
+        print(f"wrote {len(results)} predictions to {args.output}", file=sys.stderr)
+    return 0

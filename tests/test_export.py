@@ -1,0 +1,422 @@
+"""Deployment: export (adapter / merged / QLoRA), load with base checks, predict, multi-adapter, interop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from lorafit import cli
+from lorafit import methods as M
+from lorafit.config import MethodConfig, ModelConfig, load_config
+from lorafit.errors import DataError, ModelError
+from lorafit.export import MANIFEST_FILE, export_run, load
+from lorafit.predict import Predictor
+from lorafit.trainer import train
+from tests.test_trainer import sentiment_rows, tiny_overrides
+from tests.tiny import tiny_bert
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["the movie was great", "a terrible boring film", "wonderful acting and a charming story"]
+LONG = " ".join(["the worst movie with bad acting"] * 10)  # > max_length=16 tokens
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _encode(tokenizer, texts=TEXTS) -> dict:
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt"))
+
+
+@torch.no_grad()
+def _logits(model, batch: dict) -> torch.Tensor:
+    out = model.eval()(**batch)
+    return out if torch.is_tensor(out) else out.logits
+
+
+def _save_random_lora(path: str, task: str, out: Path, seed: int, **method) -> Path:
+    """A saved (untrained) adapter with random LoRA B: merging it changes the weights."""
+    torch.manual_seed(seed)
+    built = M.build_model(
+        ModelConfig(name_or_path=path, max_length=16 if task == "classification" else 64),
+        MethodConfig(name=method.pop("name", "lora"), r=4, init_lora_weights=False, **method),
+        task,
+        label_names=["neg", "pos"] if task == "classification" else None,
+    )
+    if task == "classification":
+        torch.nn.init.normal_(built.model.head.weight, std=0.5)
+    M.save_trained(built.model, out, tokenizer=built.tokenizer)
+    return out
+
+
+def _run_cli(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    return exit_info.value.code
+
+
+# -- shared artefacts (one trained run per module) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def cls_run(tiny_bert_path, work) -> Path:
+    data = work / "data"
+    data.mkdir()
+    for split, n, seed in (("train", 40, 0), ("test", 12, 1)):
+        with open(data / f"{split}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in sentiment_rows(n, seed))
+    overrides = tiny_overrides(
+        tiny_bert_path,
+        data,
+        work / "run",
+        **{"train.steps": 4, "train.lr": 5e-2, "data.k_shot": 4, "output.plot": "false"},
+    )
+    train(load_config(None, overrides))
+    return work / "run"
+
+
+@pytest.fixture(scope="module")
+def cls_export(cls_run, work) -> Path:
+    return export_run(cls_run, work / "cls_export")
+
+
+@pytest.fixture(scope="module")
+def cls_merged(cls_run, work) -> Path:
+    return export_run(cls_run, work / "cls_merged", merge=True)
+
+
+@pytest.fixture(scope="module")
+def llama_export(tiny_llama_path, work) -> Path:
+    saved = _save_random_lora(tiny_llama_path, "causal_lm", work / "llama_saved", seed=1)
+    return export_run(saved, work / "llama_export")
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def test_adapter_export_holds_peft_files_and_manifest(cls_run, cls_export, tiny_bert_path):
+    files = {p.name for p in cls_export.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"} <= files
+    assert {"lorafit_model.json", "label_map.json", "tokenizer.json", MANIFEST_FILE} <= files
+    assert not any(f.endswith((".bin", ".pt")) for f in files)
+    manifest = json.loads((cls_export / MANIFEST_FILE).read_text())
+    summary = json.loads((cls_run / "summary.json").read_text())
+    base = manifest["base_model"]
+    assert base["name_or_path"] == tiny_bert_path
+    assert base["weights_sha256"] == {
+        "model.safetensors": _sha(Path(tiny_bert_path) / "model.safetensors")
+    }
+    assert manifest["kind"] == "adapter" and manifest["task"] == "classification"
+    assert manifest["label_map"] == {"labels": ["neg", "pos"], "label2id": {"neg": 0, "pos": 1}}
+    assert "tokenizer.json" in manifest["tokenizer_files"]
+    assert manifest["lorafit_version"] == __import__("lorafit").__version__
+    assert manifest["training"]["config_sha256"] == summary["config_sha256"]
+    assert manifest["test_metrics"]["accuracy"] == summary["test"]["accuracy"]
+    for name, sha in manifest["files_sha256"].items():
+        assert _sha(cls_export / name) == sha, name
+    # the adapter is byte-identical to the run's
+    assert _sha(cls_export / "adapter_model.safetensors") == _sha(
+        cls_run / "adapter" / "adapter_model.safetensors"
+    )
+
+
+def test_export_refuses_an_existing_output(cls_run, cls_export):
+    with pytest.raises(ModelError, match="already exists"):
+        export_run(cls_run, cls_export)
+
+
+def test_merged_classifier_equals_adapter_and_loads_as_auto_sequence_classifier(
+    cls_export, cls_merged, tiny_bert_path
+):
+    adapter = load(cls_export)
+    merged = load(cls_merged)
+    assert not (cls_merged / "adapter_model.safetensors").exists()
+    batch = _encode(adapter.tokenizer)
+    expected = _logits(adapter.model, batch)
+    torch.testing.assert_close(_logits(merged.model, batch), expected, atol=1e-5, rtol=1e-5)
+    # the adapter really changed the encoder: the merged weights are not the base's
+    base = AutoModel.from_pretrained(tiny_bert_path)
+    merged_weight = merged.model.encoder.encoder.layer[0].attention.self.query.weight
+    assert not torch.allclose(merged_weight, base.encoder.layer[0].attention.self.query.weight)
+    # pooling=pooler on BERT: plain transformers gives the same logits, with the label names
+    plain = AutoModelForSequenceClassification.from_pretrained(cls_merged)
+    torch.testing.assert_close(_logits(plain, batch), expected, atol=1e-5, rtol=1e-5)
+    assert plain.config.id2label == {0: "neg", 1: "pos"}
+    manifest = json.loads((cls_merged / MANIFEST_FILE).read_text())
+    assert manifest["kind"] == "merged" and manifest["merge"]["max_abs_logit_diff"] <= 1e-3
+
+
+def test_merged_causal_lm_loads_with_plain_transformers(llama_export, work):
+    merged_dir = export_run(work / "llama_saved", work / "llama_merged", merge=True)
+    adapter = load(llama_export)
+    batch = _encode(adapter.tokenizer)
+    expected = _logits(adapter.model, batch)
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert "lora" not in " ".join(n for n, _ in plain.named_modules())
+    torch.testing.assert_close(_logits(plain, batch), expected, atol=1e-4, rtol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(adapter.meta["model_config"]["name_or_path"])
+    assert not torch.allclose(_logits(base, batch), expected, atol=1e-3)
+
+
+def test_qlora_merges_onto_the_dequantised_base_or_refuses(tiny_llama_path, work):
+    saved = _save_random_lora(
+        tiny_llama_path, "causal_lm", work / "qlora_saved", seed=2, name="qlora"
+    )
+    with pytest.raises(ModelError, match=r"differ from the adapter's by [0-9.e-]+ .*tolerance 0"):
+        export_run(saved, work / "qlora_strict", merge=True, tolerance=0.0)
+    assert not (work / "qlora_strict").exists()
+    assert not [p for p in work.iterdir() if p.name.startswith(".qlora_strict")]  # no staging left
+
+    merged_dir = export_run(saved, work / "qlora_merged", merge=True)
+    report = json.loads((merged_dir / MANIFEST_FILE).read_text())["merge"]
+    assert report["dequantized_base"] and 0 < report["max_abs_logit_diff"] <= report["tolerance"]
+    adapter_4bit, tokenizer, _ = M.load_trained(saved)
+    batch = _encode(tokenizer)
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(
+        _logits(plain, batch), _logits(adapter_4bit, batch), atol=report["tolerance"], rtol=0
+    )
+
+
+# -- load: bases, pickles, corrupt files ----------------------------------------------------------
+
+
+def test_load_checks_the_base_hash(cls_export, tiny_bert_path, work):
+    other_base = tiny_bert(work / "other_bert", seed=1)  # same architecture, other weights
+    with pytest.raises(ModelError, match="wrong base model") as err:
+        load(cls_export, base_model=other_base)
+    message = str(err.value)
+    assert other_base in message and tiny_bert_path in message and "--base-model" in message
+    expected = json.loads((cls_export / MANIFEST_FILE).read_text())["base_model"]["sha256"]
+    assert expected[:16] in message
+    moved = shutil.copytree(tiny_bert_path, work / "moved_bert")  # same weights elsewhere: fine
+    assert load(cls_export, base_model=str(moved)).label_names == ["neg", "pos"]
+
+
+def test_pickle_files_are_refused(cls_export, cls_run, work):
+    copy = shutil.copytree(cls_export, work / "with_pickle")
+    (copy / "adapter_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(ModelError, match=r"pickle files \(adapter_model.bin\).*safetensors only"):
+        load(copy)
+    with pytest.raises(ModelError, match="pickle"):
+        Predictor(copy)
+
+
+def test_missing_or_corrupt_files_are_reported(cls_export, cls_run, work):
+    corrupt = shutil.copytree(cls_export, work / "corrupt")
+    data = (corrupt / "adapter_model.safetensors").read_bytes()
+    (corrupt / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="adapter_model.safetensors is corrupt"):
+        load(corrupt)
+    missing = shutil.copytree(cls_export, work / "missing")
+    (missing / "head.safetensors").unlink()
+    with pytest.raises(ModelError, match="head.safetensors is missing"):
+        load(missing)
+    # without a manifest (a run's adapter folder) the loader itself reports the broken file
+    run_copy = shutil.copytree(cls_run / "adapter", work / "corrupt_saved")
+    (run_copy / "adapter_model.safetensors").write_bytes(data[:100])
+    with pytest.raises(ModelError, match="cannot load"):
+        load(run_copy)
+    with pytest.raises(ModelError, match="not a lorafit export"):
+        load(work / "data")
+
+
+# -- predict --------------------------------------------------------------------------------------
+
+
+def test_predict_files_csv_jsonl_txt(cls_export, work):
+    expected = Predictor(cls_export).predict(TEXTS)
+    inputs = {
+        "in.txt": "".join(t + "\n" for t in TEXTS) + "\n",
+        "in.jsonl": "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)),
+        "in.csv": "id,sentence\n" + "".join(f"{i},{t}\n" for i, t in enumerate(TEXTS)),
+    }
+    for name, content in inputs.items():
+        (work / name).write_text(content)
+        out = work / f"{name}.preds.jsonl"
+        code = _run_cli(
+            ["predict", str(cls_export), "--input", str(work / name), "--output", str(out)]
+        )
+        assert code == 0, name
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["row"] for r in rows] == [0, 1, 2]
+        for row, want in zip(rows, expected):
+            assert row["label"] == want["label"] and row["probs"] == want["probs"]
+            assert sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert ("id" in rows[0]) == (name != "in.txt")
+
+
+def test_predict_streams_stdin_to_stdout_and_fails_cleanly(cls_export, work):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    lines = ["the movie was great", json.dumps({"text": "a terrible boring film"}), LONG]
+    stream = subprocess.run(
+        [sys.executable, "-m", "lorafit", "predict", str(cls_export), "--input", "-"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert stream.returncode == 0, stream.stderr
+    rows = [json.loads(line) for line in stream.stdout.splitlines()]
+    expected = Predictor(cls_export).predict(
+        ["the movie was great", "a terrible boring film", LONG]
+    )
+    assert [r["probs"] for r in rows] == [e["probs"] for e in expected]
+    assert "1 of 1 inputs exceed max_length=16 tokens and were truncated" in stream.stderr
+
+
+def test_empty_input_and_unknown_adapter_leave_no_output(cls_export, work, capsys):
+    (work / "empty.txt").write_text("\n\n")
+    out = work / "empty.preds.jsonl"
+    code = _run_cli(
+        ["predict", str(cls_export), "--input", str(work / "empty.txt"), "--output", str(out)]
+    )
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lorafit: error: {work / 'empty.txt'} has no input rows; nothing to predict"]
+    (work / "one.txt").write_text("fine\n")
+    code = _run_cli(
+        ["predict", f"sst={cls_export}", "--adapter", "nope", "--input", str(work / "one.txt"),
+         "--output", str(out)]
+    )  # fmt: skip
+    assert code == 2 and not out.exists()
+    assert "unknown adapter 'nope'; loaded adapters: sst" in capsys.readouterr().err
+    with pytest.raises(DataError, match="no inputs"):
+        Predictor(cls_export).predict([])
+
+
+def test_truncation_warning_counts_long_inputs(cls_export, caplog):
+    with caplog.at_level(logging.WARNING, logger="lorafit.predict"):
+        Predictor(cls_export).predict([LONG, "short", LONG + " again"])
+    assert "2 of 3 inputs exceed max_length=16 tokens and were truncated" in caplog.text
+
+
+def test_causal_lm_generation_greedy(llama_export):
+    predictor = Predictor(llama_export)
+    first = predictor.predict(["write a short poem"], max_new_tokens=5)
+    assert first == predictor.predict(["write a short poem"], max_new_tokens=5)  # greedy
+    loaded = load(llama_export)
+    prompt = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "write a short poem"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = loaded.model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    text = loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert first == [{"generation": text}]
+
+
+# -- several adapters on one base -----------------------------------------------------------------
+
+
+def test_multi_adapter_switching_matches_each_adapter_alone(cls_export, tiny_bert_path, work):
+    second = _save_random_lora(tiny_bert_path, "classification", work / "second", seed=3)
+    alone = {
+        "sst": Predictor(cls_export).predict(TEXTS),
+        "other": Predictor(second).predict(TEXTS),
+    }
+    assert alone["sst"] != alone["other"]
+    shared = Predictor({"sst": cls_export, "other": second})
+    for name in ("sst", "other", "sst", "other"):
+        assert shared.predict(TEXTS, adapter=name) == alone[name], name
+    with pytest.raises(ModelError, match="unknown adapter 'x'; loaded adapters: sst, other"):
+        shared.predict(TEXTS, adapter="x")
+    with pytest.raises(ModelError, match="several adapters"):
+        shared.predict(TEXTS)
+    # one base in memory: the second adapter adds only its LoRA weights
+    encoders = {id(a.model.encoder) for a in shared._adapters.values()}
+    assert len(encoders) == 1
+    # per-row adapter choice through the CLI
+    rows = [{"text": t, "adapter": n} for t in TEXTS for n in ("other", "sst")]
+    (work / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = work / "mixed.preds.jsonl"
+    argv = ["predict", f"sst={cls_export}", f"other={second}", "--input", str(work / "mixed.jsonl")]
+    assert _run_cli([*argv, "--output", str(out)]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    for i, row in enumerate(got):
+        assert row["adapter"] == rows[i]["adapter"]
+        assert row["probs"] == alone[row["adapter"]][i // 2]["probs"]
+
+
+# -- interop with plain peft ----------------------------------------------------------------------
+
+
+def test_lorafit_export_loads_in_plain_peft(
+    cls_export, llama_export, tiny_bert_path, tiny_llama_path
+):
+    from peft import PeftModel
+
+    ours = load(cls_export)
+    batch = _encode(ours.tokenizer)
+    encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert_path), cls_export)
+    with torch.no_grad():
+        out = encoder.eval()(**batch)
+        torch.testing.assert_close(
+            out.last_hidden_state, ours.model.encoder(**batch).last_hidden_state
+        )
+        # the documented recipe (docs/deployment.md): pooling from the manifest, then the head
+        head = load_file(str(cls_export / "head.safetensors"))
+        assert json.loads((cls_export / MANIFEST_FILE).read_text())["pooling"] == "pooler"
+        logits = out.pooler_output @ head["head.weight"].T + head["head.bias"]
+    torch.testing.assert_close(logits, _logits(ours.model, batch))
+
+    ours_lm = load(llama_export)
+    lm = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_path), llama_export
+    )
+    lm_batch = _encode(ours_lm.tokenizer)
+    torch.testing.assert_close(
+        _logits(lm, lm_batch), _logits(ours_lm.model, lm_batch), atol=0, rtol=0
+    )
+
+
+def test_plain_peft_adapters_load_in_lorafit_predict(tiny_bert_path, tiny_llama_path, work):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(4)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_bert_path, num_labels=3)
+    config = LoraConfig(
+        task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False
+    )
+    peft_cls = get_peft_model(classifier, config).eval()
+    peft_cls.save_pretrained(work / "plain_cls")
+    predictor = Predictor(work / "plain_cls", base_model=None)
+    got = predictor.predict(TEXTS)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_path)
+    probs = torch.softmax(_logits(peft_cls, _encode(tokenizer)), -1)
+    for row, p in zip(got, probs):
+        assert list(row["probs"]) == ["LABEL_0", "LABEL_1", "LABEL_2"]
+        assert list(row["probs"].values()) == pytest.approx(p.tolist(), abs=1e-5)
+
+    lm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_path),
+        LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False),
+    ).eval()
+    lm.save_pretrained(work / "plain_lm")
+    (work / "prompts.txt").write_text("write a short poem\n")
+    out = work / "plain_lm.preds.jsonl"
+    argv = ["predict", str(work / "plain_lm"), "--input", str(work / "prompts.txt")]
+    assert _run_cli([*argv, "--output", str(out), "--max-new-tokens", "4"]) == 0
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(row) == {"row", "generation"} and isinstance(row["generation"], str)
