@@ -3,7 +3,11 @@
 A checkpoint holds what an uninterrupted run would still have in memory at that step: the
 trainable weights, the optimizer and scheduler state, every RNG, and the model-selection state
 (best step, best weights, patience counter). The training data order is a pure function of
-(seed, step), so it needs no saving. Each checkpoint is written to a temporary folder and
+(seed, step), so it needs no saving. Under several processes the main process writes the
+checkpoint, holding every rank's RNG state (`rng.safetensors` is rank 0's, `rng-rank{r}` the
+others'), so each rank resumes with its own dropout stream. Under DeepSpeed ZeRO-3 / FSDP the
+trainable weights are gathered first; the optimizer state, sharded there, is not saved (a
+resumed run restarts the optimizer moments; see docs/distributed.md). Each checkpoint is written to a temporary folder and
 renamed, so `checkpoints/` only ever holds complete ones.
 """
 
@@ -83,24 +87,34 @@ def save_checkpoint(
     directory: Path,
     step: int,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler,
     trainer_state: dict,
     best_weights: dict[str, torch.Tensor] | None,
     ema_weights: dict[str, torch.Tensor] | None,
     keep: int,
+    rng_states: list[tuple[dict[str, torch.Tensor], dict]] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep`."""
+    """Write checkpoints/step-N atomically and keep only the newest `keep`.
+
+    `rng_states`: one `rng_state()` per rank (rank 0 first); default: this process's.
+    `optimizer=None`: no optimizer state (it is sharded under ZeRO-3 / FSDP).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{CHECKPOINT_PREFIX}{step}"
     tmp = directory / f".{CHECKPOINT_PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_cpu(trainable), str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = rng_state()
+    opt_meta = None
+    if optimizer is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_states = rng_states or [rng_state()]
+    rng_tensors, rng_meta = rng_states[0]
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    for rank, (tensors, _) in enumerate(rng_states[1:], start=1):
+        save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
     if best_weights is not None:
         save_file(_cpu(best_weights), str(tmp / "best.safetensors"))
     if ema_weights is not None:
@@ -110,6 +124,7 @@ def save_checkpoint(
         "optimizer": opt_meta,
         "scheduler": scheduler.state_dict(),
         "rng": rng_meta,
+        "rng_ranks": [meta for _, meta in rng_states[1:]],
         "trainer": trainer_state,
     }
     (tmp / "state.json").write_text(json.dumps(state))
@@ -132,18 +147,36 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint folder back: tensors via safetensors, the rest via JSON."""
+def load_checkpoint(path: Path, rank: int = 0) -> dict:
+    """Read a checkpoint folder back: tensors via safetensors, the rest via JSON.
+
+    `rank`: whose RNG state to return (rank 0's when the checkpoint has none for this rank,
+    e.g. it was written by fewer processes; `rng_rank` says which one was read).
+    """
     try:
         state = json.loads((path / "state.json").read_text())
+        rng_ranks = state.get("rng_ranks", [])
+        rng_rank = rank if 0 < rank <= len(rng_ranks) else 0
+        if rng_rank:
+            rng = (
+                load_file(str(path / f"rng-rank{rng_rank}.safetensors")),
+                rng_ranks[rng_rank - 1],
+            )
+        else:
+            rng = (load_file(str(path / "rng.safetensors")), state["rng"])
+        optimizer = None
+        if state["optimizer"] is not None:
+            optimizer = _unflatten_optimizer(
+                load_file(str(path / "optimizer.safetensors")), state["optimizer"]
+            )
         out = {
             "step": state["step"],
             "trainable": load_file(str(path / "trainable.safetensors")),
-            "optimizer": _unflatten_optimizer(
-                load_file(str(path / "optimizer.safetensors")), state["optimizer"]
-            ),
+            "optimizer": optimizer,
             "scheduler": state["scheduler"],
-            "rng": (load_file(str(path / "rng.safetensors")), state["rng"]),
+            "rng": rng,
+            "rng_rank": rng_rank,
+            "num_ranks": 1 + len(rng_ranks),
             "trainer": state["trainer"],
             "best_weights": None,
             "ema_weights": None,

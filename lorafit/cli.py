@@ -30,32 +30,45 @@ def _add_compare(sub) -> None:
     p.add_argument(
         "--report-only", action="store_true", help="rebuild tables/plots from finished runs"
     )
+    p.add_argument(
+        "--workers", type=int, default=None, help="runs at once (same as sweep.workers=N)"
+    )
     p.set_defaults(func=_cmd_compare)
 
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="package a run's adapter (or a merged model) for deployment")
-    p.add_argument("run_dir")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("run_dir", help="run directory (or the adapter/ folder inside one)")
+    p.add_argument("--out", required=True, help="output folder (must not exist yet)")
     p.add_argument(
         "--merge", action="store_true", help="write a merged full model (no PEFT needed)"
     )
     p.add_argument(
-        "--tolerance", type=float, default=None, help="max |merged - adapter| logit diff"
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max |merged - adapter| logit difference accepted by --merge "
+        "(default 1e-3 for float32 compute, 5e-2 for bf16/fp16)",
     )
     p.set_defaults(func=_cmd_export)
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="batch prediction with an exported adapter or run")
-    p.add_argument("model_dir", nargs="+", help="exported folder(s) or run directories")
-    p.add_argument("--input", default="-", help="csv/tsv/jsonl/txt file, or - for stdin")
-    p.add_argument("--output", default="-", help="jsonl file, or - for stdout")
+    p = sub.add_parser("predict", help="batch prediction with exported adapters or runs")
+    p.add_argument(
+        "model_dir",
+        nargs="+",
+        help="exported folder, run directory or PEFT adapter folder; several (NAME=DIR) share one base",
+    )
+    p.add_argument("--input", default="-", help="csv/tsv/jsonl/txt file, or - to stream stdin")
+    p.add_argument("--output", default="-", help="jsonl file (written atomically), or - for stdout")
     p.add_argument("--adapter", default=None, help="adapter name when several are loaded")
-    p.add_argument("--text-column", default=None, help="text column of csv/jsonl input")
+    p.add_argument("--text-column", default=None, help="text column of csv/tsv/jsonl input")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM generation length")
+    p.add_argument("--temperature", type=float, default=0.0, help="causal LM; 0 = greedy")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--base-model", default=None, help="another path to the same base model")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -102,8 +115,11 @@ def _cmd_train(args) -> int:
 def _cmd_compare(args) -> int:
     from lorafit.sweep import run_compare
 
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"sweep.workers={args.workers}")
     run_compare(
-        args.config, args.overrides, retry_failed=args.retry_failed, report_only=args.report_only
+        args.config, overrides, retry_failed=args.retry_failed, report_only=args.report_only
     )
     return 0
 
@@ -111,12 +127,13 @@ def _cmd_compare(args) -> int:
 def _cmd_export(args) -> int:
     from lorafit.export import export_run
 
-    export_run(args.run_dir, args.out, merge=args.merge, tolerance=args.tolerance)
+    out = export_run(args.run_dir, args.out, merge=args.merge, tolerance=args.tolerance)
+    print(f"exported {'merged model' if args.merge else 'adapter'} to {out}")
     return 0
 
 
 def _cmd_predict(args) -> int:
-    from lorafit.export import predict_cli
+    from lorafit.predict import predict_cli
 
     return predict_cli(args)
 
@@ -155,7 +172,9 @@ def _cmd_config(args) -> int:
 
 def _print_summary(summary: dict, run_dir: str) -> None:
     """A few readable lines: test metric with its CI, the gap, where the plot is."""
-    if not summary:
+    from lorafit.distributed import is_main_process
+
+    if not summary or not is_main_process():  # under a launcher only rank 0 prints
         return
     test = summary["test"]
     metric = summary["selection_metric"] if summary["task"] == "classification" else "loss"

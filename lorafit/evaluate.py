@@ -5,6 +5,10 @@ them and drops the samples that the last, padded batch duplicated, so every exam
 exactly once and distributed metrics equal single-process metrics. The tensors are small
 (classification: logits [B, C]; causal LM: four numbers per example), so the large [B, T, V]
 logits never cross processes; the C++ core reduces them where they were made.
+
+Iterable datasets: accelerate cannot know their length, so `gather_for_metrics` keeps the
+copies of the first examples that pad the last round of batches. Every lorafit example carries
+its source `row` number, so those copies are dropped by row (the first occurrence counts).
 """
 
 from __future__ import annotations
@@ -39,6 +43,25 @@ def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("labels", "row")}
 
 
+class _FirstSeen:
+    """Keeps the first occurrence of each row: drops the padding copies of an iterable loader."""
+
+    def __init__(self, dataloader):
+        dataset = getattr(dataloader, "dataset", None)
+        self.active = isinstance(dataset, torch.utils.data.IterableDataset)
+        self.seen: set[int] = set()
+
+    def mask(self, rows: np.ndarray) -> np.ndarray | None:
+        if not self.active:
+            return None
+        keep = np.zeros(len(rows), dtype=bool)
+        for i, r in enumerate(rows.tolist()):
+            if r not in self.seen:
+                self.seen.add(r)
+                keep[i] = True
+        return None if keep.all() else keep
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -67,6 +90,7 @@ def evaluate(
 def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_classes, keep):
     acc = M.ClassificationMetrics(num_classes=num_classes, ece_bins=eval_cfg.ece_bins)
     kept: dict[str, list[np.ndarray]] = {"row": [], "label": [], "logits": []}
+    first = _FirstSeen(dataloader)
     for batch in dataloader:
         logits = model(**_model_inputs(batch))  # [B, C]
         logits = logits.logits if hasattr(logits, "logits") else logits
@@ -75,9 +99,14 @@ def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_class
         )
         logits_np = logits.cpu().numpy()
         labels_np = labels.cpu().numpy()
-        acc.update(logits_np, labels_np)
+        rows_np = rows.cpu().numpy()
+        mask = first.mask(rows_np)
+        if mask is not None:
+            logits_np, labels_np, rows_np = logits_np[mask], labels_np[mask], rows_np[mask]
+        if len(labels_np):
+            acc.update(logits_np, labels_np)
         if keep:
-            kept["row"].append(rows.cpu().numpy())
+            kept["row"].append(rows_np)
             kept["label"].append(labels_np)
             kept["logits"].append(logits_np)
     out = acc.compute()
@@ -103,6 +132,7 @@ def _evaluate_causal_lm(model, dataloader, accelerator, keep):
     kept: dict[str, list[np.ndarray]] = {
         k: [] for k in ("row", "nll_sum", "n_tokens", "top1", "top5")
     }
+    first = _FirstSeen(dataloader)
     for batch in dataloader:
         logits = model(**_model_inputs(batch)).logits  # [B, T, V]
         labels = batch["labels"]  # [B, T]
@@ -124,8 +154,11 @@ def _evaluate_causal_lm(model, dataloader, accelerator, keep):
             dim=1,
         ).to(accelerator.device)  # [B, 4]
         per_ex, rows = accelerator.gather_for_metrics((per_ex, batch["row"]))
-        per_ex = per_ex.cpu().numpy()
-        kept["row"].append(rows.cpu().numpy())
+        per_ex, rows = per_ex.cpu().numpy(), rows.cpu().numpy()
+        mask = first.mask(rows)
+        if mask is not None:
+            per_ex, rows = per_ex[mask], rows[mask]
+        kept["row"].append(rows)
         for i, key in enumerate(("nll_sum", "n_tokens", "top1", "top5")):
             kept[key].append(per_ex[:, i])
     arr = {k: _concat(v, (0,), np.float64) for k, v in kept.items()}

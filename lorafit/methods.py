@@ -361,12 +361,20 @@ def build_model(
     task: str,
     num_labels: int | None = None,
     label_names: list[str] | None = None,
+    device_map: dict[str, Any] | None = None,
 ) -> Built:
     """Load the base model and tokenizer, apply the method, report parameter counts.
 
     classification: a `TextClassifier` (logits [B, C]); causal_lm: a (PEFT-wrapped) causal LM.
     info: trainable_params, total_params, pooling, target_modules, quantized, method.
+    device_map: where a 4-bit (qlora) base is loaded; under DDP each rank passes its own
+    device, `{"": accelerator.local_process_index}` (lorafit.distributed.quantized_device_map).
+    Default: this process's device. A string ("auto", ...) is refused under a multi-process
+    launch: it would spread one model over every GPU.
     """
+    from lorafit.distributed import check_device_map
+
+    check_device_map(device_map)
     if task not in TASKS:
         raise ConfigError(
             f"task {task!r} must be one of {list(TASKS)} (resolve 'auto' from the data first)"
@@ -381,7 +389,9 @@ def build_model(
             raise ConfigError(f"{len(label_names)} label names for {num_labels} labels")
     source = resolve_model_source(model_cfg)
     tokenizer = load_tokenizer(model_cfg, source)
-    model, pooling, targets = _build(model_cfg, method_cfg, task, num_labels, source, tokenizer)
+    model, pooling, targets = _build(
+        model_cfg, method_cfg, task, num_labels, source, tokenizer, device_map
+    )
     meta = _meta(model_cfg, method_cfg, task, source, num_labels, label_names, pooling, targets)
     model.lorafit_meta = meta
     model.train()  # from_pretrained leaves the encoder in eval mode; the whole model trains as one
@@ -404,12 +414,13 @@ def _build(
     num_labels: int | None,
     source: ModelSource,
     tokenizer: Any,
+    device_map: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, str | None, list[str] | None]:
     """Base + method -> (model, pooling or None, target modules or None)."""
     quantized = method_cfg.name == "qlora"
     # heads stay in float: 4-bit layers cannot train, and the pooler is part of the classifier
     quant_cfg = bnb_4bit_config(method_cfg, ["pooler", "lm_head"]) if quantized else None
-    base = load_base_model(model_cfg, task, source, quant_cfg)
+    base = load_base_model(model_cfg, task, source, quant_cfg, device_map=device_map)
     if base.config.pad_token_id is None and tokenizer is not None:
         base.config.pad_token_id = tokenizer.pad_token_id
     if quantized:
@@ -568,14 +579,22 @@ def _meta_of(model: nn.Module) -> dict[str, Any]:
     return meta
 
 
-def _save_head(model: TextClassifier, path: Path) -> None:
+def _save_head(model: TextClassifier, path: Path, state_dict: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    state = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-    save_file(state, str(path))
+    if state_dict is not None:  # gathered weights (ZeRO-3 / FSDP): the module holds only shards
+        state = {k: v for k, v in state_dict.items() if k.startswith("head.")}
+    else:
+        state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
 
 
-def save_trained(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> None:
+def save_trained(
+    model: nn.Module,
+    directory: str | Path,
+    tokenizer: Any = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Save a `build_model` model for `load_trained`: adapter or full weights, head, metadata.
 
     PEFT methods: adapter_config.json + adapter_model.safetensors (the encoder's adapter for
@@ -612,12 +631,22 @@ def load_trained(
 
     The model is in eval mode, with nothing trainable. Only safetensors files are read.
     """
-    from transformers import AutoTokenizer
-
     directory = Path(directory)
     meta = read_meta(directory)
     if (directory / "adapter_model.bin").exists() or (directory / "pytorch_model.bin").exists():
         raise ModelError(f"{directory} holds pickle weights (.bin); lorafit loads safetensors only")
+    return load_trained_with_meta(directory, meta, device)
+
+
+def load_trained_with_meta(
+    directory: str | Path, meta: dict[str, Any], device: str | torch.device | None = None
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """`load_trained` with the metadata given rather than read: e.g. another path to the same base
+    (`meta["model_config"]["name_or_path"]`), or a QLoRA adapter onto its 4-bit base dequantised
+    to float (`meta["dequantize_base"] = True`, as `merge_adapter` needs)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
     model_cfg = ModelConfig(**meta["model_config"])
     method_cfg = MethodConfig(**meta["method_config"])
     task, method = meta["task"], meta["method"]
@@ -633,7 +662,9 @@ def load_trained(
     elif method == "head":
         body = load_base_model(model_cfg, task, source)
     else:
-        body = _load_peft(directory, model_cfg, method_cfg, task, source)
+        body = _load_peft(
+            directory, model_cfg, method_cfg, task, source, meta.get("dequantize_base", False)
+        )
     if task == "classification":
         model: nn.Module = TextClassifier(body, meta["num_labels"], meta["pooling"])
         _load_head(model, directory / HEAD_FILE)
@@ -653,6 +684,7 @@ def _load_peft(
     method_cfg: MethodConfig,
     task: str,
     source: ModelSource,
+    dequantize: bool = False,
 ) -> nn.Module:
     from peft import PeftModel
 
@@ -664,6 +696,8 @@ def _load_peft(
     base = load_base_model(model_cfg, task, source, quant_cfg)
     if quant_cfg is not None:
         disable_cpu_weight_repacking(base)
+        if dequantize:  # the exact 4-bit weights, in float: a merge then re-quantises nothing
+            base = base.dequantize()
     try:
         return PeftModel.from_pretrained(base, str(directory), is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as e:
@@ -685,3 +719,35 @@ def _load_head(model: TextClassifier, path: Path) -> None:
         raise ModelError(
             f"{path} does not fit the classifier head: {str(e).splitlines()[0]}"
         ) from None
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold a LoRA-family adapter into the base weights; returns the model without PEFT layers.
+
+    classification: the TextClassifier with a plain encoder; causal_lm: the plain causal LM. Only
+    float bases: merging into 4-bit weights re-quantises W + BA and changes the logits (load a
+    QLoRA model dequantised first: `load_trained_with_meta` with `meta["dequantize_base"] = True`).
+    """
+    from peft import PeftModel
+
+    body = model.encoder if isinstance(model, TextClassifier) else model
+    if not isinstance(body, PeftModel):
+        raise ModelError("this model has no PEFT adapter to merge")
+    if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in body.modules()):
+        raise ModelError(
+            "refusing to merge into quantised weights (it re-quantises and changes the logits); "
+            "reload the base in float first"
+        )
+    if (
+        not hasattr(body, "merge_and_unload")
+        or body.peft_config[body.active_adapter].is_prompt_learning
+    ):
+        method = body.peft_config[body.active_adapter].peft_type
+        raise ModelError(
+            f"{method} adapters cannot be merged into the weights; export without --merge"
+        )
+    merged = body.merge_and_unload()
+    if isinstance(model, TextClassifier):
+        model.encoder = merged
+        return model
+    return merged

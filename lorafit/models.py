@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,7 @@ def load_base_model(
     task: str,
     source: ModelSource | None = None,
     quantization_config: Any = None,
+    device_map: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The base encoder (classification: AutoModel) or AutoModelForCausalLM, float or 4-bit.
 
@@ -247,10 +249,12 @@ def load_base_model(
             plain_cfg = ModelConfig(
                 **{**model_cfg.__dict__, "name_or_path": tmp, "gguf_file": None}
             )
-            return load_base_model(plain_cfg, task, ModelSource(path=tmp), quantization_config)
+            return load_base_model(
+                plain_cfg, task, ModelSource(path=tmp), quantization_config, device_map
+            )
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        kwargs["device_map"] = {"": _quantization_device()}
+        kwargs["device_map"] = device_map or {"": _quantization_device()}
     try:
         model = auto_class.from_pretrained(source.path, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError) as e:
@@ -263,8 +267,10 @@ def load_base_model(
 
 def _quantization_device() -> str:
     # bitsandbytes quantises while loading onto the device; the trainer's Accelerator later
-    # places everything on the same device.
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    # places everything on the same device. Under a launcher each rank uses its own GPU.
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
 
 
 # -- classifier -----------------------------------------------------------------------------------

@@ -23,8 +23,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lorafit import data as D
+from lorafit import distributed as dist
 from lorafit import methods as Meth
-from lorafit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from lorafit.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from lorafit.config import RunConfig
 from lorafit.distributed import make_accelerator
 from lorafit.errors import ConfigError, TrainingError
@@ -166,6 +173,8 @@ class Trainer:
             self.task,
             num_labels=self.num_classes,
             label_names=self.label_names,
+            # QLoRA: each rank quantises its copy onto its own device (never device_map="auto")
+            device_map=dist.quantized_device_map(acc) if cfg.method.name == "qlora" else None,
         )
         self.model, self.tokenizer, self.model_info = built.model, built.tokenizer, built.info
         if cfg.train.gradient_checkpointing:
@@ -216,7 +225,12 @@ class Trainer:
             self.test_loader,
         )
         self.unwrapped = acc.unwrap_model(self.model)
-        self.trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        # Names without wrapper prefixes; under ZeRO-3 / FSDP these are shards, read and written
+        # through dist.read_full / dist.write_full.
+        self.trainable = {
+            dist.clean_name(n): p for n, p in self.unwrapped.named_parameters() if p.requires_grad
+        }
+        self.sharded = dist.is_sharded(acc)
         self.ema = EMA(self.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
         metric = cfg.train.early_stopping.metric
@@ -250,11 +264,23 @@ class Trainer:
         if not checkpoints:
             self._print("resume: no checkpoint found, starting from step 0")
             return
-        ckpt = load_checkpoint(checkpoints[-1])
-        Meth.load_trainable_state_dict(self.unwrapped, ckpt["trainable"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        acc = self.accelerator
+        ckpt = load_checkpoint(checkpoints[-1], rank=acc.process_index)
+        if self.sharded:
+            dist.write_full(acc, self.model, self.trainable, ckpt["trainable"])
+        else:
+            Meth.load_trainable_state_dict(self.unwrapped, ckpt["trainable"])
+        if ckpt["optimizer"] is not None and not self.sharded:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        else:
+            self._print("resume: no optimizer state in the checkpoint; the optimizer restarts")
         self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(*ckpt["rng"])
+        if ckpt["num_ranks"] != acc.num_processes:
+            self._print(
+                f"resume: checkpoint written by {ckpt['num_ranks']} process(es), now "
+                f"{acc.num_processes}: the training order continues, dropout streams differ"
+            )
         self.selection.load(ckpt["trainer"]["selection"])
         self.elapsed_before = ckpt["trainer"]["elapsed_s"]
         self.best_weights = ckpt["best_weights"]
@@ -317,6 +343,9 @@ class Trainer:
         )
         batches = iter(loader)
         fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+        # DeepSpeed steps inside accelerator.backward at a gradient-sync boundary: mark only the
+        # last micro-batch of a step as one (lorafit divides the loss by grad_accum itself).
+        deepspeed = dist.is_deepspeed(acc)
 
         self.model.train()
         start_time = time.perf_counter()
@@ -339,6 +368,8 @@ class Trainer:
                     batch = {k: v.to(acc.device) for k, v in next(batches).items()}
                     # Only the last micro-batch of a step synchronises gradients across ranks.
                     sync = micro == tc.grad_accum - 1
+                    if deepspeed:
+                        acc.gradient_state._set_sync_gradients(sync)
                     with acc.no_sync(self.model) if not sync else contextlib.nullcontext():
                         loss = self.compute_loss(batch) / tc.grad_accum
                         acc.backward(loss)
@@ -454,17 +485,27 @@ class Trainer:
         )
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        source = self.ema.shadow if self.ema is not None else self.trainable
-        return {k: v.detach().to("cpu", copy=True) for k, v in source.items()}
+        """CPU copy of the weights to keep (complete even under ZeRO-3/FSDP; all ranks call it)."""
+        if self.ema is not None:
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.ema.shadow.items()}
+        return dist.read_full(self.accelerator, self.model, self.trainable)
 
     def _save_checkpoint(self, step: int, elapsed: float) -> None:
         self.accelerator.wait_for_everyone()
+        # Collectives first, on every rank: gathered weights (sharded backends) and each rank's
+        # RNG state (each rank has its own dropout stream); then the main process writes.
+        trainable = (
+            dist.read_full(self.accelerator, self.model, self.trainable)
+            if self.sharded
+            else {k: p.detach() for k, p in self.trainable.items()}
+        )
+        rng_states = dist.gather_per_rank(rng_state())
         if self.is_main:
             save_checkpoint(
                 self.run.checkpoints,
                 step,
-                trainable={k: p.detach() for k, p in self.trainable.items()},
-                optimizer=self.optimizer,
+                trainable=trainable,
+                optimizer=None if self.sharded else self.optimizer,
                 scheduler=self.scheduler,
                 trainer_state={
                     "selection": self.selection.state(),
@@ -473,6 +514,7 @@ class Trainer:
                 best_weights=self.best_weights,
                 ema_weights=self.ema.shadow if self.ema is not None else None,
                 keep=self.cfg.train.keep_checkpoints,
+                rng_states=rng_states,
             )
         self.accelerator.wait_for_everyone()
 
@@ -481,7 +523,7 @@ class Trainer:
         """Restore the selected weights, test once, write adapter, predictions and summary."""
         cfg, acc = self.cfg, self.accelerator
         if cfg.train.select_best and self.best_weights is not None:
-            _copy_into(self.trainable, self.best_weights)
+            dist.write_full(acc, self.model, self.trainable, self.best_weights)
         elif self.ema is not None:
             _copy_into(self.trainable, self.ema.shadow)
         self.ema = None  # the chosen weights are now in the model itself
@@ -535,11 +577,20 @@ class Trainer:
             **environment_info(),
         }
         acc.wait_for_everyone()
+        # ZeRO-3 / FSDP: the module holds shards; gather the trainable weights (every rank takes
+        # part) so the adapter that rank 0 saves is complete.
+        gathered = (
+            dist.read_full(acc, self.model, self.trainable)
+            if self.sharded and cfg.output.save_adapter
+            else None
+        )
         if self.is_main:
             if cfg.eval.save_predictions:
                 _write_predictions(self.run.predictions, test.per_example, self.label_names)
             if cfg.output.save_adapter:
-                Meth.save_trained(self.unwrapped, self.run.adapter, tokenizer=self.tokenizer)
+                Meth.save_trained(
+                    self.unwrapped, self.run.adapter, tokenizer=self.tokenizer, state_dict=gathered
+                )
             if cfg.output.plot:
                 plot_learning_curve(
                     self.run.metrics, self.run.learning_curve, metric, self.selection.best_step
@@ -548,7 +599,10 @@ class Trainer:
             write_json(self.run.summary, summary)
         acc.wait_for_everyone()
         if cfg.output.report_to:
-            acc.end_training()
+            # Not acc.end_training(): it also destroys the process group, and a process that
+            # trains again (several runs under one launch) would find no group left.
+            for tracker in acc.trackers:
+                tracker.finish()
         return summary
 
     def _print(self, msg: str) -> None:

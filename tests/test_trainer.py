@@ -256,6 +256,8 @@ def test_early_stopping_respects_patience_and_min_steps(tiny_bert_path, sentimen
             "train.steps": 40,
             "train.eval_every": 2,
             "train.lr": 1e-9,  # nothing improves after the first evaluation
+            "train.head_lr": 1e-9,
+            "train.select_best": True,
             "train.early_stopping.patience": 2,
             "train.early_stopping.min_steps": 10,
         },

@@ -1,0 +1,350 @@
+"""Several processes on CPU (gloo): DDP training, exact distributed evaluation, resume, guards.
+
+Every launch uses the commands of docs/distributed.md on two processes:
+    torchrun --standalone --nproc_per_node 2 ...
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no --main_process_port PORT ...
+(`accelerate launch --cpu --num_processes 2` silently starts ONE process, so it is not used.)
+Workers live in tests/dist_workers/. Each launch has a timeout and prints its output when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lorafit import distributed as dist
+from lorafit.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from lorafit.errors import ConfigError, TrainingError
+from lorafit.io import read_jsonl
+from tests.test_trainer import sentiment_dir, tiny_overrides  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WORKERS = REPO / "tests" / "dist_workers"
+TIMEOUT = 300
+
+# The LoRA run that is killed and resumed must equal this uninterrupted one.
+LORA = {"train.steps": 12, "train.eval_every": 4, "method.dropout": 0.2}
+FULL = {"method.name": "full", "train.steps": 40, "train.lr": 2e-3, "train.eval_every": 10}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: str, target: list[str], env: dict | None = None, check: bool = True):
+    """Run `target` (a script or `-m module ...`) on 2 CPU processes; return the finished process."""
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    else:
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+        ]
+    base = {k: v for k, v in os.environ.items() if k != "LORAFIT_FAULT_AT_STEP"}
+    full_env = {
+        **base,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    try:
+        proc = subprocess.run(
+            cmd + target,
+            cwd=REPO,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(
+            f"{launcher} timed out after {TIMEOUT}s\n{(e.stderr or b'')[-4000:]!r}", pytrace=False
+        )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{launcher} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+            f"stderr:\n{proc.stderr[-6000:]}",
+            pytrace=False,
+        )
+    return proc
+
+
+def rank_results(folder: Path, name: str) -> list[dict]:
+    return [json.loads((folder / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert_path, sentiment_dir, tmp_path_factory):  # noqa: F811
+    """One accelerate launch of tests/dist_workers/train_worker.py: full fine-tuning, LoRA, QLoRA."""
+    root = tmp_path_factory.mktemp("ddp")
+    out = root / "ranks"
+    out.mkdir()
+    runs = {name: root / name for name in ("full", "lora", "qlora")}
+    extra = {"output.report_to": "[tensorboard]"}
+    jobs = [
+        {
+            "name": "full",
+            "overrides": tiny_overrides(
+                tiny_bert_path, sentiment_dir, runs["full"], **FULL, **extra
+            ),
+        },
+        {
+            "name": "lora",
+            "overrides": tiny_overrides(
+                tiny_bert_path, sentiment_dir, runs["lora"], **LORA, **extra
+            ),
+        },
+        {
+            "name": "qlora",
+            "overrides": tiny_overrides(
+                tiny_bert_path,
+                sentiment_dir,
+                runs["qlora"],
+                **{"method.name": "qlora", "train.steps": 4},
+            ),
+        },
+    ]
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"out": str(out), "jobs": jobs}))
+    launch("accelerate", [str(WORKERS / "train_worker.py"), str(spec)])
+    return {"out": out, "runs": runs, "root": root}
+
+
+# ------------------------------------------------------------------------------ training (DDP)
+def test_ddp_full_finetuning_converges_with_equal_weights_on_both_ranks(trained):
+    ranks = rank_results(trained["out"], "full")
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:  # one gloo group of 2, not two independent single-process runs
+        assert r["num_processes"] == 2 and r["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert r["backend"] == "gloo"
+    assert ranks[0]["hash"] == ranks[1]["hash"]  # DDP kept the replicas identical
+    summary = json.loads((trained["runs"]["full"] / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert summary["train_sample_at_selected"]["accuracy"] >= 0.9
+    assert summary["test"]["accuracy"] >= 0.75
+    rows = read_jsonl(trained["runs"]["full"] / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert rows[-1]["train"]["loss"] < rows[0]["train"]["loss"]
+    # both ranks computed the same test metrics (gathered, exact)
+    assert ranks[0]["test"] == ranks[1]["test"]
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora"])
+def test_ddp_adapter_is_equal_across_ranks_and_saved_complete(trained, name):
+    ranks = rank_results(trained["out"], name)
+    assert ranks[0]["num_processes"] == ranks[1]["num_processes"] == 2
+    assert ranks[0]["hash"] == ranks[1]["hash"]
+    adapter = trained["runs"][name] / "adapter"
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in weights) and any("lora_B" in k for k in weights)
+    assert all(v.numel() > 0 for v in weights.values())
+    assert set(load_file(str(adapter / "head.safetensors"))) == {"head.weight", "head.bias"}
+
+
+def test_only_the_main_process_writes_into_the_run_dir(trained):
+    writes = json.loads((trained["out"] / "writes.rank1.json").read_text())
+    assert str(trained["out"] / "probe.rank1") in writes  # the audit sees rank 1's writes
+    for run in trained["runs"].values():
+        inside = [w for w in writes if w == str(run) or w.startswith(str(run) + os.sep)]
+        assert inside == [], f"rank 1 wrote into {run}: {inside[:5]}"
+    # and rank 0 wrote everything, tracker logs included
+    run = trained["runs"]["lora"]
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "predictions/test.jsonl"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").rglob("events.out.tfevents*"))
+
+
+# ---------------------------------------------------------------------------------- resume
+def test_resume_under_two_processes_matches_uninterrupted(
+    trained,
+    tiny_bert_path,
+    sentiment_dir,  # noqa: F811
+):
+    """Kill a 2-process run (torchrun -m lorafit) after step 8, resume it (accelerate launch)."""
+    out = trained["root"] / "killed"
+    args = tiny_overrides(tiny_bert_path, sentiment_dir, out, **LORA)
+    killed = launch(
+        "torchrun",
+        ["-m", "lorafit", "train", *args],
+        env={"LORAFIT_FAULT_AT_STEP": "8"},
+        check=False,
+    )
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert not (out / "summary.json").exists()
+    ckpt = out / "checkpoints" / "step-8"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-8"]
+    assert (ckpt / "rng-rank1.safetensors").is_file()  # each rank's own RNG stream is kept
+
+    resumed = launch("accelerate", ["-m", "lorafit", "train", *args, "train.resume=true"])
+    assert resumed.stdout.count("test accuracy:") == 1  # only rank 0 prints the summary
+    ref = json.loads((trained["runs"]["lora"] / "summary.json").read_text())
+    got = json.loads((out / "summary.json").read_text())
+    assert got["num_processes"] == 2 and got["best_step"] == ref["best_step"]
+    assert got["test"]["accuracy"] == ref["test"]["accuracy"]
+    assert got["test"]["nll"] == pytest.approx(ref["test"]["nll"], rel=1e-6)
+    a = load_file(str(trained["runs"]["lora"] / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------ exact evaluation
+@pytest.fixture(scope="module")
+def evaluated(tiny_bert_path, tiny_llama_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist_eval")
+    launch("torchrun", [str(WORKERS / "eval_worker.py"), str(out), tiny_bert_path, tiny_llama_path])
+    return [json.loads((out / f"eval.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _assert_same(dist_result: dict, single: dict, n: int) -> None:
+    assert dist_result["metrics"]["n"] == single["metrics"]["n"] == n
+    assert dist_result["per_example"]["row"] == list(range(n))  # each example exactly once
+    for key, value in single["metrics"].items():
+        assert dist_result["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    for key, value in single["per_example"].items():
+        np.testing.assert_allclose(dist_result["per_example"][key], value, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["cls_dist", "cls_iterable"])
+def test_distributed_classification_metrics_equal_single_process(evaluated, case):
+    for rank in evaluated:
+        assert rank["world"] == 2
+        _assert_same(rank[case], rank["cls_single"], 37)
+    assert evaluated[0][case] == evaluated[1][case]
+
+
+def test_distributed_causal_lm_metrics_equal_single_process(evaluated):
+    for rank in evaluated:
+        _assert_same(rank["lm_dist"], rank["lm_single"], 23)
+        assert rank["lm_dist"]["metrics"]["n_tokens"] == rank["lm_single"]["metrics"]["n_tokens"]
+
+
+def test_padding_duplicates_exist_and_would_be_counted(evaluated):
+    """Negative control: 37 examples on 2 ranks x batch 4 are padded to 40; a plain gather counts them."""
+    for rank in evaluated:
+        assert rank["cls_local_batches"] == 5
+        assert rank["cls_control"]["metrics"]["n"] == 40
+        assert rank["cls_control"]["metrics"]["loss"] != pytest.approx(
+            rank["cls_single"]["metrics"]["loss"], rel=1e-6
+        )
+
+
+# ---------------------------------------------------------------------------------- guards
+def test_launch_that_is_not_one_group_is_refused():
+    """torchrun x2 with Accelerator(cpu=False) and no CUDA: each rank alone; the guard stops it."""
+    proc = launch("torchrun", [str(WORKERS / "mismatch_worker.py")], check=False)
+    assert proc.returncode != 0, proc.stdout + proc.stderr[-3000:]
+    assert "the launcher started 2 processes but the Accelerator sees 1" in proc.stderr
+    assert "no error" not in proc.stdout
+
+
+def test_world_size_without_launcher_is_refused_before_hanging(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(TrainingError, match="not started by a launcher"):
+        dist.check_launch_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist.check_launch_env()
+
+
+def test_device_map_auto_is_refused_under_ddp(monkeypatch, tiny_bert_path):
+    from lorafit.config import MethodConfig, ModelConfig
+    from lorafit.methods import build_model
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="turns DDP into a single process"):
+        dist.check_device_map("auto")
+    with pytest.raises(ConfigError, match="local_process_index"):
+        build_model(
+            ModelConfig(name_or_path=tiny_bert_path),
+            MethodConfig(name="qlora"),
+            "classification",
+            num_labels=2,
+            device_map="auto",
+        )
+    dist.check_device_map({"": 1})  # each rank its own device: fine
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist.check_device_map("auto")  # one process: "auto" may spread a big model over GPUs
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    expected = {"": 1} if torch.cuda.is_available() else {"": "cpu"}
+    assert dist.quantized_device_map() == expected
+
+
+def test_checkpoint_keeps_every_ranks_rng(tmp_path):
+    class _Sched:
+        def state_dict(self):
+            return {}
+
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        states.append(rng_state())
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    path = save_checkpoint(
+        tmp_path, 3, {"w": torch.ones(2)}, opt, _Sched(), {}, None, None, keep=2, rng_states=states
+    )
+    for rank in (0, 1):
+        ckpt = load_checkpoint(path, rank=rank)
+        assert ckpt["num_ranks"] == 2 and ckpt["rng_rank"] == rank
+        torch.testing.assert_close(ckpt["rng"][0]["torch_cpu"], states[rank][0]["torch_cpu"])
+        assert ckpt["rng"][1]["numpy"][2:] == states[rank][1]["numpy"][2:]
+    assert load_checkpoint(path, rank=5)["rng_rank"] == 0  # more ranks than saved: rank 0's
+    # sharded backends save no optimizer state; loading says so with None
+    path = save_checkpoint(
+        tmp_path, 4, {"w": torch.ones(2)}, None, _Sched(), {}, None, None, keep=2
+    )
+    assert load_checkpoint(path)["optimizer"] is None
+
+
+def test_accelerate_config_templates():
+    folder = REPO / "configs" / "accelerate"
+    expected = {
+        "multi_gpu.yaml",
+        "fsdp.yaml",
+        "deepspeed_zero2.yaml",
+        "deepspeed_zero3.yaml",
+        "cpu.yaml",
+    }
+    assert expected <= {p.name for p in folder.glob("*.yaml")}
+    for path in folder.glob("*.yaml"):
+        text = path.read_text()
+        first = text.splitlines()[0]
+        assert first.startswith(
+            "# accelerate launch --config_file configs/accelerate/" + path.name
+        ), path
+        cfg = yaml.safe_load(text)
+        assert cfg["num_processes"] >= 1 and "distributed_type" in cfg
+    z3 = yaml.safe_load((folder / "deepspeed_zero3.yaml").read_text())
+    assert z3["deepspeed_config"]["zero_stage"] == 3
+    assert z3["deepspeed_config"]["zero3_save_16bit_model"] is True
+    fsdp = yaml.safe_load((folder / "fsdp.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # full shard
