@@ -479,8 +479,31 @@ def _worker_devices() -> list[str]:
         return []
 
 
+# Set by torchrun / accelerate launch: a run started from a launched sweep is its own
+# single-process job, so it must not inherit the sweep's process group.
+LAUNCHER_VARIABLES = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_ERROR_FILE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+)
+
+
 def _worker_env(slot: int, workers: int, devices: list[str]) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
     elif workers > 1:  # CPU: give each worker its share of the cores instead of oversubscribing
@@ -527,8 +550,17 @@ def run_compare(
 ) -> Path:
     """`lorafit compare`: run what is missing, then write the tables, plots and report."""
     from lorafit import report
+    from lorafit.distributed import launcher_world_size
 
     sweep = load_sweep(config_path, overrides)
+    world = launcher_world_size()
+    if world > 1:
+        # Under `accelerate launch` / torchrun with N processes: the main process runs the
+        # sweep with N workers (one run per device or CPU share); the other ranks have nothing
+        # to do, so nothing is run or written twice.
+        if int(os.environ.get("RANK", "0")) != 0:
+            return sweep.dir / "report.md"
+        sweep.config.workers = max(sweep.config.workers, world)
     sweep.dir.mkdir(parents=True, exist_ok=True)
     write_text(
         sweep.dir / "sweep.yaml",

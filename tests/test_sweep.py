@@ -454,3 +454,29 @@ def test_tiny_sweep_end_to_end(tmp_path, tiny_bert_path):
         assert (Path(r["run_dir"]) / "summary.json").stat().st_mtime_ns == stamps[r["run_id"]]
     state = json.loads((sweep_dir / "state.json").read_text())["runs"]
     assert len(state) == 4 and all(s["status"] == "completed" for s in state.values())
+
+
+def test_launched_sweep_runs_once_on_the_main_process(tmp_path, monkeypatch):
+    """Under torchrun/accelerate launch: rank 0 runs N single-process workers, others nothing."""
+    path = _sweep_file(tmp_path, {"seeds": [1, 2]})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("RANK", "1")
+    idle = FakeTrainer({})
+    run_compare(path, [], launch=idle)
+    assert idle.calls == [] and not (tmp_path / "sweep").exists()
+
+    monkeypatch.setenv("RANK", "0")
+    envs = []
+
+    class Recording(FakeTrainer):
+        def __call__(self, run, config_path, log_path, env):
+            envs.append(env)
+            return super().__call__(run, config_path, log_path, env)
+
+    main = Recording({})
+    run_compare(path, [], launch=main)
+    assert sorted(main.calls) == sorted(r.id for r in load_sweep(path).runs)
+    # each run is its own single-process job: no inherited process group
+    assert all("WORLD_SIZE" not in e and "MASTER_PORT" not in e for e in envs)
+    assert all(e.get("OMP_NUM_THREADS") for e in envs)  # 2 CPU workers share the cores
