@@ -348,7 +348,7 @@ class Trainer:
         deepspeed = dist.is_deepspeed(acc)
 
         self.model.train()
-        start_time = time.perf_counter()
+        start_time = self.start_time = time.perf_counter()
         self.eval_seconds = 0.0
         examples_seen = 0
         stopped_early = False
@@ -562,6 +562,8 @@ class Trainer:
             "label_names": self.label_names,
             "num_train": len(self.train_set),
             "num_validation": len(self.validation_set),
+            # the majority-class rate of validation: a run at or below it has failed (Mosbach et al.)
+            "validation_label_counts": _label_counts(self.validation_set, self.num_classes),
             "num_test": len(self.test_set),
             "trainable_params": self.model_info["trainable_params"],
             "total_params": self.model_info["total_params"],
@@ -569,7 +571,8 @@ class Trainer:
             "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20
             if torch.cuda.is_available()
             else None,
-            "wall_time_s": self.elapsed_before + self.train_seconds,
+            # training, evaluations, the final test: what eval_time_s is a share of
+            "wall_time_s": self.elapsed_before + time.perf_counter() - self.start_time,
             "eval_time_s": self.eval_seconds,
             "examples_per_s": self.examples_per_s,
             "num_processes": acc.num_processes,
@@ -697,6 +700,12 @@ def _write_predictions(path, per_example: dict | None, label_names) -> None:
             )
         lines.append(json.dumps(row))
     write_text(path, "\n".join(lines) + "\n")
+
+
+def _label_counts(dataset, num_classes: int | None) -> list[int] | None:
+    if num_classes is None:
+        return None
+    return np.bincount(np.asarray(dataset["labels"]), minlength=num_classes).tolist()
 
 
 def _folder_bytes(path) -> int | None:

@@ -91,6 +91,8 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
     assert summary["status"] == "completed"
     assert summary["num_train"] == 16 and summary["num_validation"] == 16
     assert summary["num_test"] == 40
+    assert summary["validation_label_counts"] == [8, 8]
+    assert 0 < summary["eval_time_s"] < summary["wall_time_s"]
     assert summary["best_step"] in (4, 8, 12)
     lo, hi = summary["test"]["ci"]["accuracy"]
     assert lo <= summary["test"]["accuracy"] <= hi
