@@ -262,6 +262,7 @@ def test_early_stopping_respects_patience_and_min_steps(tiny_bert_path, sentimen
             "train.select_best": True,
             "train.early_stopping.patience": 2,
             "train.early_stopping.min_steps": 10,
+            "train.early_stopping.tie_breaker": "none",  # 1e-9 loss wiggles must not count
         },
     )
     assert summary["stopped_early"]
