@@ -63,6 +63,50 @@ def test_bootstrap_replicates_equal_sklearn_on_resampled_rows(data):
         assert out[b, 1] == pytest.approx(skm.f1_score(y, p, average="macro"))
 
 
+@pytest.mark.parametrize(
+    ("rows", "num_classes", "replicates", "nll_kind"),
+    [
+        (3001, 5, 20, "finite"),  # one-system fast path: rows grouped by (label, prediction)
+        (2000, 10, 200, "finite"),  # enough draws to run on several threads
+        (70_001, 3, 3, "finite"),  # > 65536 rows: 32-bit slots and the 64-bit bounding
+        (500, 4, 10, "inf"),  # a non-finite value takes the generic path
+        (300, 200, 10, "none"),  # many sparse cells: generic path
+    ],
+)
+def test_resample_stats_matches_reference_on_larger_inputs(rows, num_classes, replicates, nll_kind):
+    rng = np.random.default_rng(rows)
+    labels = rng.integers(0, num_classes, rows)
+    preds = _system(rng, labels, 0.6, num_classes)
+    values = None if nll_kind == "none" else rng.exponential(size=rows)
+    if nll_kind == "inf":
+        values[7] = np.inf
+    args = (labels, preds, None, values, num_classes, replicates, 12345, False)
+    fast = resampling_module.kernels.resample_stats(*args)
+    np.testing.assert_allclose(fast, _reference.resample_stats(*args), rtol=1e-12, equal_nan=True)
+    if nll_kind == "inf":
+        assert np.isinf(fast[:, 4]).any()
+
+
+def test_draw_stream_looks_uniform_and_independent():
+    rows, replicates = 1000, 2000
+    index = _reference.bootstrap_rows(rows, replicates, seed=7)
+    counts = np.bincount(index.ravel(), minlength=rows)
+    assert stats.chisquare(counts).pvalue > 1e-4
+    per_replicate = np.bincount(
+        (index + rows * np.arange(replicates)[:, None]).ravel(), minlength=rows * replicates
+    )
+    # Multiplicities within a replicate follow Binomial(rows, 1/rows), about Poisson(1).
+    share_unused = np.mean(per_replicate == 0)
+    assert abs(share_unused - (1 - 1 / rows) ** rows) < 0.005
+    u = index / rows
+    for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1]), (u[1:, 1:], u[:-1, :-1])):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.005
+    coins = _reference.permutation_swaps(rows, replicates, seed=7)
+    assert abs(coins.mean() - 0.5) < 0.005
+    assert abs(np.mean(coins[:, 1:] == coins[:, :-1]) - 0.5) < 0.005
+    assert abs(np.mean(coins[1:] == coins[:-1]) - 0.5) < 0.005
+
+
 def test_reference_path_gives_identical_cis(data, monkeypatch):
     _, labels, preds = data
     fast = bootstrap_ci(labels, preds, n_resamples=50, seed=1)

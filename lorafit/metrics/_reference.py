@@ -159,14 +159,14 @@ def _lowbias32(x: np.ndarray) -> np.ndarray:
 
 
 def _draws(rows: int, replicates: int, seed: int) -> np.ndarray:
-    """[replicates, rows] uint32: lowbias32(lowbias32(j + k_lo) ^ k_hi), k per replicate."""
+    """[replicates, rows] uint32: lowbias32(j * (k_lo | 1) + k_hi), k per replicate."""
     with np.errstate(over="ignore"):
         first = _splitmix64(np.array([seed], dtype=np.uint64))
         keys = _splitmix64(first + np.arange(replicates, dtype=np.uint64))
-        key_low = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)[:, None]
-        key_high = (keys >> np.uint64(32)).astype(np.uint32)[:, None]
+        stride = ((keys & np.uint64(0xFFFFFFFF)) | np.uint64(1)).astype(np.uint32)[:, None]
+        offset = (keys >> np.uint64(32)).astype(np.uint32)[:, None]
         j = np.arange(rows, dtype=np.uint32)[None, :]
-        return _lowbias32(_lowbias32(j + key_low) ^ key_high)
+        return _lowbias32(j * stride + offset)
 
 
 def bootstrap_rows(rows: int, replicates: int, seed: int) -> np.ndarray:
