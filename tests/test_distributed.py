@@ -348,3 +348,27 @@ def test_accelerate_config_templates():
     assert z3["deepspeed_config"]["zero3_save_16bit_model"] is True
     fsdp = yaml.safe_load((folder / "fsdp.yaml").read_text())["fsdp_config"]
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # full shard
+
+
+def test_cpu_ranks_split_the_cores(monkeypatch):
+    """N CPU ranks on one machine get cpu_count // N threads each, unless OMP_NUM_THREADS is set."""
+    import types
+
+    import torch
+
+    from lorafit.distributed import share_cpu_threads
+
+    before = torch.get_num_threads()
+    fake = types.SimpleNamespace(device=torch.device("cpu"), num_processes=2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    try:
+        share_cpu_threads(fake)
+        assert torch.get_num_threads() == 4
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        share_cpu_threads(fake)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
