@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -134,8 +135,10 @@ class MethodConfig:
     name: str = _f(
         "lora", "full | head | lora | qlora | any PEFT type (ia3, prompt_tuning, loha, ...)."
     )
-    r: int = _f(8, "LoRA rank.")
-    alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    r: int | None = _f(None, "LoRA rank (None: the method's default, lorafit.recipes; 8).")
+    alpha: float | None = _f(
+        None, "LoRA alpha, scale alpha/r or alpha/sqrt(r) with rslora (None: 2 * r)."
+    )
     dropout: float = _f(0.1, "LoRA dropout.")
     target_modules: Union[str, list[str]] = _f(
         "auto",
@@ -155,6 +158,10 @@ class MethodConfig:
     reinit_layers: int = _f(0, "Re-initialise this many top encoder layers (full fine-tuning).")
 
     def __post_init__(self) -> None:
+        from lorafit import recipes
+
+        self.name = self.name.lower()
+        recipes.resolve_method(self)  # r / alpha left as None -> the method's defaults
         _check_positive("method", "r", self.r)
         _check_positive("method", "alpha", self.alpha)
         _check_positive("method", "reinit_layers", self.reinit_layers, allow_zero=True)
@@ -167,7 +174,6 @@ class MethodConfig:
         )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"method.dropout={self.dropout!r} must be in [0, 1)")
-        self.name = self.name.lower()
 
 
 @dataclass
@@ -189,11 +195,15 @@ class EarlyStoppingConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(200, "Optimisation steps (a fixed budget, not epochs).")
+    steps: int | None = _f(
+        None, "Optimisation steps, a fixed budget, not epochs (None: the method's default)."
+    )
     batch_size: int = _f(8, "Examples per device per micro-batch.")
     grad_accum: int = _f(1, "Micro-batches per optimisation step.")
-    lr: float = _f(5e-4, "Peak learning rate.")
-    head_lr: float | None = _f(None, "Learning rate of the classification head (default: lr).")
+    lr: float | None = _f(None, "Peak learning rate (None: the method's default, lorafit.recipes).")
+    head_lr: float | None = _f(
+        None, "Learning rate of the classification head (None: the method's default, else lr)."
+    )
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
     warmup: float = _f(0.1, "Warmup: a fraction of steps (<1) or a number of steps (>=1).")
     schedule: str = _f("linear", "LR schedule after warmup: linear | cosine | constant.")
@@ -207,8 +217,8 @@ class TrainConfig:
     eval_every: int = _f(20, "Evaluate train sample and validation every N steps.")
     train_eval_size: int = _f(256, "Size of the fixed training sample evaluated for the gap.")
     early_stopping: EarlyStoppingConfig = _f(None, "Model selection and early stopping.")
-    select_best: bool = _f(
-        True, "Restore the best validation step's weights at the end (else the last)."
+    select_best: bool | None = _f(
+        None, "Restore the best validation step's weights, else keep the last (None: recipe)."
     )
     label_smoothing: float = _f(0.0, "Label smoothing of the classification loss.")
     layer_lr_decay: float = _f(1.0, "Layer-wise LR decay factor per layer below the top (1: off).")
@@ -285,9 +295,17 @@ class RunConfig:
     output: OutputConfig = _f(None, "Run directory and trackers.")
 
     def __post_init__(self) -> None:
+        from lorafit import recipes
+
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None:
                 setattr(self, f.name, _hints(type(self))[f.name]())
+        # Settings left unset take the method's defaults (lorafit/recipes.py, docs/recipes.md).
+        recipes.resolve(self)
+        tc = self.train
+        warmup = int(tc.warmup) if tc.warmup >= 1 else int(round(tc.warmup * tc.steps))
+        if warmup > tc.steps:
+            raise ConfigError(f"train.warmup={tc.warmup} is longer than train.steps={tc.steps}")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -328,7 +346,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of keys, got {value!r}")
         return from_dict(hint, value, prefix=f"{where}.")
-    if origin is Union or str(origin) == "types.UnionType":
+    if origin is Union or origin is types.UnionType:
         args = get_args(hint)
         if value is None and type(None) in args:
             return None

@@ -114,6 +114,8 @@ def _validation_of_tested_weights(run: Run) -> dict:
     """Validation metrics of the weights that were tested: the best step's, or the last one's
     when the run kept its last weights (train.select_best=false)."""
     summary = read_summary(run.dir)
+    if summary.get("validation_at_selected"):
+        return summary["validation_at_selected"]
     if summary.get("selected") == "last":
         rows = read_jsonl(RunDir(run.dir).metrics)
         return rows[-1].get("validation", {}) if rows else {}

@@ -536,6 +536,8 @@ class Trainer:
         best_row = next((r for r in rows if r["step"] == self.selection.best_step), None)
         last_row = rows[-1] if rows else None
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        selected = "best" if cfg.train.select_best and self.best_weights is not None else "last"
+        selected_row = best_row if selected == "best" else last_row
         summary = {
             "status": "completed",
             "task": self.task,
@@ -546,9 +548,7 @@ class Trainer:
             "seed": cfg.train.seed,
             "data_seed": cfg.data.seed,
             "selection_metric": metric,
-            "selected": "best"
-            if cfg.train.select_best and self.best_weights is not None
-            else "last",
+            "selected": selected,
             "best_step": self.selection.best_step,
             "stopped_at_step": self.stopped_at,
             "stopped_early": self.stopped_early,
@@ -556,6 +556,8 @@ class Trainer:
             "test_per_class": {k: v.tolist() for k, v in test.arrays.items()},
             "train_sample_at_selected": final_train,
             "best_validation": best_row["validation"] if best_row else None,
+            # validation of the weights that were tested (the last step's under a fixed budget)
+            "validation_at_selected": selected_row["validation"] if selected_row else None,
             "gap_at_best": best_row["gap"] if best_row else None,
             "gap_at_end": last_row["gap"] if last_row else None,
             "train_test_gap": _gap(final_train, test.metrics, metric),

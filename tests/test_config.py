@@ -78,3 +78,27 @@ def test_example_configs_parse():
             continue
         assert text.startswith("# lorafit ") or text.startswith("# accelerate "), f
         load_config(f)
+
+
+def test_optional_fields_are_type_checked_and_coerced(tmp_path):
+    # `float | None` fields: YAML 1.1 reads 5e-4 as a string; it must still become a float
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 5e-4, head_lr: 1e-2, max_grad_norm: 1}\n")
+    cfg = load_config(path)
+    assert isinstance(cfg.train.lr, float) and cfg.train.head_lr == pytest.approx(1e-2)
+    assert isinstance(cfg.train.max_grad_norm, float)
+    with pytest.raises(ConfigError, match="train.head_lr must be a number"):
+        load_config(None, ["train.head_lr=fast"])
+    with pytest.raises(ConfigError, match="method.r must be an integer"):
+        load_config(None, ["method.r=big"])
+
+
+def test_per_method_settings_are_documented_as_method_defaults():
+    rows = {key: (default, doc) for key, default, doc in config_docs()}
+    for key in ("train.lr", "train.steps", "train.head_lr", "train.select_best", "method.r"):
+        default, doc = rows[key]
+        assert default == "None" and ("method's default" in doc or "recipe" in doc), key
+    # resolved in every RunConfig: never None once built
+    cfg = RunConfig()
+    assert None not in (cfg.train.lr, cfg.train.steps, cfg.train.head_lr, cfg.train.select_best)
+    assert None not in (cfg.method.r, cfg.method.alpha)

@@ -92,6 +92,12 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
     assert summary["num_train"] == 16 and summary["num_validation"] == 16
     assert summary["num_test"] == 40
     assert summary["validation_label_counts"] == [8, 8]
+    selected_row = (
+        rows[-1]
+        if summary["selected"] == "last"
+        else rows[[r["step"] for r in rows].index(summary["best_step"])]
+    )
+    assert summary["validation_at_selected"] == selected_row["validation"]
     assert 0 < summary["eval_time_s"] < summary["wall_time_s"]
     assert summary["best_step"] in (4, 8, 12)
     lo, hi = summary["test"]["ci"]["accuracy"]

@@ -1,0 +1,261 @@
+"""The docs/recipes.md table: lorafit's per-method defaults next to the plain-Trainer baseline.
+
+    python scripts/recipes_table.py                       # everything, in priority order
+    python scripts/recipes_table.py --datasets sst2 --k 16 --seeds 13 21 42
+    python scripts/recipes_table.py --report-only         # rebuild the table from finished runs
+
+Each cell is one `python -m lorafit train` run (lorafit defaults: only data, K, seed and the
+method are set, nothing else) or one `scripts/baseline_trainer.py` run (the issue's plain
+transformers Trainer + peft settings), run one at a time. Finished runs (summary.json present)
+are skipped, so the script resumes where it stopped. The table reports mean ± std over seeds of
+test accuracy, macro-F1, the train−test accuracy gap and ECE, and is written to
+<out>/table.md (paste into docs/recipes.md).
+
+Protocol (LM-BFF): K per class to train and a disjoint K per class to validate, both drawn from
+the train pool with data.seed = seed (the training seed is the same number).
+- SST-2: GLUE train sentences of 8+ words; test = the 872 GLUE validation sentences (all).
+- AG News: the 10k train slice; test = a stratified 1,000 of the 7,600 test articles.
+- MR: no official split. A fixed, stratified 1,000 rows (seed 0) are held out once as the test
+  set (written to <out>/data/mr/test.jsonl); the rest is the train pool. The defaults were
+  selected on a dev slice of that pool only (scripts/select_defaults.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+PY = sys.executable
+METHODS = ("lora", "head", "full", "qlora")
+BASELINES = ("full", "lora", "head")
+SEEDS = (13, 21, 42, 87, 100)
+DATASETS = ("sst2", "mr", "ag_news")
+
+
+def mr_split(out: Path, n_test: int = 1000, seed: int = 0) -> Path:
+    """Fixed MR split: a stratified `n_test` rows held out as test, the rest the train pool."""
+    folder = out / "data" / "mr"
+    if (folder / "train.jsonl").exists() and (folder / "test.jsonl").exists():
+        return folder
+    import random
+
+    rows = [json.loads(line) for line in (DATA / "mr" / "mr.jsonl").read_text().splitlines()]
+    by_label: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_label.setdefault(r["label"], []).append(i)
+    rng = random.Random(seed)
+    test: set[int] = set()
+    for label in sorted(by_label):
+        idx = by_label[label][:]
+        rng.shuffle(idx)
+        test.update(idx[: n_test // len(by_label)])
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, keep in (("train", lambda i: i not in test), ("test", lambda i: i in test)):
+        lines = [json.dumps(r) for i, r in enumerate(rows) if keep(i)]
+        (folder / f"{name}.jsonl.tmp").write_text("\n".join(lines) + "\n")
+        os.replace(folder / f"{name}.jsonl.tmp", folder / f"{name}.jsonl")
+    return folder
+
+
+def data_overrides(dataset: str, out: Path) -> list[str]:
+    """`key=value` data/model settings of one dataset (the protocol above)."""
+    if dataset == "sst2":
+        return [
+            f"data.path={DATA / 'sst2'}",
+            "data.test_split=validation",
+            "data.min_words=8",
+            "model.max_length=64",
+        ]
+    if dataset == "ag_news":
+        return [
+            f"data.path={DATA / 'ag_news'}",
+            "data.max_test_examples=1000",
+            "model.max_length=128",
+        ]
+    if dataset == "mr":
+        return [
+            f"data.path={mr_split(out)}",
+            "data.validation_split=null",
+            "model.max_length=64",
+        ]
+    raise SystemExit(f"unknown dataset {dataset!r}; use one of {DATASETS}")
+
+
+QUIET = [
+    "output.report_to=[]",
+    "output.plot=false",
+    "output.save_adapter=false",
+    "eval.save_predictions=false",
+    "eval.batch_size=128",
+]
+
+
+def lorafit_command(dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path):
+    return [
+        PY,
+        "-m",
+        "lorafit",
+        "train",
+        "model.name_or_path=minilm",
+        *data_overrides(dataset, out),
+        f"data.k_shot={k}",
+        f"data.seed={seed}",
+        f"train.seed={seed}",
+        f"method.name={method}",
+        f"output.dir={run_dir}",
+        "output.overwrite=true",
+        *QUIET,
+    ]
+
+
+def baseline_command(dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path):
+    return [
+        PY,
+        str(ROOT / "scripts" / "baseline_trainer.py"),
+        "--method",
+        method,
+        "--dataset",
+        dataset,
+        "--k",
+        str(k),
+        "--seed",
+        str(seed),
+        "--out",
+        str(run_dir),
+        "--data-overrides",
+        *data_overrides(dataset, out),
+    ]
+
+
+def planned(datasets, ks, seeds, methods, baselines):
+    """(dataset, k, system, method, seed) in priority order: dataset, K, then seed-major."""
+    for dataset in datasets:
+        for k in ks:
+            for seed in seeds:
+                for m in methods:
+                    yield dataset, k, "lorafit", m, seed
+                for m in baselines:
+                    yield dataset, k, "baseline", m, seed
+
+
+def run_all(args) -> None:
+    out = Path(args.out)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    deadline = time.time() + args.budget_min * 60 if args.budget_min else None
+    if args.stop_at:  # HH:MM local time today
+        hour, minute = map(int, args.stop_at.split(":"))
+        now = time.localtime()
+        stop = time.mktime((*now[:3], hour, minute, 0, *now[6:]))
+        deadline = min(deadline or stop, stop)
+    for dataset, k, system, method, seed in planned(
+        args.datasets, args.k, args.seeds, args.methods, args.baselines
+    ):
+        run_dir = out / "runs" / f"{dataset}_k{k}" / f"{system}-{method}" / f"seed{seed}"
+        if (run_dir / "summary.json").exists():
+            continue
+        if deadline and time.time() > deadline:
+            print(f"budget spent; stopping before {run_dir}", flush=True)
+            break
+        make = lorafit_command if system == "lorafit" else baseline_command
+        cmd = make(dataset, k, method, seed, run_dir, out)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] {run_dir}", flush=True)
+        with open(run_dir.parent / f"seed{seed}.log", "w") as log:
+            rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        status = "ok" if rc == 0 else f"FAILED rc={rc} (see {run_dir.parent}/seed{seed}.log)"
+        print(f"    {status} in {time.time() - start:.0f}s", flush=True)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _stat(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "not run"
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+BASELINE_LABEL = {
+    "full": "plain Trainer full FT (lr 3e-5, CLS pooler, 20 epochs, best epoch)",
+    "lora": "plain Trainer LoRA r=8 q/v (lr 5e-4, CLS pooler, 20 epochs, best epoch)",
+    "head": "plain Trainer head only (lr 1e-3, CLS pooler, 20 epochs, best epoch)",
+}
+
+
+def collect(out: Path) -> dict:
+    cells: dict[tuple, list[dict]] = {}
+    for summary in sorted((out / "runs").glob("*/*/seed*/summary.json")):
+        s = json.loads(summary.read_text())
+        cell = summary.parent.parent
+        dataset, k = cell.parent.name.rsplit("_k", 1)
+        system, method = cell.name.split("-", 1)
+        cells.setdefault((dataset, int(k), system, method), []).append(s)
+    return cells
+
+
+def report(args) -> str:
+    out = Path(args.out)
+    cells = collect(out)
+    lines = []
+    for dataset in args.datasets:
+        for k in args.k:
+            lines += [
+                f"\n#### {dataset}, K={k}\n",
+                "| method | setting | seeds | test n | accuracy | macro-F1 | train−test gap | ECE ×100 |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for method in METHODS:
+                for system in ("lorafit", "baseline"):
+                    if system == "baseline" and method not in BASELINES:
+                        continue
+                    runs = cells.get((dataset, k, system, method), [])
+                    label = "lorafit defaults" if system == "lorafit" else BASELINE_LABEL[method]
+                    seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+                    n = sorted({r["num_test"] for r in runs})
+                    acc = [r["test"]["accuracy"] for r in runs]
+                    f1 = [r["test"]["f1_macro"] for r in runs]
+                    gap = [r["train_test_gap"]["accuracy"] for r in runs]
+                    ece = [r["test"]["ece"] for r in runs]
+                    if not runs:
+                        lines.append(f"| {method} | {label} | – | – | not run | | | |")
+                        continue
+                    lines.append(
+                        f"| {method} | {label} | {seeds} | {','.join(map(str, n))} | "
+                        f"{_stat(acc)} | {_stat(f1)} | {_stat(gap)} | {_stat(ece)} |"
+                    )
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "runs" / "recipes"))
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    p.add_argument("--k", nargs="+", type=int, default=[16, 64])
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
+    p.add_argument("--budget-min", type=float, default=None, help="stop launching after N minutes")
+    p.add_argument("--stop-at", default=None, help="stop launching after HH:MM (local time)")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    if not args.report_only:
+        run_all(args)
+    print(report(args))
+
+
+if __name__ == "__main__":
+    main()

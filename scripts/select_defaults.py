@@ -1,0 +1,322 @@
+"""The selection experiments behind lorafit/recipes.py, on training-split data only.
+
+    python scripts/select_defaults.py --list
+    python scripts/select_defaults.py --only core lora_low_lr head_lr --seeds 1
+    python scripts/select_defaults.py --report-only
+
+No test split is ever read. For each dataset a *dev* set is held out of the train pool once
+(stratified, seed 0) and written, with the remaining pool, under <out>/data/:
+- SST-2: 500 GLUE-train sentences of 8+ words (the GLUE validation file is never opened);
+- AG News: 400 articles of the 10k train slice (the test file is never opened);
+- MR: 500 rows of the pool left after scripts/recipes_table.py holds out its fixed test rows.
+Each run then draws K per class to train and a disjoint K per class to validate from the rest
+of the pool (LM-BFF), exactly as a user's run would, and "tests" on the dev set.
+
+Every run keeps the last (select_best=false) and a checkpoint at every evaluation, so one run
+answers the model-selection question without extra training: its dev accuracy at the last step
+(a fixed budget) is compared with the dev accuracy of the step its 2K-example validation set
+picks (accuracy, ties on lower loss; with and without min_steps=100). Results: <out>/results.jsonl (one
+row per run and step) and <out>/report.md. Seeds here (1, 2, 3) differ from the table's.
+Runs are sequential; finished runs are skipped (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from recipes_table import DATA, QUIET, mr_split  # noqa: E402
+
+PY = sys.executable
+
+# name -> (dataset, method, [overrides]) ; every other setting is the lorafit default
+EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
+    # the core comparison, run first: body vs head learning rate for LoRA and full FT
+    "core": [
+        ("sst2", "lora", ["train.lr=3e-4", "train.head_lr=3e-4"]),
+        ("sst2", "lora", ["train.lr=3e-4", "train.head_lr=1e-2"]),
+        ("sst2", "head", ["train.lr=1e-2"]),
+        ("sst2", "full", ["train.lr=2e-5", "train.head_lr=1e-2"]),
+    ],
+    "lora_low_lr": [("sst2", "lora", ["train.lr=1e-4", "train.head_lr=1e-2"])],
+    "lora_lr": [("sst2", "lora", ["train.lr=1e-3", "train.head_lr=1e-3"])],
+    "head_lr": [("sst2", "head", ["train.lr=3e-2"])],
+    "full_lr": [("sst2", "full", ["train.lr=2e-5", "train.head_lr=2e-5"])],
+    "lora_targets": [("sst2", "lora", ["method.target_modules=attention"])],
+    "regularisers": [
+        ("sst2", "lora", ["train.label_smoothing=0.1"]),
+        ("sst2", "lora", ["train.ema_decay=0.99"]),
+    ],
+    "defaults_mr": [("mr", m, []) for m in ("lora", "head", "full")],
+    "defaults_agnews": [("ag_news", m, []) for m in ("lora", "head", "full")],
+}
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def _hold_out(labels: list, n: int, eligible: list[int], seed: int = 0) -> set[int]:
+    """Stratified `n` of the `eligible` row indices (equal share per label)."""
+    by_label: dict = {}
+    for i in eligible:
+        by_label.setdefault(labels[i], []).append(i)
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    for label in sorted(by_label, key=str):
+        idx = by_label[label][:]
+        rng.shuffle(idx)
+        chosen.update(idx[: n // len(by_label)])
+    return chosen
+
+
+def prepare(out: Path) -> dict[str, Path]:
+    """Write <out>/data/<dataset>/{train,test}.* (test = the dev slice of the train pool)."""
+    folders = {}
+    for name, file, n_dev, min_words in (
+        ("sst2", DATA / "sst2" / "train.tsv", 500, 8),
+        ("ag_news", DATA / "ag_news" / "train.tsv", 400, 0),
+    ):
+        folder = out / "data" / name
+        folders[name] = folder
+        if (folder / "test.tsv").exists():
+            continue
+        header, *rows = file.read_text().splitlines()
+        fields = [r.split("\t") for r in rows]
+        eligible = [i for i, f in enumerate(fields) if len(f[0].split()) >= min_words]
+        dev = _hold_out([f[-1] for f in fields], n_dev, eligible)
+        _write_lines(
+            folder / "train.tsv", [header] + [r for i, r in enumerate(rows) if i not in dev]
+        )
+        _write_lines(folder / "test.tsv", [header] + [r for i, r in enumerate(rows) if i in dev])
+    folder = out / "data" / "mr"
+    folders["mr"] = folder
+    if not (folder / "test.jsonl").exists():
+        pool = mr_split(ROOT / "runs" / "recipes") / "train.jsonl"  # the table's test rows excluded
+        rows = pool.read_text().splitlines()
+        labels = [json.loads(r)["label"] for r in rows]
+        dev = _hold_out(labels, 500, list(range(len(rows))))
+        _write_lines(folder / "train.jsonl", [r for i, r in enumerate(rows) if i not in dev])
+        _write_lines(folder / "test.jsonl", [r for i, r in enumerate(rows) if i in dev])
+    return folders
+
+
+def data_overrides(dataset: str, folder: Path) -> list[str]:
+    common = [f"data.path={folder}", "data.validation_split=null", "data.test_split=test"]
+    if dataset == "sst2":
+        return common + ["data.min_words=8", "model.max_length=64"]
+    if dataset == "mr":
+        return common + ["model.max_length=64"]
+    return common + ["model.max_length=128"]
+
+
+def run_name(dataset: str, method: str, overrides: list[str]) -> str:
+    tag = "_".join(o.split(".")[-1].replace("=", "-") for o in overrides) or "default"
+    return f"{dataset}-{method}-{tag}"
+
+
+# -- evaluating every checkpoint on dev -----------------------------------------------------------
+
+
+def dev_curve(run_dir: Path, steps: set[int]) -> list[dict]:
+    """Dev accuracy/loss of the weights at the checkpoints of `steps` (a finished run)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lorafit import data as D
+    from lorafit import methods as Meth
+    from lorafit.checkpoint import list_checkpoints, load_checkpoint
+    from lorafit.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    task = "classification"
+    task_data = D.load_task_data(cfg.data, task)
+    built = Meth.build_model(cfg.model, cfg.method, task, label_names=task_data.label_names)
+    model, tok = built.model, built.tokenizer
+    dev = D.tokenize(task_data.test, tok, task, cfg.model.max_length)
+    loader = torch.utils.data.DataLoader(dev, batch_size=128, collate_fn=D.Collator(tok, task))
+    rows = []
+    for ckpt_path in list_checkpoints(run_dir / "checkpoints"):
+        if int(ckpt_path.name.split("-")[-1]) not in steps:
+            continue
+        ckpt = load_checkpoint(ckpt_path)
+        Meth.load_trainable_state_dict(model, ckpt["trainable"])
+        model.eval()
+        correct = n = 0
+        loss = 0.0
+        with torch.no_grad():
+            for batch in loader:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                loss += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
+                correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+                n += len(batch["labels"])
+        rows.append({"step": ckpt["step"], "dev_accuracy": correct / n, "dev_loss": loss / n})
+    return rows
+
+
+def run_one(out: Path, folders: dict, dataset: str, method: str, overrides: list[str], seed: int):
+    name = run_name(dataset, method, overrides)
+    run_dir = out / "runs" / name / f"seed{seed}"
+    results = out / "results.jsonl"
+    done = {
+        (r["name"], r["seed"])
+        for r in map(json.loads, results.read_text().splitlines() if results.exists() else [])
+    }
+    if (name, seed) in done:
+        return
+    cmd = [
+        PY, "-m", "lorafit", "train",
+        "model.name_or_path=minilm",
+        *data_overrides(dataset, folders[dataset]),
+        "data.k_shot=16",
+        f"data.seed={seed}",
+        f"train.seed={seed}",
+        f"method.name={method}",
+        "train.select_best=false",
+        "train.eval_every=25",
+        "train.checkpoint_every=25",
+        "train.keep_checkpoints=1000",
+        "eval.bootstrap_samples=10",
+        f"output.dir={run_dir}",
+        "output.overwrite=true",
+        *QUIET,
+        *overrides,
+    ]  # fmt: skip
+    print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}", flush=True)
+    start = time.time()
+    log = run_dir.parent / f"seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    rc = 0
+    if not (run_dir / "summary.json").exists():  # trained earlier, not yet evaluated on dev
+        with open(log, "w") as fh:
+            rc = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    if rc != 0:
+        print(f"    FAILED rc={rc}; see {log}", flush=True)
+        return
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    val = [
+        {
+            "step": m["step"],
+            "val_accuracy": m["validation"]["accuracy"],
+            "val_loss": m["validation"]["loss"],
+        }
+        for m in metrics
+    ]
+    # The last step's dev accuracy is the run's own test result (select_best=false); only the
+    # steps a validation-based selection would pick need another evaluation.
+    picks = {_pick(val)["step"], _pick(val, 100)["step"]} - {metrics[-1]["step"]}
+    curve = {r["step"]: r for r in (dev_curve(run_dir, picks) if picks else [])}
+    curve[metrics[-1]["step"]] = {
+        "step": metrics[-1]["step"],
+        "dev_accuracy": summary["test"]["accuracy"],
+        "dev_loss": summary["test"]["loss"],
+    }
+    rows = []
+    for m in metrics:
+        dev = curve.get(m["step"], {})
+        rows.append(
+            {
+                "step": m["step"],
+                "train_accuracy": m["train"]["accuracy"],
+                "val_accuracy": m["validation"]["accuracy"],
+                "val_loss": m["validation"]["loss"],
+                **dev,
+            }
+        )
+    with open(results, "a") as fh:
+        record = {
+            "name": name,
+            "dataset": dataset,
+            "method": method,
+            "overrides": overrides,
+            "seed": seed,
+            "curve": rows,
+        }
+        fh.write(json.dumps(record) + "\n")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    print(f"    done in {time.time() - start:.0f}s; dev at end {rows[-1].get('dev_accuracy')}")
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _pick(curve: list[dict], min_steps: int = 0) -> dict:
+    """The step a validation set picks: best accuracy, ties on lower loss, after min_steps."""
+    eligible = [r for r in curve if r["step"] >= min_steps] or curve
+    return max(eligible, key=lambda r: (round(r["val_accuracy"], 9), -r["val_loss"]))
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
+
+
+def report(out: Path) -> str:
+    results = out / "results.jsonl"
+    records = [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
+    by_name: dict[str, list[dict]] = {}
+    for r in records:
+        by_name.setdefault(r["name"], []).append(r)
+    lines = [
+        "| run (dataset-method-overrides) | seeds | dev acc, last step (fixed budget) "
+        "| dev acc, val-best step | dev acc, val-best after 100 steps | train acc at end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in by_name.items():
+        last = [r["curve"][-1]["dev_accuracy"] for r in runs]
+        best = [_pick(r["curve"])["dev_accuracy"] for r in runs]
+        best100 = [_pick(r["curve"], 100)["dev_accuracy"] for r in runs]
+
+        train = [r["curve"][-1]["train_accuracy"] for r in runs]
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        lines.append(
+            f"| {name} | {seeds} | {_ms(last)} | {_ms(best)} | {_ms(best100)} | {_ms(train)} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "runs" / "select"))
+    p.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), default=list(EXPERIMENTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (OMP_NUM_THREADS)")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.list:
+        for exp in args.only:
+            for dataset, method, overrides in EXPERIMENTS[exp]:
+                print(exp, run_name(dataset, method, overrides))
+        return
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if not args.report_only:
+        folders = prepare(out)
+        for seed in args.seeds:
+            for exp in args.only:
+                for dataset, method, overrides in EXPERIMENTS[exp]:
+                    run_one(out, folders, dataset, method, overrides, seed)
+    print(report(out))
+
+
+if __name__ == "__main__":
+    main()
