@@ -3,7 +3,9 @@
     .venv/bin/python scripts/bench_train.py [--seeds 13 21 42] [--steps 150] [--out bench_results/train.json]
 
 Both sides get the same K-shot examples (lorafit's sampler), the same LoRA target modules,
-rank, learning rate, warmup, batch size, step budget and evaluation frequency, and run in
+rank, learning rate, warmup, batch size, step budget and evaluations (every `--eval-every`
+steps, the 32 training examples and the 32 validation examples: the train/validation gap
+that lorafit logs), and run in
 their own subprocess (alternating, so background load hits both alike) so that wall time and
 peak RSS are measured cleanly. Reported per seed: test accuracy of each, the wall-time ratio
 and the peak-memory ratio (lorafit / Trainer). The two models differ in pooling (lorafit:
@@ -140,7 +142,11 @@ def worker_trainer(seed: int, steps: int, eval_every: int) -> dict:
             model=model,
             args=args,
             train_dataset=encode(task_data.train),
-            eval_dataset=encode(task_data.validation),
+            # the same evaluations as lorafit: a training sample (for the gap) and validation
+            eval_dataset={
+                "train": encode(task_data.train),
+                "validation": encode(task_data.validation),
+            },
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=accuracy,
         )
