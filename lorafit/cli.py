@@ -193,8 +193,7 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     gap = summary.get("train_test_gap") or {}
     if key in gap:
         lines.append(
-            f"gap:        train-sample {key} minus test {key} = {gap[key]:+.4f} "
-            f"(selected step {summary['best_step']} by validation {metric})"
+            f"gap:        train-sample {key} minus test {key} = {gap[key]:+.4f} ({_tested(summary, metric)})"
         )
     lines.append(
         f"cost:       {summary['trainable_params']:,} trainable of {summary['total_params']:,} params, "
@@ -202,6 +201,13 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     )
     lines.append(f"plot:       {os.path.join(run_dir, 'learning_curve.png')}")
     print("\n".join(lines))
+
+
+def _tested(summary: dict, metric: str) -> str:
+    """Which weights were tested: the best validation step, or the last under a fixed budget."""
+    if summary.get("selected") == "best":
+        return f"weights of step {summary['best_step']}, best by validation {metric}"
+    return f"weights of the last step {summary['stopped_at_step']}, a fixed budget"
 
 
 def main(argv: list[str] | None = None) -> None:
