@@ -257,6 +257,11 @@ class TrainConfig:
         if self.checkpoint_every is None:
             self.checkpoint_every = self.eval_every
 
+    @property
+    def warmup_steps(self) -> int:
+        """`warmup` in optimisation steps (a fraction of `steps` below 1)."""
+        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
+
 
 @dataclass
 class EvalConfig:
@@ -303,8 +308,7 @@ class RunConfig:
         # Settings left unset take the method's defaults (lorafit/recipes.py, docs/recipes.md).
         recipes.resolve(self)
         tc = self.train
-        warmup = int(tc.warmup) if tc.warmup >= 1 else int(round(tc.warmup * tc.steps))
-        if warmup > tc.steps:
+        if tc.warmup_steps > tc.steps:
             raise ConfigError(f"train.warmup={tc.warmup} is longer than train.steps={tc.steps}")
 
     # -- serialisation -------------------------------------------------------------------------

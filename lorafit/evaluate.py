@@ -39,8 +39,14 @@ def _to_float_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.detach().contiguous()
 
 
-def _model_inputs(batch: dict) -> dict:
+def model_inputs(batch: dict) -> dict:
+    """A collated batch minus what the model must not see (labels, source row numbers)."""
     return {k: v for k, v in batch.items() if k not in ("labels", "row")}
+
+
+def output_logits(output) -> torch.Tensor:
+    """Logits of a model output: a TextClassifier returns them, a transformers model wraps them."""
+    return output.logits if hasattr(output, "logits") else output
 
 
 class _FirstSeen:
@@ -92,8 +98,7 @@ def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_class
     kept: dict[str, list[np.ndarray]] = {"row": [], "label": [], "logits": []}
     first = _FirstSeen(dataloader)
     for batch in dataloader:
-        logits = model(**_model_inputs(batch))  # [B, C]
-        logits = logits.logits if hasattr(logits, "logits") else logits
+        logits = output_logits(model(**model_inputs(batch)))  # [B, C]
         logits, labels, rows = accelerator.gather_for_metrics(
             (_to_float_logits(logits).float(), batch["labels"], batch["row"])
         )
@@ -134,7 +139,7 @@ def _evaluate_causal_lm(model, dataloader, accelerator, keep):
     }
     first = _FirstSeen(dataloader)
     for batch in dataloader:
-        logits = model(**_model_inputs(batch)).logits  # [B, T, V]
+        logits = output_logits(model(**model_inputs(batch)))  # [B, T, V]
         labels = batch["labels"]  # [B, T]
         logits = logits[:, -labels.shape[1] :]  # prompt-learning methods prepend virtual tokens
         B, T, V = logits.shape

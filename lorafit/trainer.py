@@ -35,7 +35,13 @@ from lorafit.checkpoint import (
 from lorafit.config import RunConfig
 from lorafit.distributed import make_accelerator
 from lorafit.errors import ConfigError, TrainingError
-from lorafit.evaluate import EvalResult, confidence_intervals, evaluate
+from lorafit.evaluate import (
+    EvalResult,
+    confidence_intervals,
+    evaluate,
+    model_inputs,
+    output_logits,
+)
 from lorafit.io import append_jsonl, read_jsonl, write_json, write_text
 from lorafit.rundir import (
     RunDir,
@@ -133,14 +139,6 @@ class EMA:
     def update(self, params: dict[str, torch.nn.Parameter]) -> None:
         for k, p in params.items():
             self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in ("labels", "row")}
-
-
-def _logits(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
 
 
 class Trainer:
@@ -295,13 +293,13 @@ class Trainer:
     def compute_loss(self, batch: dict) -> torch.Tensor:
         """Mean loss of one micro-batch (label smoothing and R-Drop when switched on)."""
         cfg = self.cfg.train
-        logits = _logits(self.model(**_model_inputs(batch)))
+        logits = output_logits(self.model(**model_inputs(batch)))
         labels = batch["labels"]
         if self.task == "classification":  # logits [B, C], labels [B]
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             if cfg.rdrop > 0:
                 # R-Drop: a second pass with other dropout masks; penalise disagreement.
-                logits2 = _logits(self.model(**_model_inputs(batch))).float()
+                logits2 = output_logits(self.model(**model_inputs(batch))).float()
                 loss2 = F.cross_entropy(logits2, labels, label_smoothing=cfg.label_smoothing)
                 lp1, lp2 = F.log_softmax(logits.float(), -1), F.log_softmax(logits2, -1)
                 kl = 0.5 * (
@@ -635,9 +633,7 @@ def _make_optimizer(groups: list[dict], cfg: RunConfig) -> torch.optim.Optimizer
 
 def _make_scheduler(optimizer, cfg: RunConfig):
     tc = cfg.train
-    warmup = int(tc.warmup) if tc.warmup >= 1 else int(round(tc.warmup * tc.steps))
-    if warmup > tc.steps:
-        raise ConfigError(f"train.warmup={tc.warmup} is longer than train.steps={tc.steps}")
+    warmup = tc.warmup_steps  # validated against train.steps by RunConfig
 
     def factor(step: int) -> float:
         if step < warmup:
