@@ -220,6 +220,12 @@ class TrainConfig:
     select_best: bool | None = _f(
         None, "Restore the best validation step's weights, else keep the last (None: recipe)."
     )
+    objective: str | None = _f(
+        None,
+        "Loss: ce (cross-entropy) | contrastive (SetFit pair loss on the body, head fitted by "
+        "logistic regression) | auto (contrastive for classification, ce for causal LMs); "
+        "None: the method's default.",
+    )
     label_smoothing: float = _f(0.0, "Label smoothing of the classification loss.")
     layer_lr_decay: float = _f(1.0, "Layer-wise LR decay factor per layer below the top (1: off).")
     rdrop: float = _f(0.0, "R-Drop weight: symmetric KL between two dropout passes (0: off).")
@@ -243,6 +249,8 @@ class TrainConfig:
         _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
         _check_positive("train", "rdrop", self.rdrop, allow_zero=True)
         _check_positive("train", "max_grad_norm", self.max_grad_norm)
+        if self.objective is not None:
+            _check_choice("train", "objective", self.objective, ("auto", "ce", "contrastive"))
         _check_choice("train", "schedule", self.schedule, ("linear", "cosine", "constant"))
         _check_choice("train", "optimizer", self.optimizer, ("adamw", "adamw_8bit"))
         _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
@@ -261,6 +269,28 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         """`warmup` in optimisation steps (a fraction of `steps` below 1)."""
         return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
+
+
+def objective_for(train_cfg: TrainConfig, task: str) -> str:
+    """The loss `train.objective` means for `task` (auto: contrastive for classification, else
+    ce); refuses settings that cannot go with it. The config itself keeps `auto`."""
+    objective = train_cfg.objective or "ce"
+    if objective == "auto":
+        objective = "contrastive" if task == "classification" else "ce"
+    if objective != "contrastive":
+        return objective
+    if task != "classification":
+        raise ConfigError(
+            "train.objective=contrastive needs a classification task; use train.objective=ce"
+        )
+    # The head is fitted, not trained: losses and weight averages of logits do not apply.
+    for name, off in (("label_smoothing", 0.0), ("rdrop", 0.0), ("ema_decay", None)):
+        if getattr(train_cfg, name) != off:
+            raise ConfigError(
+                f"train.{name} does not apply to train.objective=contrastive; "
+                f"set train.{name}={'null' if off is None else off} or train.objective=ce"
+            )
+    return objective
 
 
 @dataclass
@@ -310,6 +340,8 @@ class RunConfig:
         tc = self.train
         if tc.warmup_steps > tc.steps:
             raise ConfigError(f"train.warmup={tc.warmup} is longer than train.steps={tc.steps}")
+        if self.model.task != "auto":
+            objective_for(tc, self.model.task)  # refuse impossible mixes before any loading
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

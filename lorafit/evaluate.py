@@ -93,6 +93,26 @@ def evaluate(
     return result
 
 
+@torch.no_grad()
+def embed_dataset(
+    model: torch.nn.Module, dataloader, accelerator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled embeddings [N, H] and labels [N] of a prepared classification dataloader.
+
+    Gathered over processes (`gather_for_metrics`), so every rank holds the whole dataset.
+    """
+    was_training = model.training
+    model.eval()
+    embeddings, labels = [], []
+    for batch in dataloader:
+        _, pooled = model(**model_inputs(batch), return_embedding=True)  # [B, H]
+        pooled, batch_labels = accelerator.gather_for_metrics((pooled.float(), batch["labels"]))
+        embeddings.append(pooled.cpu())
+        labels.append(batch_labels.cpu())
+    model.train(was_training)
+    return torch.cat(embeddings), torch.cat(labels)
+
+
 def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_classes, keep):
     acc = M.ClassificationMetrics(num_classes=num_classes, ece_bins=eval_cfg.ece_bins)
     kept: dict[str, list[np.ndarray]] = {"row": [], "label": [], "logits": []}

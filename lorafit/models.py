@@ -303,15 +303,18 @@ class TextClassifier(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        return_embedding: bool = False,
         **_: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C]; with `return_embedding`, (logits, pooled embedding [B, H])."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         out = self.encoder(**inputs)
         pooled = self.pool(out, attention_mask)  # [B, H]
         pooled = pooled.to(self.head.weight.dtype)
-        return self.head(self.dropout(pooled))  # [B, C]
+        logits = self.head(self.dropout(pooled))  # [B, C]
+        return (logits, pooled) if return_embedding else logits
 
     def pool(self, out: Any, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "pooler":

@@ -25,14 +25,16 @@ class Recipe:
     steps: int  # fixed optimisation budget, not epochs
     head_lr: float | None  # learning rate of the freshly initialised head; None: lr
     select_best: bool  # restore the best validation step (True) or keep the last (False)
+    objective: str = "ce"  # train.objective; auto: contrastive for classification, else ce
     r: int | None = None  # LoRA rank (PEFT methods with a rank); alpha defaults to 2 * r
     why: str = ""  # one line of evidence, shown in docs/recipes.md
 
 
 # Shared by the LoRA family: rank 8, alpha 2r, all linear layers of the blocks
 # (method.target_modules=auto resolves to them for known architectures), 10% warmup (the
-# train.warmup default), linear decay, a fixed budget, and the last step kept.
-_LORA = dict(lr=3e-4, steps=200, head_lr=None, select_best=False, r=8)
+# train.warmup default), linear decay, a fixed budget, the last step kept, and the SetFit-style
+# contrastive objective (the head fitted by logistic regression; lorafit/objectives.py).
+_LORA = dict(lr=3e-4, steps=200, head_lr=None, select_best=False, r=8, objective="auto")
 
 RECIPES: dict[str, Recipe] = {
     "lora": Recipe(
@@ -48,6 +50,7 @@ RECIPES: dict[str, Recipe] = {
         steps=200,
         head_lr=1e-2,
         select_best=False,
+        objective="auto",
         why="Small body lr, fast fresh head (1e-2), 200 steps; SST-2 dev (train split) 69.0.",
     ),
     "head": Recipe(
@@ -70,7 +73,7 @@ GENERIC = Recipe(
 )
 
 # (section, field) pairs that resolve from the recipe when left as None.
-TRAIN_FIELDS = ("lr", "steps", "head_lr", "select_best")
+TRAIN_FIELDS = ("lr", "steps", "head_lr", "select_best", "objective")
 METHOD_FIELDS = ("r", "alpha")
 
 
@@ -101,6 +104,8 @@ def resolve_train(train_cfg: Any, method_name: str) -> None:
         train_cfg.steps = recipe.steps
     if train_cfg.select_best is None:
         train_cfg.select_best = recipe.select_best
+    if train_cfg.objective is None:
+        train_cfg.objective = recipe.objective
     if train_cfg.head_lr is None:
         train_cfg.head_lr = recipe.head_lr if recipe.head_lr is not None else train_cfg.lr
 

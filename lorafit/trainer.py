@@ -32,17 +32,19 @@ from lorafit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lorafit.config import RunConfig
+from lorafit.config import RunConfig, objective_for
 from lorafit.distributed import make_accelerator
 from lorafit.errors import ConfigError, TrainingError
 from lorafit.evaluate import (
     EvalResult,
     confidence_intervals,
+    embed_dataset,
     evaluate,
     model_inputs,
     output_logits,
 )
 from lorafit.io import append_jsonl, read_jsonl, write_json, write_text
+from lorafit.objectives import fit_logistic_head, pair_cosine_loss
 from lorafit.rundir import (
     RunDir,
     environment_info,
@@ -160,6 +162,7 @@ class Trainer:
 
         # data: normalised columns, K-shot sampled per seed, then tokenised
         self.task = cfg.model.task if cfg.model.task != "auto" else D.infer_task(cfg.data)
+        self.objective = objective_for(cfg.train, self.task)  # auto: known once the task is
         self.data = D.load_task_data(cfg.data, self.task)
         self.label_names = self.data.label_names
         self.num_classes = len(self.label_names) if self.task == "classification" else None
@@ -177,6 +180,9 @@ class Trainer:
         self.model, self.tokenizer, self.model_info = built.model, built.tokenizer, built.info
         if cfg.train.gradient_checkpointing:
             _enable_gradient_checkpointing(self.model)
+        self.contrastive = self.objective == "contrastive"
+        if self.contrastive:
+            self._freeze_head_for_contrastive()
 
         tok = lambda ds: D.tokenize(ds, self.tokenizer, self.task, cfg.model.max_length)  # noqa: E731
         self.train_set = tok(self.data.train)
@@ -203,6 +209,8 @@ class Trainer:
             eval_loader(self.validation_set),
             eval_loader(self.test_set),
         )
+        # contrastive: the head is fitted on the embeddings of the whole training set
+        self.train_embed_loader = eval_loader(self.train_set) if self.contrastive else None
 
         # optimiser over trainable parameters only; weight decay and LR groups by methods.py
         groups = Meth.param_groups(self.model, cfg.train, cfg.method)
@@ -222,6 +230,8 @@ class Trainer:
             self.validation_loader,
             self.test_loader,
         )
+        if self.contrastive:
+            self.train_embed_loader = acc.prepare(self.train_embed_loader)
         self.unwrapped = acc.unwrap_model(self.model)
         # Names without wrapper prefixes; under ZeRO-3 / FSDP these are shards, read and written
         # through dist.read_full / dist.write_full.
@@ -255,6 +265,26 @@ class Trainer:
             f"{self.task} | {cfg.method.name} on {cfg.model.name_or_path} | "
             f"train {len(self.train_set)}, validation {len(self.validation_set)}, test {len(self.test_set)} | "
             f"trainable {self.model_info['trainable_params']:,} / {self.model_info['total_params']:,} params"
+        )
+
+    def _freeze_head_for_contrastive(self) -> None:
+        """The pair loss trains the body only; the head is fitted (`_fit_head`), never stepped."""
+        self.model.head.requires_grad_(False)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ConfigError(
+                f"train.objective=contrastive trains the body, and method.name="
+                f"{self.cfg.method.name} leaves none of it trainable; use train.objective=ce"
+            )
+
+    def _fit_head(self) -> None:
+        """Contrastive objective: refit the head on the body's embeddings of the training set."""
+        if not self.contrastive:
+            return
+        embeddings, labels = embed_dataset(self.model, self.train_embed_loader, self.accelerator)
+        weight, bias = fit_logistic_head(embeddings, labels, self.num_classes)  # [C, H], [C]
+        head = {f"head.{n}": p for n, p in self.unwrapped.head.named_parameters()}
+        dist.write_full(
+            self.accelerator, self.model, head, {"head.weight": weight, "head.bias": bias}
         )
 
     def _resume(self) -> None:
@@ -293,8 +323,11 @@ class Trainer:
     def compute_loss(self, batch: dict) -> torch.Tensor:
         """Mean loss of one micro-batch (label smoothing and R-Drop when switched on)."""
         cfg = self.cfg.train
-        logits = output_logits(self.model(**model_inputs(batch)))
         labels = batch["labels"]
+        if self.contrastive:  # pooled [B, H]: a SetFit pair loss, the head is not involved
+            _, pooled = self.model(**model_inputs(batch), return_embedding=True)
+            return pair_cosine_loss(pooled, labels)
+        logits = output_logits(self.model(**model_inputs(batch)))
         if self.task == "classification":  # logits [B, C], labels [B]
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             if cfg.rdrop > 0:
@@ -441,6 +474,7 @@ class Trainer:
     def _evaluate_and_select(self, step: int, lr: float, elapsed: float) -> bool:
         """Evaluate train sample + validation, log the gap, track the best; True = stop now."""
         tc = self.cfg.train
+        self._fit_head()
         train_eval = self._evaluate(self.train_sample_loader).metrics
         val = self._evaluate(self.validation_loader).metrics
         metric = self.selection.metric
@@ -525,6 +559,7 @@ class Trainer:
         elif self.ema is not None:
             _copy_into(self.trainable, self.ema.shadow)
         self.ema = None  # the chosen weights are now in the model itself
+        self._fit_head()  # (contrastive) the head of the chosen body
         metric = self.selection.metric
         final_train = self._evaluate(self.train_sample_loader).metrics
         test = self._evaluate(self.test_loader, keep=True)
@@ -540,6 +575,7 @@ class Trainer:
             "status": "completed",
             "task": self.task,
             "method": cfg.method.name,
+            "objective": self.objective,
             "model": cfg.model.name_or_path,
             "pooling": self.model_info.get("pooling"),
             "k_shot": cfg.data.k_shot,

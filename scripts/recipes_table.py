@@ -98,7 +98,9 @@ QUIET = [
 ]
 
 
-def lorafit_command(dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path):
+def lorafit_command(
+    dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path, extra=()
+):
     return [
         PY,
         "-m",
@@ -113,7 +115,13 @@ def lorafit_command(dataset: str, k: int, method: str, seed: int, run_dir: Path,
         f"output.dir={run_dir}",
         "output.overwrite=true",
         *QUIET,
+        *extra,
     ]
+
+
+def lorafit_ce_command(dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path):
+    """lorafit's defaults with the cross-entropy objective (the defaults before contrastive)."""
+    return lorafit_command(dataset, k, method, seed, run_dir, out, ["train.objective=ce"])
 
 
 def baseline_command(dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path):
@@ -135,7 +143,14 @@ def baseline_command(dataset: str, k: int, method: str, seed: int, run_dir: Path
     ]
 
 
-def planned(datasets, ks, seeds, methods, baselines):
+COMMANDS = {
+    "lorafit": lorafit_command,
+    "lorafit_ce": lorafit_ce_command,
+    "baseline": baseline_command,
+}
+
+
+def planned(datasets, ks, seeds, methods, baselines, ce_methods=()):
     """(dataset, k, system, method, seed) in priority order: dataset, K, then seed-major."""
     for dataset in datasets:
         for k in ks:
@@ -144,6 +159,17 @@ def planned(datasets, ks, seeds, methods, baselines):
                     yield dataset, k, "lorafit", m, seed
                 for m in baselines:
                     yield dataset, k, "baseline", m, seed
+                for m in ce_methods:
+                    yield dataset, k, "lorafit_ce", m, seed
+
+
+def _claim(path: Path) -> bool:
+    """Create `path` atomically: True if this process owns the run (several workers may share a grid)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
 def run_all(args) -> None:
@@ -156,7 +182,7 @@ def run_all(args) -> None:
         stop = time.mktime((*now[:3], hour, minute, 0, *now[6:]))
         deadline = min(deadline or stop, stop)
     for dataset, k, system, method, seed in planned(
-        args.datasets, args.k, args.seeds, args.methods, args.baselines
+        args.datasets, args.k, args.seeds, args.methods, args.baselines, args.ce_methods
     ):
         run_dir = out / "runs" / f"{dataset}_k{k}" / f"{system}-{method}" / f"seed{seed}"
         if (run_dir / "summary.json").exists():
@@ -164,13 +190,16 @@ def run_all(args) -> None:
         if deadline and time.time() > deadline:
             print(f"budget spent; stopping before {run_dir}", flush=True)
             break
-        make = lorafit_command if system == "lorafit" else baseline_command
-        cmd = make(dataset, k, method, seed, run_dir, out)
+        cmd = COMMANDS[system](dataset, k, method, seed, run_dir, out)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+        claim = run_dir.parent / f"seed{seed}.claim"
+        if not _claim(claim):
+            continue  # another worker runs it (delete stale .claim files of killed workers)
         start = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {run_dir}", flush=True)
         with open(run_dir.parent / f"seed{seed}.log", "w") as log:
             rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        claim.unlink()
         status = "ok" if rc == 0 else f"FAILED rc={rc} (see {run_dir.parent}/seed{seed}.log)"
         print(f"    {status} in {time.time() - start:.0f}s", flush=True)
 
@@ -204,6 +233,18 @@ def collect(out: Path) -> dict:
     return cells
 
 
+SYSTEMS = ("lorafit", "lorafit_ce", "baseline")
+
+
+def _label(system: str, method: str, runs: list[dict]) -> str:
+    if system == "baseline":
+        return BASELINE_LABEL[method]
+    objectives = sorted({r.get("objective") or "ce" for r in runs})
+    if system == "lorafit_ce":
+        return "lorafit defaults, `train.objective=ce`"
+    return f"lorafit defaults (objective: {', '.join(objectives)})"
+
+
 def report(args) -> str:
     out = Path(args.out)
     cells = collect(out)
@@ -215,28 +256,56 @@ def report(args) -> str:
                 "| method | setting | seeds | test n | accuracy | macro-F1 | train−test gap | ECE ×100 |",
                 "|---|---|---|---|---|---|---|---|",
             ]
+            columns = []  # (system, method) cells that have runs, for the per-seed table
             for method in METHODS:
-                for system in ("lorafit", "baseline"):
-                    if system == "baseline" and method not in BASELINES:
+                for system in SYSTEMS:
+                    runs = sorted(
+                        cells.get((dataset, k, system, method), []), key=lambda r: r["seed"]
+                    )
+                    if system != "lorafit" and not runs:
+                        continue  # optional rows are listed only when run
+                    if not runs:
+                        lines.append(f"| {method} | lorafit defaults | – | – | not run | | | |")
                         continue
-                    runs = cells.get((dataset, k, system, method), [])
-                    label = "lorafit defaults" if system == "lorafit" else BASELINE_LABEL[method]
-                    seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+                    columns.append((system, method))
+                    seeds = ",".join(str(r["seed"]) for r in runs)
                     n = sorted({r["num_test"] for r in runs})
                     acc = [r["test"]["accuracy"] for r in runs]
                     f1 = [r["test"]["f1_macro"] for r in runs]
                     gap = [r["train_test_gap"]["accuracy"] for r in runs]
                     ece = [r["test"]["ece"] for r in runs]
-                    if not runs:
-                        lines.append(f"| {method} | {label} | – | – | not run | | | |")
-                        continue
                     lines.append(
-                        f"| {method} | {label} | {seeds} | {','.join(map(str, n))} | "
-                        f"{_stat(acc)} | {_stat(f1)} | {_stat(gap)} | {_stat(ece)} |"
+                        f"| {method} | {_label(system, method, runs)} | {seeds} | "
+                        f"{','.join(map(str, n))} | {_stat(acc)} | {_stat(f1)} | {_stat(gap)} | "
+                        f"{_stat(ece)} |"
                     )
+            lines += _per_seed(cells, dataset, k, columns)
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
+
+
+def _per_seed(cells: dict, dataset: str, k: int, columns: list[tuple[str, str]]) -> list[str]:
+    """Test accuracy per seed (training accuracy at the kept weights in brackets)."""
+    if not columns:
+        return []
+    by_seed: dict[int, dict] = {}
+    for system, method in columns:
+        for r in cells[(dataset, k, system, method)]:
+            by_seed.setdefault(r["seed"], {})[(system, method)] = r
+    head = " | ".join(f"{system}-{method}" for system, method in columns)
+    lines = ["", f"| seed | {head} |", "|---|" + "---|" * len(columns)]
+    for seed in sorted(by_seed):
+        cells_ = []
+        for col in columns:
+            r = by_seed[seed].get(col)
+            if r is None:
+                cells_.append("not run")
+                continue
+            train_acc = r["train_sample_at_selected"]["accuracy"] * 100
+            cells_.append(f"{r['test']['accuracy'] * 100:.1f} ({train_acc:.0f})")
+        lines.append(f"| {seed} | " + " | ".join(cells_) + " |")
+    return lines
 
 
 def main() -> None:
@@ -247,6 +316,13 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
+    p.add_argument(
+        "--ce-methods",
+        nargs="*",
+        default=[],
+        choices=METHODS,
+        help="also run these methods with train.objective=ce (the defaults before contrastive)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--budget-min", type=float, default=None, help="stop launching after N minutes")
     p.add_argument("--stop-at", default=None, help="stop launching after HH:MM (local time)")

@@ -59,6 +59,16 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
     ],
     "defaults_mr": [("mr", m, []) for m in ("lora", "head", "full")],
     "defaults_agnews": [("ag_news", m, []) for m in ("lora", "head", "full")],
+    # cross-entropy (the explicit CE values) vs the SetFit-style contrastive objective
+    **{
+        f"objective_{dataset}": [
+            (dataset, "lora", ["train.objective=ce", "train.lr=3e-4", "train.head_lr=3e-4"]),
+            (dataset, "lora", ["train.objective=contrastive", "train.lr=3e-4"]),
+            (dataset, "full", ["train.objective=ce", "train.lr=2e-5", "train.head_lr=1e-2"]),
+            (dataset, "full", ["train.objective=contrastive", "train.lr=2e-5"]),
+        ]
+        for dataset in ("sst2", "mr", "ag_news")
+    },
 }
 
 
@@ -124,7 +134,11 @@ def data_overrides(dataset: str, folder: Path) -> list[str]:
 
 
 def run_name(dataset: str, method: str, overrides: list[str]) -> str:
-    tag = "_".join(o.split(".")[-1].replace("=", "-") for o in overrides) or "default"
+    # "train.label_smoothing=0.1" -> "label_smoothing-0.1" (the section prefix dropped)
+    tag = "_".join(
+        f"{key.split('.')[-1]}-{value}" for key, value in (o.split("=", 1) for o in overrides)
+    )
+    tag = tag or "default"
     return f"{dataset}-{method}-{tag}"
 
 
@@ -219,6 +233,8 @@ def run_one(out: Path, folders: dict, dataset: str, method: str, overrides: list
     # The last step's dev accuracy is the run's own test result (select_best=false); only the
     # steps a validation-based selection would pick need another evaluation.
     picks = {_pick(val)["step"], _pick(val, 100)["step"]} - {metrics[-1]["step"]}
+    if summary.get("objective") == "contrastive":
+        picks = set()  # checkpoints hold the body only; the head is refitted (last step only)
     curve = {r["step"]: r for r in (dev_curve(run_dir, picks) if picks else [])}
     curve[metrics[-1]["step"]] = {
         "step": metrics[-1]["step"],

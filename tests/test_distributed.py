@@ -105,7 +105,7 @@ def trained(tiny_bert_path, sentiment_dir, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("ddp")
     out = root / "ranks"
     out.mkdir()
-    runs = {name: root / name for name in ("full", "lora", "qlora")}
+    runs = {name: root / name for name in ("full", "lora", "qlora", "contrastive")}
     extra = {"output.report_to": "[tensorboard]"}
     jobs = [
         {
@@ -127,6 +127,15 @@ def trained(tiny_bert_path, sentiment_dir, tmp_path_factory):  # noqa: F811
                 sentiment_dir,
                 runs["qlora"],
                 **{"method.name": "qlora", "train.steps": 4},
+            ),
+        },
+        {
+            "name": "contrastive",
+            "overrides": tiny_overrides(
+                tiny_bert_path,
+                sentiment_dir,
+                runs["contrastive"],
+                **{**FULL, "train.objective": "contrastive"},
             ),
         },
     ]
@@ -152,6 +161,18 @@ def test_ddp_full_finetuning_converges_with_equal_weights_on_both_ranks(trained)
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
     assert rows[-1]["train"]["loss"] < rows[0]["train"]["loss"]
     # both ranks computed the same test metrics (gathered, exact)
+    assert ranks[0]["test"] == ranks[1]["test"]
+
+
+def test_ddp_contrastive_fits_the_same_head_on_both_ranks(trained):
+    ranks = rank_results(trained["out"], "contrastive")
+    assert ranks[0]["num_processes"] == 2
+    assert ranks[0]["hash"] == ranks[1]["hash"]  # the body, kept identical by DDP
+    assert ranks[0]["head_hash"] == ranks[1]["head_hash"]  # fitted from gathered embeddings
+    summary = json.loads((trained["runs"]["contrastive"] / "summary.json").read_text())
+    assert summary["objective"] == "contrastive"
+    assert summary["train_sample_at_selected"]["accuracy"] >= 0.9
+    assert summary["test"]["accuracy"] >= 0.75
     assert ranks[0]["test"] == ranks[1]["test"]
 
 

@@ -162,6 +162,79 @@ def test_full_finetuning_learns_the_task(tiny_bert_path, sentiment_dir, tmp_path
     assert summary["test"]["accuracy"] >= 0.75
 
 
+def test_contrastive_objective_fits_the_head_on_the_trained_body(
+    tiny_bert_path, sentiment_dir, tmp_path
+):
+    from lorafit.evaluate import embed_dataset
+    from lorafit.objectives import fit_logistic_head
+
+    overrides = tiny_overrides(
+        tiny_bert_path,
+        sentiment_dir,
+        tmp_path / "contrastive",
+        **{"method.name": "full", "train.objective": "contrastive", "train.steps": 40},
+        **{"train.lr": 2e-3, "train.eval_every": 10},
+    )
+    trainer = Trainer(load_config(None, overrides))
+    trainer.setup()
+    head = trainer.unwrapped.head
+    stepped = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(head.weight) not in stepped and id(head.bias) not in stepped
+    summary = trainer.train()
+    assert summary["objective"] == "contrastive"
+    assert summary["train_sample_at_selected"]["accuracy"] >= 0.9
+    assert summary["test"]["accuracy"] >= 0.75
+    embeddings, labels = embed_dataset(
+        trainer.model, trainer.train_embed_loader, trainer.accelerator
+    )
+    assert len(labels) == len(trainer.train_set)
+    weight, bias = fit_logistic_head(embeddings, labels, 2)
+    torch.testing.assert_close(head.weight.detach(), weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head.bias.detach(), bias, atol=1e-5, rtol=1e-4)
+    saved = load_file(tmp_path / "contrastive" / "adapter" / "head.safetensors")
+    torch.testing.assert_close(saved["head.weight"], weight, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ({"method.name": "head"}, "method.name=head"),
+        ({"train.label_smoothing": 0.1}, "train.label_smoothing"),
+        ({"train.ema_decay": 0.9}, "train.ema_decay"),
+    ],
+)
+def test_contrastive_objective_rejects_what_cannot_apply(
+    extra, field, tiny_bert_path, sentiment_dir, tmp_path
+):
+    with pytest.raises(ConfigError, match=field):
+        run_tiny(
+            tiny_bert_path,
+            sentiment_dir,
+            tmp_path / "bad",
+            **{"train.objective": "contrastive", **extra},
+        )
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"train.label_smoothing": 0.2},
+        {"train.rdrop": 1.0},
+        {"train.ema_decay": 0.5},
+        {"train.layer_lr_decay": 0.5},
+    ],
+)
+def test_regularisers_change_training_under_cross_entropy(
+    switch, tiny_bert_path, sentiment_dir, tmp_path
+):
+    common = {"train.objective": "ce", "train.steps": 6, "train.eval_every": 6}
+    plain = run_tiny(tiny_bert_path, sentiment_dir, tmp_path / "plain", **common)
+    switched = run_tiny(tiny_bert_path, sentiment_dir, tmp_path / "on", **common, **switch)
+    assert switched["objective"] == "ce" and np.isfinite(switched["test"]["loss"])
+    # same data, seed and steps: only the switch differs, and it must change the model
+    assert switched["test"]["loss"] != pytest.approx(plain["test"]["loss"], abs=1e-7)
+
+
 def test_causal_lm_sft_run(tiny_llama_path, tmp_path):
     records = [
         {"instruction": f"say the word number {i}", "input": "", "output": f"word {i % 5} done"}

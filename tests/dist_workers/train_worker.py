@@ -101,6 +101,8 @@ def main() -> None:
             "distributed_type": str(acc.distributed_type),
             "backend": str(getattr(acc.state, "backend", None)),
             "hash": weights_hash(trainer.trainable),
+            # the head too: under train.objective=contrastive it is fitted, not trained
+            "head_hash": weights_hash(dict(trainer.unwrapped.head.named_parameters())),
             "test": {k: v for k, v in summary.get("test", {}).items() if isinstance(v, float)},
             "summary_num_processes": summary.get("num_processes"),
         }
