@@ -50,6 +50,7 @@ def _overrides(seed: int, steps: int, eval_every: int, out: str) -> list[str]:
         "data.min_words=8",
         f"data.seed={seed}",
         "method.name=lora",
+        "train.objective=ce",  # the Trainer script's loss: a like-for-like comparison
         f"method.r={s['r']}",
         f"method.alpha={s['alpha']}",
         "method.dropout=0.1",

@@ -296,17 +296,54 @@ def report(out: Path) -> str:
     ]
     for name, runs in by_name.items():
         last = [r["curve"][-1]["dev_accuracy"] for r in runs]
-        best = [_pick(r["curve"])["dev_accuracy"] for r in runs]
-        best100 = [_pick(r["curve"], 100)["dev_accuracy"] for r in runs]
+        # contrastive runs keep no head in their checkpoints: only the last step was tested
+        best = [_pick(r["curve"]).get("dev_accuracy") for r in runs]
+        best = [] if None in best else best
+        best100 = [_pick(r["curve"], 100).get("dev_accuracy") for r in runs]
+        best100 = [] if None in best100 else best100
 
         train = [r["curve"][-1]["train_accuracy"] for r in runs]
         seeds = ",".join(str(r["seed"]) for r in runs)
         lines.append(
             f"| {name} | {seeds} | {_ms(last)} | {_ms(best)} | {_ms(best100)} | {_ms(train)} |"
         )
+    lines += _objective_table(records)
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
+
+
+def _objective_table(records: list[dict]) -> list[str]:
+    """The objective_* groups side by side: dev accuracy at the last step, ce vs contrastive."""
+    pairs: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        objective = next((o.split("=")[1] for o in r["overrides"] if "objective=" in o), None)
+        if objective is None:
+            continue
+        key = (r["dataset"], r["method"], r["seed"])
+        pairs.setdefault(key, {})[objective] = r["curve"][-1]["dev_accuracy"]
+    lines = [
+        "",
+        "| dataset | method | data seed | dev acc, ce | dev acc, contrastive | difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    diffs: dict[str, list[float]] = {}
+    for (dataset, method, seed), acc in sorted(pairs.items()):
+        if len(acc) < 2:
+            continue
+        diff = acc["contrastive"] - acc["ce"]
+        diffs.setdefault(method, []).append(diff)
+        lines.append(
+            f"| {dataset} | {method} | {seed} | {100 * acc['ce']:.1f} | "
+            f"{100 * acc['contrastive']:.1f} | {100 * diff:+.1f} |"
+        )
+    for method, d in diffs.items():
+        wins = sum(x > 0 for x in d)
+        lines.append(
+            f"| all | {method} | {len(d)} pairs | | | mean {100 * statistics.fmean(d):+.1f}, "
+            f"contrastive ahead in {wins} |"
+        )
+    return lines
 
 
 def main() -> None:
