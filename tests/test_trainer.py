@@ -156,7 +156,8 @@ def test_full_finetuning_learns_the_task(tiny_bert_path, sentiment_dir, tmp_path
         tiny_bert_path,
         sentiment_dir,
         tmp_path / "full",
-        **{"method.name": "full", "train.steps": 40, "train.lr": 2e-3, "train.eval_every": 10},
+        **{"method.name": "full", "train.objective": "ce", "train.steps": 40},
+        **{"train.lr": 2e-3, "train.eval_every": 10},
     )
     assert summary["train_sample_at_selected"]["accuracy"] >= 0.9
     assert summary["test"]["accuracy"] >= 0.75
@@ -172,8 +173,8 @@ def test_contrastive_objective_fits_the_head_on_the_trained_body(
         tiny_bert_path,
         sentiment_dir,
         tmp_path / "contrastive",
-        **{"method.name": "full", "train.objective": "contrastive", "train.steps": 40},
-        **{"train.lr": 2e-3, "train.eval_every": 10},
+        **{"method.name": "full", "train.objective": "contrastive", "train.steps": 80},
+        **{"train.lr": 1e-3, "train.eval_every": 20},
     )
     trainer = Trainer(load_config(None, overrides))
     trainer.setup()
