@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -40,28 +41,34 @@ SEEDS = (13, 21, 42, 87, 100)
 DATASETS = ("sst2", "mr", "ag_news")
 
 
+def hold_out(labels: list, n: int, eligible: list[int], seed: int = 0) -> set[int]:
+    """Stratified `n` of the `eligible` row indices (an equal share per label, seeded)."""
+    by_label: dict = {}
+    for i in eligible:
+        by_label.setdefault(labels[i], []).append(i)
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    for label in sorted(by_label, key=str):
+        idx = by_label[label][:]
+        rng.shuffle(idx)
+        chosen.update(idx[: n // len(by_label)])
+    return chosen
+
+
 def mr_split(out: Path, n_test: int = 1000, seed: int = 0) -> Path:
     """Fixed MR split: a stratified `n_test` rows held out as test, the rest the train pool."""
+    from lorafit.io import write_text
+
     folder = out / "data" / "mr"
     if (folder / "train.jsonl").exists() and (folder / "test.jsonl").exists():
         return folder
-    import random
-
-    rows = [json.loads(line) for line in (DATA / "mr" / "mr.jsonl").read_text().splitlines()]
-    by_label: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_label.setdefault(r["label"], []).append(i)
-    rng = random.Random(seed)
-    test: set[int] = set()
-    for label in sorted(by_label):
-        idx = by_label[label][:]
-        rng.shuffle(idx)
-        test.update(idx[: n_test // len(by_label)])
-    folder.mkdir(parents=True, exist_ok=True)
+    lines = (DATA / "mr" / "mr.jsonl").read_text().splitlines()
+    labels = [json.loads(line)["label"] for line in lines]
+    test = hold_out(labels, n_test, list(range(len(lines))), seed)
     for name, keep in (("train", lambda i: i not in test), ("test", lambda i: i in test)):
-        lines = [json.dumps(r) for i, r in enumerate(rows) if keep(i)]
-        (folder / f"{name}.jsonl.tmp").write_text("\n".join(lines) + "\n")
-        os.replace(folder / f"{name}.jsonl.tmp", folder / f"{name}.jsonl")
+        write_text(
+            folder / f"{name}.jsonl", "\n".join(x for i, x in enumerate(lines) if keep(i)) + "\n"
+        )
     return folder
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from recipes_table import DATA, QUIET, mr_split  # noqa: E402
+from recipes_table import DATA, QUIET, hold_out, mr_split  # noqa: E402
 
 PY = sys.executable
 
@@ -72,29 +71,13 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
 }
 
 
-def _write_lines(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-
-
-def _hold_out(labels: list, n: int, eligible: list[int], seed: int = 0) -> set[int]:
-    """Stratified `n` of the `eligible` row indices (equal share per label)."""
-    by_label: dict = {}
-    for i in eligible:
-        by_label.setdefault(labels[i], []).append(i)
-    rng = random.Random(seed)
-    chosen: set[int] = set()
-    for label in sorted(by_label, key=str):
-        idx = by_label[label][:]
-        rng.shuffle(idx)
-        chosen.update(idx[: n // len(by_label)])
-    return chosen
-
-
 def prepare(out: Path) -> dict[str, Path]:
     """Write <out>/data/<dataset>/{train,test}.* (test = the dev slice of the train pool)."""
+    from lorafit.io import write_text
+
+    def write_lines(path: Path, lines: list[str]) -> None:
+        write_text(path, "\n".join(lines) + "\n")
+
     folders = {}
     for name, file, n_dev, min_words in (
         ("sst2", DATA / "sst2" / "train.tsv", 500, 8),
@@ -107,20 +90,20 @@ def prepare(out: Path) -> dict[str, Path]:
         header, *rows = file.read_text().splitlines()
         fields = [r.split("\t") for r in rows]
         eligible = [i for i, f in enumerate(fields) if len(f[0].split()) >= min_words]
-        dev = _hold_out([f[-1] for f in fields], n_dev, eligible)
-        _write_lines(
+        dev = hold_out([f[-1] for f in fields], n_dev, eligible)
+        write_lines(
             folder / "train.tsv", [header] + [r for i, r in enumerate(rows) if i not in dev]
         )
-        _write_lines(folder / "test.tsv", [header] + [r for i, r in enumerate(rows) if i in dev])
+        write_lines(folder / "test.tsv", [header] + [r for i, r in enumerate(rows) if i in dev])
     folder = out / "data" / "mr"
     folders["mr"] = folder
     if not (folder / "test.jsonl").exists():
         pool = mr_split(ROOT / "runs" / "recipes") / "train.jsonl"  # the table's test rows excluded
         rows = pool.read_text().splitlines()
         labels = [json.loads(r)["label"] for r in rows]
-        dev = _hold_out(labels, 500, list(range(len(rows))))
-        _write_lines(folder / "train.jsonl", [r for i, r in enumerate(rows) if i not in dev])
-        _write_lines(folder / "test.jsonl", [r for i, r in enumerate(rows) if i in dev])
+        dev = hold_out(labels, 500, list(range(len(rows))))
+        write_lines(folder / "train.jsonl", [r for i, r in enumerate(rows) if i not in dev])
+        write_lines(folder / "test.jsonl", [r for i, r in enumerate(rows) if i in dev])
     return folders
 
 
