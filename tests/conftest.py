@@ -15,17 +15,21 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.tiny import tiny_bert, tiny_llama  # noqa: E402
 
+# Another init seed checks that the learning thresholds of the tests do not hang on one draw:
+# LORAFIT_TINY_SEED=1 python -m pytest -q
+TINY_SEED = int(os.environ.get("LORAFIT_TINY_SEED", "0"))
+
 
 @pytest.fixture(scope="session")
 def tiny_bert_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Folder of a tiny BERT-like encoder (hidden 64, 2 layers, pooler) + WordPiece tokenizer."""
-    return tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+    return tiny_bert(tmp_path_factory.mktemp("tiny_bert"), seed=TINY_SEED)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Folder of a tiny Llama-like causal LM (hidden 64, 2 layers) + BPE tokenizer with a chat template."""
-    return tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+    return tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=TINY_SEED)
 
 
 @pytest.fixture(scope="session")

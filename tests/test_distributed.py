@@ -111,7 +111,11 @@ def trained(tiny_bert_path, sentiment_dir, tmp_path_factory):  # noqa: F811
         {
             "name": "full",
             "overrides": tiny_overrides(
-                tiny_bert_path, sentiment_dir, runs["full"], **FULL, **extra
+                tiny_bert_path,
+                sentiment_dir,
+                runs["full"],
+                **{**FULL, "train.objective": "ce"},
+                **extra,
             ),
         },
         {
@@ -135,7 +139,8 @@ def trained(tiny_bert_path, sentiment_dir, tmp_path_factory):  # noqa: F811
                 tiny_bert_path,
                 sentiment_dir,
                 runs["contrastive"],
-                **{**FULL, "train.objective": "contrastive"},
+                # 8 per rank: a batch of 4 holds too few same-label pairs to learn from reliably
+                **{**FULL, "train.objective": "contrastive", "train.batch_size": 8},
             ),
         },
     ]

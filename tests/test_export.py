@@ -23,6 +23,7 @@ from lorafit.errors import DataError, ModelError
 from lorafit.export import MANIFEST_FILE, export_run, load
 from lorafit.predict import Predictor
 from lorafit.trainer import train
+from tests.conftest import TINY_SEED
 from tests.test_trainer import sentiment_rows, tiny_overrides
 from tests.tiny import tiny_bert
 
@@ -199,7 +200,7 @@ def test_qlora_merges_onto_the_dequantised_base_or_refuses(tiny_llama_path, work
 
 
 def test_load_checks_the_base_hash(cls_export, tiny_bert_path, work):
-    other_base = tiny_bert(work / "other_bert", seed=1)  # same architecture, other weights
+    other_base = tiny_bert(work / "other_bert", seed=TINY_SEED + 1)  # same shapes, other weights
     with pytest.raises(ModelError, match="wrong base model") as err:
         load(cls_export, base_model=other_base)
     message = str(err.value)

@@ -1,13 +1,15 @@
 """Tiny random models with offline-trained tokenizers, for fast tests.
 
 `tiny_bert(dir)` and `tiny_llama(dir)` write a folder that `AutoModel*` / `AutoTokenizer`
-load with `from_pretrained`, and return its path. Nothing is downloaded: the tokenizers are
-trained with the `tokenizers` library on the small corpus below. Hidden sizes are 64 so that
+load with `from_pretrained`, and return its path. Nothing is downloaded: the BERT vocabulary is
+the words of the small corpus below plus single characters, and the Llama BPE is trained on it
+(both are the same in every process). Hidden sizes are 64 so that
 bitsandbytes 4-bit layers (blocksize 64) quantise them.
 """
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
@@ -60,12 +62,22 @@ def tiny_bert(directory: str | Path, hidden_size: int = 64, seed: int = 0) -> st
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        CORPUS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials)
+    # The vocabulary is written out, not trained: WordPieceTrainer breaks ties in hash order, so
+    # every process would get other ids, hence another model trajectory and other test results.
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = {
+        word
+        for line in CORPUS
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
+    }
+    alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = specials + sorted(words) + alphabet + ["##" + c for c in alphabet]
+    tok = Tokenizer(
+        models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))}, unk_token="[UNK]")
     )
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
