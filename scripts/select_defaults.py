@@ -68,6 +68,33 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ]
         for dataset in ("sst2", "mr", "ag_news")
     },
+    # the contrastive budget: pairs per step (batch size) against steps, LoRA
+    **{
+        f"contrastive_batch_{dataset}": [
+            (dataset, "lora", []),
+            (dataset, "lora", ["train.batch_size=16", "train.steps=100"]),
+            (dataset, "lora", ["train.batch_size=32", "train.steps=50"]),
+            (dataset, "lora", ["train.steps=100"]),
+        ]
+        for dataset in ("sst2", "mr", "ag_news")
+    },
+    # the head-only default (cross-entropy, SGD) on the three datasets, to set against the
+    # closed-form logistic-regression head of scripts/contrastive_probes.py head
+    "head_default": [(dataset, "head", []) for dataset in ("sst2", "mr", "ag_news")],
+    **{
+        f"contrastive_lr_{dataset}": [
+            (dataset, "lora", ["train.lr=1e-3"]),
+            (dataset, "lora", ["train.lr=1e-4"]),
+        ]
+        for dataset in ("sst2", "mr", "ag_news")
+    },
+    **{
+        f"contrastive_longer_{dataset}": [
+            (dataset, "lora", ["train.steps=400"]),
+            (dataset, "lora", ["train.batch_size=16", "train.steps=200"]),
+        ]
+        for dataset in ("sst2", "mr", "ag_news")
+    },
 }
 
 
