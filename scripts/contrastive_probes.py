@@ -25,15 +25,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from recipes_table import QUIET  # noqa: E402
+from recipes_table import DATASETS, QUIET  # noqa: E402
 from select_defaults import data_overrides, prepare  # noqa: E402
 
 L2_VALUES = (100.0, 10.0, 1.0, 0.1, 0.01)  # C = 0.01 ... 100
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def accuracy(weight, bias, embeddings, labels) -> float:
-    return ((embeddings @ weight.T + bias).argmax(-1) == labels).float().mean().item()
+def train_and_dev_embeddings(trainer) -> tuple:
+    """((embeddings [N, H], labels [N]) of the training set, the same of the dev set)."""
+    from lorafit.evaluate import embed_dataset
+
+    return tuple(
+        embed_dataset(trainer.model, loader, trainer.accelerator)
+        for loader in (trainer.train_embed_loader, trainer.test_loader)
+    )
+
+
+def fitted_head_accuracy(train, dev, num_classes: int, **fit_options) -> float:
+    """Fit the logistic-regression head on (embeddings, labels) `train`; % accuracy on `dev`."""
+    from lorafit.objectives import fit_logistic_head
+
+    (x_train, y_train), (x_dev, y_dev) = train, dev
+    weight, bias = fit_logistic_head(x_train, y_train, num_classes, **fit_options)
+    return 100 * ((x_dev @ weight.T + bias).argmax(-1) == y_dev).float().mean().item()
 
 
 def trainer_for(dataset: str, folder: Path, seed: int, out: Path):
@@ -60,35 +75,21 @@ def trainer_for(dataset: str, folder: Path, seed: int, out: Path):
 def probe_head(dataset: str, folder: Path, seed: int, out: Path) -> str:
     import torch.nn.functional as F
 
-    from lorafit.evaluate import embed_dataset
-    from lorafit.objectives import fit_logistic_head
-
     trainer = trainer_for(dataset, folder, seed, out)  # set up, never trained: the frozen body
-    embed = lambda loader: embed_dataset(trainer.model, loader, trainer.accelerator)  # noqa: E731
-    (x_train, y_train), (x_dev, y_dev) = (
-        embed(trainer.train_embed_loader),
-        embed(trainer.test_loader),
-    )
+    (x_train, y_train), (x_dev, y_dev) = train_and_dev_embeddings(trainer)
     cells = []
     for normalise in (False, True):
-        a, b = (
-            (F.normalize(x_train, dim=-1), F.normalize(x_dev, dim=-1))
-            if normalise
-            else (x_train, x_dev)
-        )
+        prepare_x = (lambda x: F.normalize(x, dim=-1)) if normalise else (lambda x: x)
         for l2 in L2_VALUES:
-            weight, bias = fit_logistic_head(a, y_train, trainer.num_classes, l2=l2)
-            cells.append(
-                f"{'norm' if normalise else 'raw'} C={1 / l2:g}: {100 * accuracy(weight, bias, b, y_dev):.1f}"
+            accuracy = fitted_head_accuracy(
+                (prepare_x(x_train), y_train), (prepare_x(x_dev), y_dev), trainer.num_classes, l2=l2
             )
+            cells.append(f"{'norm' if normalise else 'raw'} C={1 / l2:g}: {accuracy:.1f}")
     return " | ".join(cells)
 
 
 def probe_interpolate(dataset: str, folder: Path, seed: int, out: Path) -> str:
     from peft.tuners.lora import LoraLayer
-
-    from lorafit.evaluate import embed_dataset
-    from lorafit.objectives import fit_logistic_head
 
     trainer = trainer_for(dataset, folder, seed, out)
     summary = trainer.train()
@@ -98,21 +99,15 @@ def probe_interpolate(dataset: str, folder: Path, seed: int, out: Path) -> str:
     for scale in SCALES:
         for layer, scaling in zip(layers, trained):
             layer.scaling.update({name: value * scale for name, value in scaling.items()})
-        x_train, y_train = embed_dataset(
-            trainer.model, trainer.train_embed_loader, trainer.accelerator
-        )
-        weight, bias = fit_logistic_head(x_train, y_train, trainer.num_classes)
-        x_dev, y_dev = embed_dataset(trainer.model, trainer.test_loader, trainer.accelerator)
-        cells.append(f"a={scale:g}: {100 * accuracy(weight, bias, x_dev, y_dev):.1f}")
+        accuracy = fitted_head_accuracy(*train_and_dev_embeddings(trainer), trainer.num_classes)
+        cells.append(f"a={scale:g}: {accuracy:.1f}")
     return f"run {100 * summary['test']['accuracy']:.1f} | " + " | ".join(cells)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("probe", choices=("head", "interpolate"))
-    p.add_argument(
-        "--datasets", nargs="+", default=["sst2", "mr"], choices=("sst2", "mr", "ag_news")
-    )
+    p.add_argument("--datasets", nargs="+", default=["sst2", "mr"], choices=DATASETS)
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--out", default=str(ROOT / "runs" / "select"))
     args = p.parse_args()

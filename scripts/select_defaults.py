@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from recipes_table import DATA, QUIET, hold_out, mr_split  # noqa: E402
+from recipes_table import DATA, DATASETS, QUIET, hold_out, mr_split  # noqa: E402
 
 PY = sys.executable
 
@@ -66,7 +66,7 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
             (dataset, "full", ["train.objective=ce", "train.lr=2e-5", "train.head_lr=1e-2"]),
             (dataset, "full", ["train.objective=contrastive", "train.lr=2e-5"]),
         ]
-        for dataset in ("sst2", "mr", "ag_news")
+        for dataset in DATASETS
     },
     # the contrastive budget: pairs per step (batch size) against steps, LoRA
     **{
@@ -76,24 +76,24 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
             (dataset, "lora", ["train.batch_size=32", "train.steps=50"]),
             (dataset, "lora", ["train.steps=100"]),
         ]
-        for dataset in ("sst2", "mr", "ag_news")
+        for dataset in DATASETS
     },
     # the head-only default (cross-entropy, SGD) on the three datasets, to set against the
     # closed-form logistic-regression head of scripts/contrastive_probes.py head
-    "head_default": [(dataset, "head", []) for dataset in ("sst2", "mr", "ag_news")],
+    "head_default": [(dataset, "head", []) for dataset in DATASETS],
     **{
         f"contrastive_lr_{dataset}": [
             (dataset, "lora", ["train.lr=1e-3"]),
             (dataset, "lora", ["train.lr=1e-4"]),
         ]
-        for dataset in ("sst2", "mr", "ag_news")
+        for dataset in DATASETS
     },
     **{
         f"contrastive_longer_{dataset}": [
             (dataset, "lora", ["train.steps=400"]),
             (dataset, "lora", ["train.batch_size=16", "train.steps=200"]),
         ]
-        for dataset in ("sst2", "mr", "ag_news")
+        for dataset in DATASETS
     },
 }
 

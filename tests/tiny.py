@@ -1,4 +1,4 @@
-"""Tiny random models with offline-trained tokenizers, for fast tests.
+"""Tiny random models with offline tokenizers, for fast tests.
 
 `tiny_bert(dir)` and `tiny_llama(dir)` write a folder that `AutoModel*` / `AutoTokenizer`
 load with `from_pretrained`, and return its path. Nothing is downloaded: the BERT vocabulary is
