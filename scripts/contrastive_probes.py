@@ -2,6 +2,8 @@
 
     python scripts/contrastive_probes.py head --datasets sst2 mr
     python scripts/contrastive_probes.py interpolate --datasets sst2
+    python scripts/contrastive_probes.py self_train --datasets sst2
+    python scripts/contrastive_probes.py ensemble --datasets sst2
 
 `head`: the frozen MiniLM body, and the fitted head alone varied: logistic regression with
 C = 1/l2 in {0.01, 0.1, 1, 10, 100}, on raw or L2-normalised embeddings. Asks whether the head
@@ -12,9 +14,21 @@ a in {0, 0.25, 0.5, 0.75, 1} (a=0 is the frozen body; weight-space interpolation
 and fine-tuned weights, WiSE-FT, Wortsman et al. 2022), the head refitted at each a. Asks
 whether the fine-tuned body overshoots.
 
-Both use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the same
-16 + 16 examples per class as its runs) and never open a test split. One line per data seed is
-printed; nothing is written but the interpolate runs' folders under <out>.
+`self_train`: the frozen body, then the trained default LoRA body; on each, the head is fitted
+on the 32 labelled examples, then refitted in rounds on them plus the most confident
+pseudo-labelled texts of 2,000 unlabelled pool rows (10%, 25%, 50% of them, split evenly over
+the predicted classes); then a second default LoRA run from the base model, trained on the 32
+labelled rows plus the trained run's most confident half of the pool with its pseudo-labels
+(self-training of the body). Asks whether unlabelled in-domain text helps. The pool rows' labels
+are read only to print how accurate the pseudo-labels were.
+
+`ensemble`: four default LoRA runs on the same K-shot draw with training seeds seed, seed+100,
+seed+200, seed+300; their fitted heads' probabilities averaged. Asks whether the spread between
+training draws can be averaged away.
+
+All four use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
+same 16 + 16 examples per class as its runs) and never open a test split. One line per data seed
+is printed; nothing is written but the runs' folders under <out>/probes.
 """
 
 from __future__ import annotations
@@ -23,6 +37,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from recipes_table import DATASETS, QUIET  # noqa: E402
@@ -30,6 +46,10 @@ from select_defaults import data_overrides, prepare  # noqa: E402
 
 L2_VALUES = (100.0, 10.0, 1.0, 0.1, 0.01)  # C = 0.01 ... 100
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+UNLABELLED = 2000
+PSEUDO_FRACTIONS = (0.1, 0.25, 0.5)
+SECOND_STAGE_FRACTION = 0.5
+ENSEMBLE_SIZE = 4
 
 
 def train_and_dev_embeddings(trainer) -> tuple:
@@ -51,19 +71,29 @@ def fitted_head_accuracy(train, dev, num_classes: int, **fit_options) -> float:
     return 100 * ((x_dev @ weight.T + bias).argmax(-1) == y_dev).float().mean().item()
 
 
-def trainer_for(dataset: str, folder: Path, seed: int, out: Path):
+def fitted_head_probabilities(train, x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class probabilities [N, C] of embeddings x under the head fitted on (embeddings, labels)."""
+    from lorafit.objectives import fit_logistic_head
+
+    weight, bias = fit_logistic_head(*train, num_classes)
+    return torch.softmax(x @ weight.T + bias, dim=-1)
+
+
+def trainer_for(dataset: str, folder: Path, seed: int, out: Path, train_seed: int | None = None):
     from lorafit.config import load_config
     from lorafit.trainer import Trainer
+
+    train_seed = seed if train_seed is None else train_seed
 
     overrides = [
         "model.name_or_path=minilm",
         *data_overrides(dataset, folder),
         "data.k_shot=16",
         f"data.seed={seed}",
-        f"train.seed={seed}",
+        f"train.seed={train_seed}",
         "method.name=lora",
         "train.eval_every=200",
-        f"output.dir={out / f'{dataset}-seed{seed}'}",
+        f"output.dir={out / f'{dataset}-seed{seed}-train{train_seed}'}",
         "output.overwrite=true",
         *QUIET,
     ]
@@ -104,19 +134,159 @@ def probe_interpolate(dataset: str, folder: Path, seed: int, out: Path) -> str:
     return f"run {100 * summary['test']['accuracy']:.1f} | " + " | ".join(cells)
 
 
+def unlabelled_rows(trainer, seed: int):
+    """UNLABELLED pool rows (a Dataset) outside the run's train/validation draw, shuffled by seed."""
+    import dataclasses
+    import random
+
+    from lorafit import data as D
+
+    drawn = set(trainer.data.train["text"]) | set(trainer.data.validation["text"])
+    whole = dataclasses.replace(trainer.cfg.data, k_shot=None)
+    pool = D.load_task_data(whole, trainer.task).train
+    rows = [i for i, text in enumerate(pool["text"]) if text not in drawn]
+    random.Random(seed).shuffle(rows)
+    return pool.select(rows[:UNLABELLED])
+
+
+def embed_rows(trainer, rows) -> tuple:
+    """(embeddings [N, H], labels [N]) of normalised rows under the trainer's current body."""
+    from lorafit import data as D
+    from lorafit.evaluate import embed_dataset
+
+    tokenised = D.tokenize(rows, trainer.tokenizer, trainer.task, trainer.cfg.model.max_length)
+    loader = torch.utils.data.DataLoader(  # a private generator: the global RNG stays untouched
+        tokenised, batch_size=128, collate_fn=trainer.collate, generator=torch.Generator()
+    )
+    return embed_dataset(trainer.model, loader, trainer.accelerator)
+
+
+def most_confident(confidence, predicted, num_classes: int, per_class: int) -> torch.Tensor:
+    """Row indices of the per_class most confident predictions of each class."""
+    picks = []
+    for c in range(num_classes):
+        members = (predicted == c).nonzero().flatten()
+        picks.append(members[confidence[members].argsort(descending=True)[:per_class]])
+    return torch.cat(picks)
+
+
+def self_training_cells(train, unlabelled, dev, num_classes: int) -> list[str]:
+    (x_train, y_train), (x_pool, y_pool) = train, unlabelled
+    labelled = (x_train, y_train)
+    cells = [f"labelled only {fitted_head_accuracy(labelled, dev, num_classes):.1f}"]
+    for fraction in PSEUDO_FRACTIONS:
+        confidence, predicted = fitted_head_probabilities(labelled, x_pool, num_classes).max(-1)
+        per_class = int(fraction * len(x_pool) / num_classes)
+        chosen = most_confident(confidence, predicted, num_classes, per_class)
+        labelled = (torch.cat([x_train, x_pool[chosen]]), torch.cat([y_train, predicted[chosen]]))
+        pseudo_accuracy = 100 * (predicted[chosen] == y_pool[chosen]).float().mean().item()
+        accuracy = fitted_head_accuracy(labelled, dev, num_classes)
+        cells.append(f"+{len(chosen)} pseudo ({pseudo_accuracy:.0f}% right): {accuracy:.1f}")
+    return cells
+
+
+def second_stage_accuracy(trainer, pseudo_rows, pseudo_labels, folder: Path) -> float:
+    """A fresh default LoRA run on the labelled rows + pseudo-labelled rows; % dev accuracy."""
+    import json
+
+    from lorafit.config import load_config
+    from lorafit.io import write_text
+    from lorafit.trainer import Trainer
+
+    names = trainer.label_names
+    splits = {
+        "train": [
+            *zip(trainer.data.train["text"], trainer.data.train["label"]),
+            *zip(pseudo_rows["text"], pseudo_labels.tolist()),
+        ],
+        "validation": zip(trainer.data.validation["text"], trainer.data.validation["label"]),
+        "test": zip(trainer.data.test["text"], trainer.data.test["label"]),
+    }
+    for split, rows in splits.items():
+        lines = (json.dumps({"text": text, "label": names[int(y)]}) for text, y in rows)
+        write_text(folder / f"{split}.jsonl", "\n".join(lines) + "\n")
+    cfg = trainer.cfg
+    overrides = [
+        "model.name_or_path=minilm",
+        f"model.max_length={cfg.model.max_length}",
+        f"data.path={folder}",
+        "data.validation_split=validation",
+        "data.test_split=test",
+        f"data.seed={cfg.data.seed}",
+        f"train.seed={cfg.train.seed}",
+        "method.name=lora",
+        "train.eval_every=200",
+        f"output.dir={folder / 'run'}",
+        "output.overwrite=true",
+        *QUIET,
+    ]
+    second = Trainer(load_config(None, overrides))
+    second.setup()
+    return 100 * second.train()["test"]["accuracy"]
+
+
+def probe_self_train(dataset: str, folder: Path, seed: int, out: Path) -> str:
+    trainer = trainer_for(dataset, folder, seed, out)
+    unlabelled = unlabelled_rows(trainer, seed)
+    lines = []
+    for body in ("frozen", "trained"):
+        if body == "trained":
+            trainer.train()
+        train, dev = train_and_dev_embeddings(trainer)
+        pool = embed_rows(trainer, unlabelled)
+        cells = self_training_cells(train, pool, dev, trainer.num_classes)
+        lines.append(f"{body}: " + " | ".join(cells))
+    # second stage: the trained run's most confident half of the pool trains a fresh run
+    confidence, predicted = fitted_head_probabilities(train, pool[0], trainer.num_classes).max(-1)
+    per_class = int(SECOND_STAGE_FRACTION * len(unlabelled) / trainer.num_classes)
+    chosen = most_confident(confidence, predicted, trainer.num_classes, per_class)
+    pseudo_accuracy = 100 * (predicted[chosen] == pool[1][chosen]).float().mean().item()
+    accuracy = second_stage_accuracy(
+        trainer,
+        unlabelled.select(chosen.tolist()),
+        predicted[chosen],
+        out / f"{dataset}-seed{seed}-second-stage",
+    )
+    lines.append(
+        f"second stage on 32 + {len(chosen)} pseudo ({pseudo_accuracy:.0f}% right): {accuracy:.1f}"
+    )
+    return " || ".join(lines)
+
+
+def probe_ensemble(dataset: str, folder: Path, seed: int, out: Path) -> str:
+    probabilities, cells = [], []
+    for member in range(ENSEMBLE_SIZE):
+        trainer = trainer_for(dataset, folder, seed, out, train_seed=seed + 100 * member)
+        trainer.train()
+        train, (x_dev, y_dev) = train_and_dev_embeddings(trainer)
+        probabilities.append(fitted_head_probabilities(train, x_dev, trainer.num_classes))
+        single, averaged = (
+            100 * (p.argmax(-1) == y_dev).float().mean().item()
+            for p in (probabilities[-1], torch.stack(probabilities).mean(0))
+        )
+        cells.append(f"run {member + 1} {single:.1f}, ensemble of {member + 1} {averaged:.1f}")
+    return " | ".join(cells)
+
+
+PROBES = {
+    "head": probe_head,
+    "interpolate": probe_interpolate,
+    "self_train": probe_self_train,
+    "ensemble": probe_ensemble,
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("probe", choices=("head", "interpolate"))
+    p.add_argument("probe", choices=PROBES)
     p.add_argument("--datasets", nargs="+", default=["sst2", "mr"], choices=DATASETS)
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--out", default=str(ROOT / "runs" / "select"))
     args = p.parse_args()
-    import torch
-
     torch.set_num_threads(1)
     out = Path(args.out)
     folders = prepare(out)
-    probe = probe_head if args.probe == "head" else probe_interpolate
+    probe = PROBES[args.probe]
     for dataset in args.datasets:
         for seed in args.seeds:
             line = probe(dataset, folders[dataset], seed, out / "probes")
