@@ -1,4 +1,4 @@
-"""Two probes of the contrastive recipe on the selection dev sets (training-split data only).
+"""Four probes of the contrastive recipe on the selection dev sets (training-split data only).
 
     python scripts/contrastive_probes.py head --datasets sst2 mr
     python scripts/contrastive_probes.py interpolate --datasets sst2
@@ -62,44 +62,51 @@ def train_and_dev_embeddings(trainer) -> tuple:
     )
 
 
-def fitted_head_accuracy(train, dev, num_classes: int, **fit_options) -> float:
-    """Fit the logistic-regression head on (embeddings, labels) `train`; % accuracy on `dev`."""
-    from lorafit.objectives import fit_logistic_head
-
-    (x_train, y_train), (x_dev, y_dev) = train, dev
-    weight, bias = fit_logistic_head(x_train, y_train, num_classes, **fit_options)
-    return 100 * ((x_dev @ weight.T + bias).argmax(-1) == y_dev).float().mean().item()
+def percent_equal(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 100 * (a == b).float().mean().item()
 
 
-def fitted_head_probabilities(train, x: torch.Tensor, num_classes: int) -> torch.Tensor:
+def fitted_head_probabilities(train, x: torch.Tensor, num_classes: int, **fit_options):
     """Class probabilities [N, C] of embeddings x under the head fitted on (embeddings, labels)."""
     from lorafit.objectives import fit_logistic_head
 
-    weight, bias = fit_logistic_head(*train, num_classes)
+    weight, bias = fit_logistic_head(*train, num_classes, **fit_options)
     return torch.softmax(x @ weight.T + bias, dim=-1)
 
 
-def trainer_for(dataset: str, folder: Path, seed: int, out: Path, train_seed: int | None = None):
+def fitted_head_accuracy(train, dev, num_classes: int, **fit_options) -> float:
+    """Fit the logistic-regression head on (embeddings, labels) `train`; % accuracy on `dev`."""
+    x_dev, y_dev = dev
+    probabilities = fitted_head_probabilities(train, x_dev, num_classes, **fit_options)
+    return percent_equal(probabilities.argmax(-1), y_dev)
+
+
+def lora_trainer(data: list[str], data_seed: int, train_seed: int, run_dir: Path):
+    """A set-up default LoRA run (MiniLM, eval only at the end) on the given data overrides."""
     from lorafit.config import load_config
     from lorafit.trainer import Trainer
 
-    train_seed = seed if train_seed is None else train_seed
-
     overrides = [
         "model.name_or_path=minilm",
-        *data_overrides(dataset, folder),
-        "data.k_shot=16",
-        f"data.seed={seed}",
+        *data,
+        f"data.seed={data_seed}",
         f"train.seed={train_seed}",
         "method.name=lora",
         "train.eval_every=200",
-        f"output.dir={out / f'{dataset}-seed{seed}-train{train_seed}'}",
+        f"output.dir={run_dir}",
         "output.overwrite=true",
         *QUIET,
     ]
     trainer = Trainer(load_config(None, overrides))
     trainer.setup()
     return trainer
+
+
+def trainer_for(dataset: str, folder: Path, seed: int, out: Path, train_seed: int | None = None):
+    """The selection runs' K-shot draw of `seed` (16 + 16 per class) on the dev set."""
+    train_seed = seed if train_seed is None else train_seed
+    data = [*data_overrides(dataset, folder), "data.k_shot=16"]
+    return lora_trainer(data, seed, train_seed, out / f"{dataset}-seed{seed}-train{train_seed}")
 
 
 def probe_head(dataset: str, folder: Path, seed: int, out: Path) -> str:
@@ -179,7 +186,7 @@ def self_training_cells(train, unlabelled, dev, num_classes: int) -> list[str]:
         per_class = int(fraction * len(x_pool) / num_classes)
         chosen = most_confident(confidence, predicted, num_classes, per_class)
         labelled = (torch.cat([x_train, x_pool[chosen]]), torch.cat([y_train, predicted[chosen]]))
-        pseudo_accuracy = 100 * (predicted[chosen] == y_pool[chosen]).float().mean().item()
+        pseudo_accuracy = percent_equal(predicted[chosen], y_pool[chosen])
         accuracy = fitted_head_accuracy(labelled, dev, num_classes)
         cells.append(f"+{len(chosen)} pseudo ({pseudo_accuracy:.0f}% right): {accuracy:.1f}")
     return cells
@@ -189,9 +196,7 @@ def second_stage_accuracy(trainer, pseudo_rows, pseudo_labels, folder: Path) -> 
     """A fresh default LoRA run on the labelled rows + pseudo-labelled rows; % dev accuracy."""
     import json
 
-    from lorafit.config import load_config
     from lorafit.io import write_text
-    from lorafit.trainer import Trainer
 
     names = trainer.label_names
     splits = {
@@ -206,22 +211,13 @@ def second_stage_accuracy(trainer, pseudo_rows, pseudo_labels, folder: Path) -> 
         lines = (json.dumps({"text": text, "label": names[int(y)]}) for text, y in rows)
         write_text(folder / f"{split}.jsonl", "\n".join(lines) + "\n")
     cfg = trainer.cfg
-    overrides = [
-        "model.name_or_path=minilm",
+    data = [
         f"model.max_length={cfg.model.max_length}",
         f"data.path={folder}",
         "data.validation_split=validation",
         "data.test_split=test",
-        f"data.seed={cfg.data.seed}",
-        f"train.seed={cfg.train.seed}",
-        "method.name=lora",
-        "train.eval_every=200",
-        f"output.dir={folder / 'run'}",
-        "output.overwrite=true",
-        *QUIET,
     ]
-    second = Trainer(load_config(None, overrides))
-    second.setup()
+    second = lora_trainer(data, cfg.data.seed, cfg.train.seed, folder / "run")
     return 100 * second.train()["test"]["accuracy"]
 
 
@@ -236,11 +232,12 @@ def probe_self_train(dataset: str, folder: Path, seed: int, out: Path) -> str:
         pool = embed_rows(trainer, unlabelled)
         cells = self_training_cells(train, pool, dev, trainer.num_classes)
         lines.append(f"{body}: " + " | ".join(cells))
-    # second stage: the trained run's most confident half of the pool trains a fresh run
+    # second stage: the trained body's (last loop pass) most confident half of the pool trains
+    # a fresh run
     confidence, predicted = fitted_head_probabilities(train, pool[0], trainer.num_classes).max(-1)
     per_class = int(SECOND_STAGE_FRACTION * len(unlabelled) / trainer.num_classes)
     chosen = most_confident(confidence, predicted, trainer.num_classes, per_class)
-    pseudo_accuracy = 100 * (predicted[chosen] == pool[1][chosen]).float().mean().item()
+    pseudo_accuracy = percent_equal(predicted[chosen], pool[1][chosen])
     accuracy = second_stage_accuracy(
         trainer,
         unlabelled.select(chosen.tolist()),
@@ -261,7 +258,7 @@ def probe_ensemble(dataset: str, folder: Path, seed: int, out: Path) -> str:
         train, (x_dev, y_dev) = train_and_dev_embeddings(trainer)
         probabilities.append(fitted_head_probabilities(train, x_dev, trainer.num_classes))
         single, averaged = (
-            100 * (p.argmax(-1) == y_dev).float().mean().item()
+            percent_equal(p.argmax(-1), y_dev)
             for p in (probabilities[-1], torch.stack(probabilities).mean(0))
         )
         cells.append(f"run {member + 1} {single:.1f}, ensemble of {member + 1} {averaged:.1f}")
