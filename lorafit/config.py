@@ -48,6 +48,11 @@ class ModelConfig:
     )
     task: str = _f("auto", "classification | causal_lm | auto (causal_lm if data has SFT fields).")
     pooling: str = _f("auto", "Classifier pooling: auto | mean | cls | pooler | last.")
+    pool_layers: int | None = _f(
+        None,
+        "Pool the mean of the last N layers' hidden states; unset: the method's default "
+        "(head 3, others 1; 1 under pooler).",
+    )
     max_length: int = _f(128, "Truncate inputs to this many tokens.")
     dtype: str = _f(
         "float32", "Weights dtype for non-quantised layers: float32 | bfloat16 | float16."
@@ -62,6 +67,12 @@ class ModelConfig:
         _check_choice("model", "task", self.task, ("auto", "classification", "causal_lm"))
         _check_choice("model", "pooling", self.pooling, ("auto", "mean", "cls", "pooler", "last"))
         _check_choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_positive("model", "pool_layers", self.pool_layers)
+        if self.pool_layers is not None and self.pool_layers > 1 and self.pooling == "pooler":
+            raise ConfigError(
+                f"model.pool_layers={self.pool_layers} needs a token pooling (mean, cls, last): "
+                "pooling=pooler reads the last layer only"
+            )
         _check_positive("model", "max_length", self.max_length)
 
 

@@ -449,6 +449,7 @@ def _manifest(package: Package, staging: Path, merge_report: dict | None) -> dic
         "task": meta["task"],
         "method": meta["method"],
         "pooling": meta.get("pooling"),
+        "pool_layers": meta.get("pool_layers"),
         "max_length": meta["model_config"].get("max_length"),
         "base_model": base_fingerprint(ModelConfig(**meta["model_config"])),
         "label_map": None

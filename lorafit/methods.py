@@ -36,6 +36,7 @@ from lorafit.models import (
     load_tokenizer,
     resolve_model_source,
 )
+from lorafit.recipes import resolve_pool_layers
 
 BUILTIN_METHODS = ("full", "head", "lora", "qlora")
 META_FILE = "lorafit_model.json"
@@ -393,6 +394,7 @@ def build_model(
         model_cfg, method_cfg, task, num_labels, source, tokenizer, device_map
     )
     meta = _meta(model_cfg, method_cfg, task, source, num_labels, label_names, pooling, targets)
+    meta["pool_layers"] = getattr(model, "pool_layers", None)  # resolved; None for causal LMs
     model.lorafit_meta = meta
     model.train()  # from_pretrained leaves the encoder in eval mode; the whole model trains as one
     trainable, total = count_parameters(model)
@@ -400,6 +402,7 @@ def build_model(
         "trainable_params": trainable,
         "total_params": total,
         "pooling": meta["pooling"],
+        "pool_layers": meta["pool_layers"],
         "target_modules": meta["target_modules"],
         "quantized": meta["quantized"],
         "method": method_cfg.name,
@@ -432,7 +435,9 @@ def _build(
     if task == "classification":
         pooling = choose_pooling(model_cfg.pooling, source, base)
         encoder, targets = _apply_method(method_cfg, base, task, pooling)
-        model = TextClassifier(encoder, num_labels, pooling)
+        depth = getattr(base.config, "num_hidden_layers", None)
+        pool_layers = resolve_pool_layers(model_cfg.pool_layers, method_cfg.name, pooling, depth)
+        model = TextClassifier(encoder, num_labels, pooling, pool_layers=pool_layers)
         model.head.to(
             next(p.device for p in encoder.parameters())
         )  # a 4-bit base sits on its device
@@ -666,7 +671,7 @@ def load_trained_with_meta(
             directory, model_cfg, method_cfg, task, source, meta.get("dequantize_base", False)
         )
     if task == "classification":
-        model: nn.Module = TextClassifier(body, meta["num_labels"], meta["pooling"])
+        model: nn.Module = classifier_from_meta(body, meta)
         _load_head(model, directory / HEAD_FILE)
     else:
         model = body
@@ -704,6 +709,12 @@ def _load_peft(
         raise ModelError(
             f"the adapter in {directory} does not fit its base model {source.path}: {e}"
         ) from None
+
+
+def classifier_from_meta(body: nn.Module, meta: dict[str, Any]) -> TextClassifier:
+    """A saved model's TextClassifier around `body`, pooled as it was trained (fresh head)."""
+    pool_layers = meta.get("pool_layers", 1)  # absent: saved before the option, the last layer
+    return TextClassifier(body, meta["num_labels"], meta["pooling"], pool_layers=pool_layers)
 
 
 def _load_head(model: TextClassifier, path: Path) -> None:

@@ -277,17 +277,36 @@ def _quantization_device() -> str:
 
 
 class TextClassifier(nn.Module):
-    """encoder -> pooling -> dropout -> linear head: `forward(...) -> logits [B, C]`."""
+    """encoder -> pooling -> dropout -> linear head: `forward(...) -> logits [B, C]`.
+
+    `pool_layers` > 1 pools the mean of the last that many layers' hidden states instead of the
+    last layer's (docs/recipes.md: a frozen sentence encoder's lower layers can hold more of the
+    label than its last).
+    """
 
     def __init__(
-        self, encoder: nn.Module, num_labels: int, pooling: str, dropout: float | None = None
+        self,
+        encoder: nn.Module,
+        num_labels: int,
+        pooling: str,
+        dropout: float | None = None,
+        pool_layers: int = 1,
     ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ModelError(f"pooling {pooling!r} is not one of {list(POOLINGS)}")
         config = encoder.config
+        n_layers = getattr(config, "num_hidden_layers", None)
+        if pool_layers < 1 or (n_layers is not None and pool_layers > n_layers):
+            raise ModelError(
+                f"model.pool_layers={pool_layers} must be between 1 and the model's "
+                f"{n_layers} layers"
+            )
+        if pool_layers > 1 and pooling == "pooler":
+            raise ModelError("model.pool_layers > 1 needs a token pooling (mean, cls, last)")
         self.encoder = encoder
         self.pooling = pooling
+        self.pool_layers = pool_layers
         self.num_labels = num_labels
         if dropout is None:
             dropout = getattr(config, "classifier_dropout", None)
@@ -310,6 +329,8 @@ class TextClassifier(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
+        if self.pool_layers > 1:
+            inputs["output_hidden_states"] = True
         out = self.encoder(**inputs)
         pooled = self.pool(out, attention_mask)  # [B, H]
         pooled = pooled.to(self.head.weight.dtype)
@@ -319,7 +340,10 @@ class TextClassifier(nn.Module):
     def pool(self, out: Any, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "pooler":
             return out.pooler_output  # [B, H]
-        hidden = out.last_hidden_state  # [B, T', H]
+        if self.pool_layers > 1:  # hidden_states: the embeddings, then one [B, T', H] per layer
+            hidden = torch.stack(out.hidden_states[-self.pool_layers :]).mean(0)
+        else:
+            hidden = out.last_hidden_state  # [B, T', H]
         # Prompt-learning methods prepend virtual tokens: keep the positions of the real tokens.
         hidden = hidden[:, hidden.shape[1] - attention_mask.shape[1] :]  # [B, T, H]
         if self.pooling == "cls":

@@ -115,7 +115,7 @@ class Predictor:
             ) from None
         model = first.model
         if isinstance(first.model, TextClassifier):  # its own head on the shared encoder
-            model = TextClassifier(body, meta["num_labels"], meta["pooling"]).to(self.device)
+            model = Meth.classifier_from_meta(body, meta).to(self.device)
             Meth._load_head(model, package.weights_dir / Meth.HEAD_FILE)
             model.requires_grad_(False).eval()
         body.requires_grad_(False)

@@ -27,6 +27,7 @@ class Recipe:
     select_best: bool  # restore the best validation step (True) or keep the last (False)
     objective: str = "ce"  # train.objective; auto: contrastive for classification, else ce
     r: int | None = None  # LoRA rank (PEFT methods with a rank); alpha defaults to 2 * r
+    pool_layers: int = 1  # model.pool_layers: pool the mean of the last N layers (token poolings)
     why: str = ""  # one line of evidence, shown in docs/recipes.md
 
 
@@ -58,7 +59,9 @@ RECIPES: dict[str, Recipe] = {
         steps=200,
         head_lr=None,
         select_best=False,
-        why="Linear probe on the checkpoint pooling; SST-2 dev (train split): 1e-2 64.0, 3e-2 63.8.",
+        pool_layers=3,
+        why="Linear probe on the checkpoint pooling of the last 3 layers' mean; dev (train split) "
+        "SST-2 / MR / AG News 65.5 / 68.9 / 81.8 vs 63.9 / 65.1 / 78.8 on the last layer alone.",
     ),
 }
 
@@ -89,6 +92,18 @@ def resolve_method(method_cfg: Any) -> None:
         method_cfg.r = recipe.r if recipe.r is not None else GENERIC.r
     if method_cfg.alpha is None and isinstance(method_cfg.r, (int, float)):
         method_cfg.alpha = float(2 * method_cfg.r)
+
+
+def resolve_pool_layers(
+    requested: int | None, method_name: str, pooling: str, num_layers: int | None
+) -> int:
+    """`model.pool_layers` at build time, once the pooling is known: the pooler reads one
+    layer, and the recipe's value is capped at the model's depth (a set value is not)."""
+    if requested is not None:
+        return requested
+    if pooling == "pooler":
+        return 1
+    return min(recipe_for(method_name).pool_layers, num_layers or 1)
 
 
 def resolve_train(train_cfg: Any, method_name: str) -> None:

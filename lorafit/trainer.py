@@ -578,6 +578,7 @@ class Trainer:
             "objective": self.objective,
             "model": cfg.model.name_or_path,
             "pooling": self.model_info.get("pooling"),
+            "pool_layers": self.model_info.get("pool_layers"),
             "k_shot": cfg.data.k_shot,
             "seed": cfg.train.seed,
             "data_seed": cfg.data.seed,

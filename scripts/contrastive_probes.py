@@ -1,9 +1,11 @@
-"""Four probes of the contrastive recipe on the selection dev sets (training-split data only).
+"""Five probes of the contrastive recipe on the selection dev sets (training-split data only).
 
     python scripts/contrastive_probes.py head --datasets sst2 mr
     python scripts/contrastive_probes.py interpolate --datasets sst2
     python scripts/contrastive_probes.py self_train --datasets sst2
     python scripts/contrastive_probes.py ensemble --datasets sst2
+    python scripts/contrastive_probes.py layers --datasets sst2 mr
+    python scripts/contrastive_probes.py layers --datasets ag_news --frozen-only
 
 `head`: the frozen MiniLM body, and the fitted head alone varied: logistic regression with
 C = 1/l2 in {0.01, 0.1, 1, 10, 100}, on raw or L2-normalised embeddings. Asks whether the head
@@ -26,7 +28,12 @@ are read only to print how accurate the pseudo-labels were.
 seed+200, seed+300; their fitted heads' probabilities averaged. Asks whether the spread between
 training draws can be averaged away.
 
-All four use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
+`layers`: the frozen body, then the trained default LoRA body; the head fitted on the mean-pooled
+hidden states of each of the six layers, and on the mean of layers 4-6 and of all six. Asks
+whether the last layer (the checkpoint's own pooling) is the best place to read features from.
+`--frozen-only` skips the LoRA run.
+
+All five use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
 same 16 + 16 examples per class as its runs) and never open a test split. One line per data seed
 is printed; nothing is written but the runs' folders under <out>/probes.
 """
@@ -265,11 +272,60 @@ def probe_ensemble(dataset: str, folder: Path, seed: int, out: Path) -> str:
     return " | ".join(cells)
 
 
+@torch.no_grad()
+def layer_embeddings(trainer, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean-pooled hidden states [L, N, H] of the encoder's L layers, labels [N]), eval mode."""
+    from lorafit.evaluate import model_inputs
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    was_training = model.training
+    model.eval()  # no dropout: the embeddings the fitted head sees at evaluation
+    pooled, labels = [], []
+    for batch in loader:
+        inputs = model_inputs(batch)
+        out = model.encoder(**inputs, output_hidden_states=True)
+        mask = inputs["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
+        layers = torch.stack(out.hidden_states[1:])  # [L, B, T, H], the embedding layer dropped
+        pooled.append((layers * mask).sum(2) / mask.sum(1))  # [L, B, H]
+        labels.append(batch["labels"])
+    model.train(was_training)
+    return torch.cat(pooled, 1).float(), torch.cat(labels)
+
+
+def layer_cells(trainer) -> list[str]:
+    (x_train, y_train), (x_dev, y_dev) = (
+        layer_embeddings(trainer, loader)
+        for loader in (trainer.train_embed_loader, trainer.test_loader)
+    )
+    n_layers = len(x_train)
+    choices = {f"L{i + 1}": [i] for i in range(n_layers)}
+    choices |= {f"mean L{n_layers - 2}-{n_layers}": [n_layers - 3, n_layers - 2, n_layers - 1]}
+    choices |= {"mean all": list(range(n_layers))}
+    cells = []
+    for name, chosen in choices.items():
+        train = (x_train[chosen].mean(0), y_train)
+        accuracy = fitted_head_accuracy(train, (x_dev[chosen].mean(0), y_dev), trainer.num_classes)
+        cells.append(f"{name} {accuracy:.1f}")
+    return cells
+
+
+def probe_layers(dataset: str, folder: Path, seed: int, out: Path, frozen_only: bool) -> str:
+    trainer = trainer_for(dataset, folder, seed, out)
+    frozen = layer_cells(trainer)
+    if frozen_only:
+        return f"frozen: {' | '.join(frozen)}"
+    summary = trainer.train()
+    trained = layer_cells(trainer)
+    run = 100 * summary["test"]["accuracy"]
+    return f"frozen: {' | '.join(frozen)}\n  trained (run {run:.1f}): {' | '.join(trained)}"
+
+
 PROBES = {
     "head": probe_head,
     "interpolate": probe_interpolate,
     "self_train": probe_self_train,
     "ensemble": probe_ensemble,
+    "layers": probe_layers,
 }
 
 
@@ -279,6 +335,7 @@ def main() -> None:
     p.add_argument("--datasets", nargs="+", default=["sst2", "mr"], choices=DATASETS)
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--out", default=str(ROOT / "runs" / "select"))
+    p.add_argument("--frozen-only", action="store_true", help="layers: skip the LoRA run")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -286,7 +343,8 @@ def main() -> None:
     probe = PROBES[args.probe]
     for dataset in args.datasets:
         for seed in args.seeds:
-            line = probe(dataset, folders[dataset], seed, out / "probes")
+            extra = {"frozen_only": args.frozen_only} if args.probe == "layers" else {}
+            line = probe(dataset, folders[dataset], seed, out / "probes", **extra)
             print(f"{dataset} seed {seed}: {line}", flush=True)
 
 

@@ -131,6 +131,13 @@ def lorafit_ce_command(dataset: str, k: int, method: str, seed: int, run_dir: Pa
     return lorafit_command(dataset, k, method, seed, run_dir, out, ["train.objective=ce"])
 
 
+def lorafit_last_layer_command(
+    dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path
+):
+    """lorafit's defaults pooling the last layer only (the `head` default before pool_layers=3)."""
+    return lorafit_command(dataset, k, method, seed, run_dir, out, ["model.pool_layers=1"])
+
+
 def baseline_command(dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path):
     return [
         PY,
@@ -153,11 +160,12 @@ def baseline_command(dataset: str, k: int, method: str, seed: int, run_dir: Path
 COMMANDS = {
     "lorafit": lorafit_command,
     "lorafit_ce": lorafit_ce_command,
+    "lorafit_last": lorafit_last_layer_command,
     "baseline": baseline_command,
 }
 
 
-def planned(datasets, ks, seeds, methods, baselines, ce_methods=()):
+def planned(datasets, ks, seeds, methods, baselines, ce_methods=(), last_layer_methods=()):
     """(dataset, k, system, method, seed) in priority order: dataset, K, then seed-major."""
     for dataset in datasets:
         for k in ks:
@@ -168,6 +176,8 @@ def planned(datasets, ks, seeds, methods, baselines, ce_methods=()):
                     yield dataset, k, "baseline", m, seed
                 for m in ce_methods:
                     yield dataset, k, "lorafit_ce", m, seed
+                for m in last_layer_methods:
+                    yield dataset, k, "lorafit_last", m, seed
 
 
 def _claim(path: Path) -> bool:
@@ -189,7 +199,13 @@ def run_all(args) -> None:
         stop = time.mktime((*now[:3], hour, minute, 0, *now[6:]))
         deadline = min(deadline or stop, stop)
     for dataset, k, system, method, seed in planned(
-        args.datasets, args.k, args.seeds, args.methods, args.baselines, args.ce_methods
+        args.datasets,
+        args.k,
+        args.seeds,
+        args.methods,
+        args.baselines,
+        args.ce_methods,
+        args.last_layer_methods,
     ):
         run_dir = out / "runs" / f"{dataset}_k{k}" / f"{system}-{method}" / f"seed{seed}"
         if (run_dir / "summary.json").exists():
@@ -240,7 +256,7 @@ def collect(out: Path) -> dict:
     return cells
 
 
-SYSTEMS = ("lorafit", "lorafit_ce", "baseline")
+SYSTEMS = ("lorafit", "lorafit_ce", "lorafit_last", "baseline")
 
 
 def _label(system: str, method: str, runs: list[dict]) -> str:
@@ -249,7 +265,11 @@ def _label(system: str, method: str, runs: list[dict]) -> str:
     objectives = sorted({r.get("objective") or "ce" for r in runs})
     if system == "lorafit_ce":
         return "lorafit defaults, `train.objective=ce`"
-    return f"lorafit defaults (objective: {', '.join(objectives)})"
+    if system == "lorafit_last":
+        return "lorafit defaults, `model.pool_layers=1` (the last layer only)"
+    pooled = sorted({r.get("pool_layers") or 1 for r in runs})  # absent: run before the option
+    layers = f"; `model.pool_layers={', '.join(map(str, pooled))}`" if pooled != [1] else ""
+    return f"lorafit defaults (objective: {', '.join(objectives)}{layers})"
 
 
 def report(args) -> str:
@@ -329,6 +349,13 @@ def main() -> None:
         default=[],
         choices=METHODS,
         help="also run these methods with train.objective=ce (the defaults before contrastive)",
+    )
+    p.add_argument(
+        "--last-layer-methods",
+        nargs="*",
+        default=[],
+        choices=METHODS,
+        help="also run these methods with model.pool_layers=1 (head: the default before 3)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--budget-min", type=float, default=None, help="stop launching after N minutes")

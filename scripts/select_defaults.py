@@ -78,9 +78,13 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ]
         for dataset in DATASETS
     },
-    # the head-only default (cross-entropy, SGD) on the three datasets, to set against the
-    # closed-form logistic-regression head of scripts/contrastive_probes.py head
-    "head_default": [(dataset, "head", []) for dataset in DATASETS],
+    # the head-only default of the time (cross-entropy, the last layer) on the three datasets, to
+    # set against the closed-form logistic-regression head of scripts/contrastive_probes.py head
+    # (its results.jsonl records are named <dataset>-head-default: pool_layers=1 was the default)
+    "head_default": [(dataset, "head", ["model.pool_layers=1"]) for dataset in DATASETS],
+    # the head on the mean of the last 3 layers (scripts/contrastive_probes.py layers): the
+    # head default since
+    "head_pool_layers": [(dataset, "head", ["model.pool_layers=3"]) for dataset in DATASETS],
     **{
         f"contrastive_lr_{dataset}": [
             (dataset, "lora", ["train.lr=1e-3"]),

@@ -41,6 +41,11 @@ def test_yaml_and_overrides(tmp_path):
         (["data.k_shot=4", "data.train_size=0.5"], "exclusive"),
         (["train.resume=maybe"], "train.resume must be true or false"),
         (["oops"], "must look like section.key=value"),
+        (["model.pool_layers=0"], "model.pool_layers=0 must be > 0"),
+        (
+            ["model.pooling=pooler", "model.pool_layers=2"],
+            "model.pool_layers=2 needs a token pooling",
+        ),
     ],
 )
 def test_bad_config_names_the_key(override, message):

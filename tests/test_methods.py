@@ -219,6 +219,37 @@ def test_save_load_round_trip_gives_identical_logits(
     torch.testing.assert_close(_logits(model), expected, atol=1e-6, rtol=1e-6)
 
 
+def test_pool_layers_default_to_the_method_recipe(tiny_bert_path):
+    depth = AutoModel.from_pretrained(tiny_bert_path).config.num_hidden_layers
+    for name, pooling, expected in (
+        ("head", "mean", min(3, depth)),  # 3, capped at the model's depth
+        ("head", "cls", min(3, depth)),
+        ("head", "pooler", 1),  # the pooler reads the last layer only
+        ("lora", "mean", 1),
+        ("full", "mean", 1),
+    ):
+        cfg = ModelConfig(name_or_path=tiny_bert_path, pooling=pooling)
+        built = M.build_model(cfg, MethodConfig(name=name), "classification", num_labels=3)
+        assert built.model.pool_layers == expected, (name, pooling)
+        assert built.info["pool_layers"] == expected
+    explicit = ModelConfig(name_or_path=tiny_bert_path, pooling="mean", pool_layers=1)
+    built = M.build_model(explicit, MethodConfig(name="head"), "classification", num_labels=3)
+    assert built.model.pool_layers == 1
+
+
+def test_pool_layers_survive_save_and_load(tiny_bert_path, tmp_path):
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(name_or_path=tiny_bert_path, pooling="mean", pool_layers=2)
+    built = M.build_model(model_cfg, MethodConfig(name="lora"), "classification", num_labels=3)
+    assert built.model.pool_layers == 2
+    _train_step(built.model)
+    expected = _logits(built.model)
+    M.save_trained(built.model, tmp_path / "saved", tokenizer=built.tokenizer)
+    model, _, meta = M.load_trained(tmp_path / "saved")
+    assert model.pool_layers == 2 and meta["model_config"]["pool_layers"] == 2
+    torch.testing.assert_close(_logits(model), expected, atol=1e-6, rtol=1e-6)
+
+
 def test_load_trained_refuses_pickles_and_foreign_folders(tiny_bert_path, tmp_path):
     with pytest.raises(ModelError, match="lorafit_model.json"):
         M.load_trained(tmp_path)

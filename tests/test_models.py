@@ -181,6 +181,28 @@ def test_cls_and_pooler_pooling(tiny_bert_path):
             torch.testing.assert_close(model(ids, mask), model.head(pooled))
 
 
+def test_pool_layers_pools_the_mean_of_the_last_layers(tiny_bert_path):
+    ids = torch.tensor([[2, 40, 50, 60, 3], [2, 41, 3, 0, 0]])
+    mask = (ids != 0).long()
+    for pooling in ("mean", "cls"):
+        one = _classifier(tiny_bert_path, pooling)
+        torch.manual_seed(0)
+        two = TextClassifier(one.encoder, 3, pooling, pool_layers=2).eval()
+        two.head.load_state_dict(one.head.state_dict())
+        with torch.no_grad():
+            states = one.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            h = (states.hidden_states[-1] + states.hidden_states[-2]) / 2  # [B, T, H]
+            m = mask.unsqueeze(-1).float()
+            pooled = (h * m).sum(1) / m.sum(1) if pooling == "mean" else h[:, 0]
+            torch.testing.assert_close(two(ids, mask), one.head(pooled))
+            assert not torch.allclose(two(ids, mask), one(ids, mask), atol=1e-4)
+    layers = one.encoder.config.num_hidden_layers
+    with pytest.raises(ModelError, match=f"pool_layers={layers + 1} must be between 1 and"):
+        TextClassifier(one.encoder, 3, "mean", pool_layers=layers + 1)
+    with pytest.raises(ModelError, match="token pooling"):
+        TextClassifier(one.encoder, 3, "pooler", pool_layers=2)
+
+
 @pytest.mark.slow
 def test_real_minilm_loads_with_mean_pooling():
     cfg = ModelConfig(name_or_path="minilm")
