@@ -85,6 +85,11 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
     # the head on the mean of the last 3 layers (scripts/contrastive_probes.py layers): the
     # head default since
     "head_pool_layers": [(dataset, "head", ["model.pool_layers=3"]) for dataset in DATASETS],
+    # ... and LoRA trained (pair loss included) on that pooling
+    **{
+        f"lora_pool_layers_{dataset}": [(dataset, "lora", ["model.pool_layers=3"])]
+        for dataset in DATASETS
+    },
     **{
         f"contrastive_lr_{dataset}": [
             (dataset, "lora", ["train.lr=1e-3"]),
