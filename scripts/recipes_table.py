@@ -23,6 +23,7 @@ the train pool with data.seed = seed (the training seed is the same number).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -126,16 +127,16 @@ def lorafit_command(
     ]
 
 
-def lorafit_ce_command(dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path):
-    """lorafit's defaults with the cross-entropy objective (the defaults before contrastive)."""
-    return lorafit_command(dataset, k, method, seed, run_dir, out, ["train.objective=ce"])
-
-
-def lorafit_last_layer_command(
-    dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path
-):
-    """lorafit's defaults pooling the last layer only (the `head` default before pool_layers=3)."""
-    return lorafit_command(dataset, k, method, seed, run_dir, out, ["model.pool_layers=1"])
+# lorafit's defaults with one earlier default restored: system -> (overrides, report label)
+VARIANTS = {
+    # the cross-entropy objective (the defaults before contrastive)
+    "lorafit_ce": (["train.objective=ce"], "lorafit defaults, `train.objective=ce`"),
+    # the last layer only (the `head` default before pool_layers=3)
+    "lorafit_last": (
+        ["model.pool_layers=1"],
+        "lorafit defaults, `model.pool_layers=1` (the last layer only)",
+    ),
+}
 
 
 def baseline_command(dataset: str, k: int, method: str, seed: int, run_dir: Path, out: Path):
@@ -159,14 +160,19 @@ def baseline_command(dataset: str, k: int, method: str, seed: int, run_dir: Path
 
 COMMANDS = {
     "lorafit": lorafit_command,
-    "lorafit_ce": lorafit_ce_command,
-    "lorafit_last": lorafit_last_layer_command,
     "baseline": baseline_command,
+    **{
+        system: functools.partial(lorafit_command, extra=overrides)
+        for system, (overrides, _) in VARIANTS.items()
+    },
 }
 
 
-def planned(datasets, ks, seeds, methods, baselines, ce_methods=(), last_layer_methods=()):
-    """(dataset, k, system, method, seed) in priority order: dataset, K, then seed-major."""
+def planned(datasets, ks, seeds, methods, baselines, variant_methods=None):
+    """(dataset, k, system, method, seed) in priority order: dataset, K, then seed-major.
+
+    variant_methods: VARIANTS system -> the methods to run under it too.
+    """
     for dataset in datasets:
         for k in ks:
             for seed in seeds:
@@ -174,10 +180,9 @@ def planned(datasets, ks, seeds, methods, baselines, ce_methods=(), last_layer_m
                     yield dataset, k, "lorafit", m, seed
                 for m in baselines:
                     yield dataset, k, "baseline", m, seed
-                for m in ce_methods:
-                    yield dataset, k, "lorafit_ce", m, seed
-                for m in last_layer_methods:
-                    yield dataset, k, "lorafit_last", m, seed
+                for system, variant in (variant_methods or {}).items():
+                    for m in variant:
+                        yield dataset, k, system, m, seed
 
 
 def _claim(path: Path) -> bool:
@@ -198,14 +203,9 @@ def run_all(args) -> None:
         now = time.localtime()
         stop = time.mktime((*now[:3], hour, minute, 0, *now[6:]))
         deadline = min(deadline or stop, stop)
+    variant_methods = {"lorafit_ce": args.ce_methods, "lorafit_last": args.last_layer_methods}
     for dataset, k, system, method, seed in planned(
-        args.datasets,
-        args.k,
-        args.seeds,
-        args.methods,
-        args.baselines,
-        args.ce_methods,
-        args.last_layer_methods,
+        args.datasets, args.k, args.seeds, args.methods, args.baselines, variant_methods
     ):
         run_dir = out / "runs" / f"{dataset}_k{k}" / f"{system}-{method}" / f"seed{seed}"
         if (run_dir / "summary.json").exists():
@@ -256,17 +256,15 @@ def collect(out: Path) -> dict:
     return cells
 
 
-SYSTEMS = ("lorafit", "lorafit_ce", "lorafit_last", "baseline")
+SYSTEMS = ("lorafit", *VARIANTS, "baseline")
 
 
 def _label(system: str, method: str, runs: list[dict]) -> str:
     if system == "baseline":
         return BASELINE_LABEL[method]
+    if system in VARIANTS:
+        return VARIANTS[system][1]
     objectives = sorted({r.get("objective") or "ce" for r in runs})
-    if system == "lorafit_ce":
-        return "lorafit defaults, `train.objective=ce`"
-    if system == "lorafit_last":
-        return "lorafit defaults, `model.pool_layers=1` (the last layer only)"
     pooled = sorted({r.get("pool_layers") or 1 for r in runs})  # absent: run before the option
     layers = f"; `model.pool_layers={', '.join(map(str, pooled))}`" if pooled != [1] else ""
     return f"lorafit defaults (objective: {', '.join(objectives)}{layers})"

@@ -82,8 +82,8 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
     # set against the closed-form logistic-regression head of scripts/contrastive_probes.py head
     # (its results.jsonl records are named <dataset>-head-default: pool_layers=1 was the default)
     "head_default": [(dataset, "head", ["model.pool_layers=1"]) for dataset in DATASETS],
-    # the head on the mean of the last 3 layers (scripts/contrastive_probes.py layers): the
-    # head default since
+    # the head on the mean of the last 3 layers (scripts/contrastive_probes.py layers), which
+    # these runs made the head default
     "head_pool_layers": [(dataset, "head", ["model.pool_layers=3"]) for dataset in DATASETS],
     # ... and LoRA trained (pair loss included) on that pooling
     **{
