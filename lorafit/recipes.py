@@ -47,12 +47,13 @@ RECIPES: dict[str, Recipe] = {
         why="The LoRA recipe on the NF4 base (same values; not tuned separately).",
     ),
     "full": Recipe(
-        lr=2e-5,
+        lr=5e-5,
         steps=200,
         head_lr=1e-2,
         select_best=False,
         objective="auto",
-        why="Small body lr, fast fresh head (1e-2), 200 steps; SST-2 dev (train split) 69.0.",
+        why="Contrastive, dev (train split) SST-2 / MR / AG News 67.0 / 73.3 / 86.8 at lr 5e-5 "
+        "vs 66.9 / 71.3 / 85.2 at 2e-5 and 68.2 / 71.9 / 85.2 at 1e-4.",
     ),
     "head": Recipe(
         lr=1e-2,

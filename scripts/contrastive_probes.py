@@ -1,4 +1,4 @@
-"""Five probes of the contrastive recipe on the selection dev sets (training-split data only).
+"""Six probes of the contrastive recipe on the selection dev sets (training-split data only).
 
     python scripts/contrastive_probes.py head --datasets sst2 mr
     python scripts/contrastive_probes.py interpolate --datasets sst2
@@ -6,6 +6,7 @@
     python scripts/contrastive_probes.py ensemble --datasets sst2
     python scripts/contrastive_probes.py layers --datasets sst2 mr
     python scripts/contrastive_probes.py layers --datasets ag_news --frozen-only
+    python scripts/contrastive_probes.py loss --datasets sst2 mr
 
 `head`: the frozen MiniLM body, and the fitted head alone varied: logistic regression with
 C = 1/l2 in {0.01, 0.1, 1, 10, 100}, on raw or L2-normalised embeddings. Asks whether the head
@@ -33,7 +34,12 @@ hidden states of each of the six layers, and on the mean of layers 4-6 and of al
 whether the last layer (the checkpoint's own pooling) is the best place to read features from.
 `--frozen-only` skips the LoRA run.
 
-All five use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
+`loss`: the default LoRA run with another pair loss in place of the default's: a one-sided one
+(a different-label pair costs only while its cosine is above 0, so opposite embeddings are not
+pulled back to orthogonal), and supervised contrastive learning (SupCon, temperature 0.1). Asks
+whether the shape of the pair loss is what limits accuracy.
+
+All six use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
 same 16 + 16 examples per class as its runs) and never open a test split. One line per data seed
 is printed; nothing is written but the runs' folders under <out>/probes.
 """
@@ -320,12 +326,104 @@ def probe_layers(dataset: str, folder: Path, seed: int, out: Path, frozen_only: 
     return f"frozen: {' | '.join(frozen)}\n  trained (run {run:.1f}): {' | '.join(trained)}"
 
 
+def one_sided_pair_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The default pair loss, but a different-label pair costs only while its cosine is > 0."""
+    import torch.nn.functional as F
+
+    z = F.normalize(embeddings.float(), dim=-1)  # [B, H]
+    cosine = z @ z.T  # [B, B]
+    same = labels[:, None] == labels[None, :]
+    upper = torch.ones_like(same).triu(diagonal=1)
+    errors = torch.where(same, (cosine - 1) ** 2, cosine.clamp(min=0) ** 2)
+    means = [errors[upper & m].mean() for m in (same, ~same) if (upper & m).any()]
+    return torch.stack(means).mean() if means else embeddings.sum() * 0.0
+
+
+def supervised_contrastive_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """SupCon (Khosla et al. 2020): each anchor's same-label examples against all others."""
+    import torch.nn.functional as F
+
+    z = F.normalize(embeddings.float(), dim=-1)  # [B, H]
+    logits = z @ z.T / temperature  # [B, B]
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - logits.logsumexp(dim=-1, keepdim=True)  # [B, B]
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    anchors = positive.any(-1)
+    if not anchors.any():
+        return embeddings.sum() * 0.0
+    per_anchor = log_prob.masked_fill(~positive, 0).sum(-1) / positive.sum(-1).clamp(min=1)
+    return -per_anchor[anchors].mean()
+
+
+PAIR_LOSSES = {"one_sided": one_sided_pair_loss, "supcon": supervised_contrastive_loss}
+
+
+def probe_loss(dataset: str, folder: Path, seed: int, out: Path) -> str:
+    import lorafit.trainer
+
+    default = lorafit.trainer.pair_cosine_loss
+    cells = []
+    for name, loss in PAIR_LOSSES.items():
+        lorafit.trainer.pair_cosine_loss = loss
+        try:
+            trainer = trainer_for(dataset, folder, seed, out / name)
+            accuracy = 100 * trainer.train()["test"]["accuracy"]
+        finally:
+            lorafit.trainer.pair_cosine_loss = default
+        cells.append(f"{name} {accuracy:.1f}")
+    return " | ".join(cells)
+
+
+TOKEN_DROPOUT = 0.15
+
+
+def token_dropout_view(attention_mask: torch.Tensor, rate: float) -> torch.Tensor:
+    """attention_mask [B, T] with each real token but the first and last masked out at `rate`."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = attention_mask.sum(1, keepdim=True) - 1  # [B, 1] the [SEP] of right-padded rows
+    ends = (positions[None, :] == 0) | (positions[None, :] == last)  # [B, T]
+    keep = (torch.rand(attention_mask.shape, device=attention_mask.device) >= rate) | ends
+    return attention_mask * keep.to(attention_mask.dtype)
+
+
+def probe_augment(dataset: str, folder: Path, seed: int, out: Path) -> str:
+    import lorafit.trainer
+    from lorafit.evaluate import model_inputs
+
+    default = lorafit.trainer.Trainer.compute_loss
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        # each batch of B examples becomes 2B: the examples and a token-dropout view of each
+        inputs = model_inputs(batch)
+        view = {
+            **inputs,
+            "attention_mask": token_dropout_view(inputs["attention_mask"], TOKEN_DROPOUT),
+        }
+        both = {k: torch.cat([inputs[k], view[k]]) for k in inputs}
+        _, pooled = self.model(**both, return_embedding=True)  # [2B, H]
+        labels = batch["labels"]
+        return lorafit.trainer.pair_cosine_loss(pooled, torch.cat([labels, labels]))
+
+    lorafit.trainer.Trainer.compute_loss = compute_loss
+    try:
+        trainer = trainer_for(dataset, folder, seed, out / "augment")
+        accuracy = 100 * trainer.train()["test"]["accuracy"]
+    finally:
+        lorafit.trainer.Trainer.compute_loss = default
+    return f"token-dropout views {accuracy:.1f}"
+
+
 PROBES = {
     "head": probe_head,
     "interpolate": probe_interpolate,
     "self_train": probe_self_train,
     "ensemble": probe_ensemble,
     "layers": probe_layers,
+    "loss": probe_loss,
+    "augment": probe_augment,
 }
 
 

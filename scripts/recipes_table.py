@@ -136,6 +136,8 @@ VARIANTS = {
         ["model.pool_layers=1"],
         "lorafit defaults, `model.pool_layers=1` (the last layer only)",
     ),
+    # full FT at lr 2e-5 (its default before 5e-5)
+    "lorafit_lr2e5": (["train.lr=2e-5"], "lorafit defaults, `train.lr=2e-5`"),
 }
 
 
@@ -203,7 +205,11 @@ def run_all(args) -> None:
         now = time.localtime()
         stop = time.mktime((*now[:3], hour, minute, 0, *now[6:]))
         deadline = min(deadline or stop, stop)
-    variant_methods = {"lorafit_ce": args.ce_methods, "lorafit_last": args.last_layer_methods}
+    variant_methods = {
+        "lorafit_ce": args.ce_methods,
+        "lorafit_last": args.last_layer_methods,
+        "lorafit_lr2e5": args.lr_2e_5_methods,
+    }
     for dataset, k, system, method, seed in planned(
         args.datasets, args.k, args.seeds, args.methods, args.baselines, variant_methods
     ):
@@ -354,6 +360,13 @@ def main() -> None:
         default=[],
         choices=METHODS,
         help="also run these methods with model.pool_layers=1 (head: the default before 3)",
+    )
+    p.add_argument(
+        "--lr-2e-5-methods",
+        nargs="*",
+        default=[],
+        choices=METHODS,
+        help="also run these methods with train.lr=2e-5 (full: the default before 5e-5)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--budget-min", type=float, default=None, help="stop launching after N minutes")

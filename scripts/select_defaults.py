@@ -97,6 +97,15 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ]
         for dataset in DATASETS
     },
+    # the full-FT learning rate under the contrastive objective (2e-5, the default of the time,
+    # ran in objective_*); these runs made 5e-5 the default
+    **{
+        f"contrastive_full_lr_{dataset}": [
+            (dataset, "full", ["train.lr=5e-5"]),
+            (dataset, "full", ["train.lr=1e-4"]),
+        ]
+        for dataset in DATASETS
+    },
     **{
         f"contrastive_longer_{dataset}": [
             (dataset, "lora", ["train.steps=400"]),
