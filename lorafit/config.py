@@ -237,6 +237,11 @@ class TrainConfig:
         "logistic regression) | auto (contrastive for classification, ce for causal LMs); "
         "None: the method's default.",
     )
+    head_fit_size: int | None = _f(
+        8192,
+        "Contrastive objective: fit the head on a fixed class-stratified sample of this many "
+        "training examples (all when fewer; None: all).",
+    )
     label_smoothing: float = _f(0.0, "Label smoothing of the classification loss.")
     layer_lr_decay: float = _f(1.0, "Layer-wise LR decay factor per layer below the top (1: off).")
     rdrop: float = _f(0.0, "R-Drop weight: symmetric KL between two dropout passes (0: off).")
@@ -254,6 +259,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "lr", "eval_every", "train_eval_size"):
             _check_positive("train", name, getattr(self, name))
         _check_positive("train", "head_lr", self.head_lr)
+        _check_positive("train", "head_fit_size", self.head_fit_size)
         _check_positive("train", "warmup", self.warmup, allow_zero=True)
         _check_positive("train", "weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("train", "checkpoint_every", self.checkpoint_every)

@@ -61,7 +61,7 @@ ALPACA_PREAMBLE = (
     "Write a response that appropriately completes the request.\n\n"
 )
 # seeds of the independent sampling stages: changing one stage's size leaves the others alone
-_CARVE_TEST, _CARVE_VALIDATION, _K_SHOT, _TRAIN_SIZE, _MAX_TEST = range(5)
+_CARVE_TEST, _CARVE_VALIDATION, _K_SHOT, _TRAIN_SIZE, _MAX_TEST, _HEAD_FIT = range(6)
 
 
 @dataclass
@@ -573,6 +573,18 @@ def _draw(
 def _class_counts(strata: np.ndarray) -> dict[int, int]:
     values, counts = np.unique(strata, return_counts=True)
     return {int(v): int(n) for v, n in zip(values, counts)}
+
+
+def head_fit_sample(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """The training rows a fitted (contrastive) head learns from: all of them up to `size`, else a
+    fixed sample stratified by class in which every class keeps at least one row."""
+    if size is None or len(dataset) <= size:
+        return dataset
+    strata = _strata(dataset)
+    counts = _class_counts(strata)
+    share = {c: max(n, 1) for c, n in _allocate(counts, size).items()}
+    (rows,) = _draw(strata, [share], seed, _HEAD_FIT)
+    return dataset.select(rows)
 
 
 def _split_off(dataset: Dataset, n_out: int, seed: int, stage: int) -> tuple[Dataset, Dataset]:

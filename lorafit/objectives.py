@@ -7,7 +7,8 @@ embedding of every same-label pair in a batch to point the same way (cosine 1) a
 different-label pair to be orthogonal (cosine 0), as SetFit (Tunstall et al. 2022) does: a
 batch of B examples gives B(B-1)/2 pairs, far more training signal than B labels. The head gets
 no gradient from it; it is fitted in closed form (L2-regularised multinomial logistic
-regression, L-BFGS) on the embeddings of the whole training set whenever the model is evaluated.
+regression, L-BFGS) on the embeddings of the training set (a fixed stratified sample of
+`train.head_fit_size` rows when it is larger) whenever the model is evaluated.
 Evidence for the choice: docs/recipes.md.
 """
 

@@ -209,8 +209,12 @@ class Trainer:
             eval_loader(self.validation_set),
             eval_loader(self.test_set),
         )
-        # contrastive: the head is fitted on the embeddings of the whole training set
-        self.train_embed_loader = eval_loader(self.train_set) if self.contrastive else None
+        # contrastive: the head is fitted on the embeddings of the training set (a fixed
+        # stratified sample of train.head_fit_size rows when larger: every fit embeds them all)
+        self.head_fit_loader = None
+        if self.contrastive:
+            rows = D.head_fit_sample(self.train_set, cfg.train.head_fit_size, cfg.train.seed)
+            self.head_fit_loader = eval_loader(rows)
 
         # optimiser over trainable parameters only; weight decay and LR groups by methods.py
         groups = Meth.param_groups(self.model, cfg.train, cfg.method)
@@ -231,7 +235,7 @@ class Trainer:
             self.test_loader,
         )
         if self.contrastive:
-            self.train_embed_loader = acc.prepare(self.train_embed_loader)
+            self.head_fit_loader = acc.prepare(self.head_fit_loader)
         self.unwrapped = acc.unwrap_model(self.model)
         # Names without wrapper prefixes; under ZeRO-3 / FSDP these are shards, read and written
         # through dist.read_full / dist.write_full.
@@ -280,7 +284,7 @@ class Trainer:
         """Contrastive objective: refit the head on the body's embeddings of the training set."""
         if not self.contrastive:
             return
-        embeddings, labels = embed_dataset(self.model, self.train_embed_loader, self.accelerator)
+        embeddings, labels = embed_dataset(self.model, self.head_fit_loader, self.accelerator)
         weight, bias = fit_logistic_head(embeddings, labels, self.num_classes)  # [C, H], [C]
         head = {f"head.{n}": p for n, p in self.unwrapped.head.named_parameters()}
         dist.write_full(

@@ -71,7 +71,7 @@ def train_and_dev_embeddings(trainer) -> tuple:
 
     return tuple(
         embed_dataset(trainer.model, loader, trainer.accelerator)
-        for loader in (trainer.train_embed_loader, trainer.test_loader)
+        for loader in (trainer.head_fit_loader, trainer.test_loader)
     )
 
 
@@ -301,7 +301,7 @@ def layer_embeddings(trainer, loader) -> tuple[torch.Tensor, torch.Tensor]:
 def layer_cells(trainer) -> list[str]:
     (x_train, y_train), (x_dev, y_dev) = (
         layer_embeddings(trainer, loader)
-        for loader in (trainer.train_embed_loader, trainer.test_loader)
+        for loader in (trainer.head_fit_loader, trainer.test_loader)
     )
     n_layers = len(x_train)
     choices = {f"L{i + 1}": [i] for i in range(n_layers)}

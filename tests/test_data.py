@@ -22,6 +22,7 @@ from lorafit.data import (
     IGNORE_INDEX,
     Collator,
     find_demo_data,
+    head_fit_sample,
     infer_task,
     load_label_map,
     load_task_data,
@@ -272,6 +273,17 @@ def test_max_test_examples_is_a_stratified_sample(three_class_folder: Path) -> N
         DataConfig(path=str(three_class_folder), max_test_examples=10), "classification"
     )
     assert Counter(td.test["label"][:]) == {0: 3, 1: 3, 2: 4}  # 7/5/9 of 21 -> 3.3/2.4/4.3
+
+
+def test_head_fit_sample_is_stratified_fixed_and_keeps_every_class() -> None:
+    labels = [0] * 600 + [1] * 399 + [2]  # class 2: one row, a 0.1-row share of 100
+    dataset = datasets.Dataset.from_dict({"label": labels, "row": list(range(len(labels)))})
+    assert head_fit_sample(dataset, 1000, seed=0) is dataset  # not larger than size: all rows
+    assert head_fit_sample(dataset, None, seed=0) is dataset
+    sample = head_fit_sample(dataset, 100, seed=0)
+    assert Counter(sample["label"][:]) == {0: 60, 1: 40, 2: 1}
+    assert sample["row"][:] == head_fit_sample(dataset, 100, seed=0)["row"][:]
+    assert sample["row"][:] != head_fit_sample(dataset, 100, seed=1)["row"][:]
 
 
 # -- real data ----------------------------------------------------------------------------------

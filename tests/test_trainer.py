@@ -163,8 +163,9 @@ def test_full_finetuning_learns_the_task(tiny_bert_path, sentiment_dir, tmp_path
     assert summary["test"]["accuracy"] >= 0.75
 
 
+@pytest.mark.parametrize("head_fit_size", [None, 6])
 def test_contrastive_objective_fits_the_head_on_the_trained_body(
-    tiny_bert_path, sentiment_dir, tmp_path
+    head_fit_size, tiny_bert_path, sentiment_dir, tmp_path
 ):
     from lorafit.evaluate import embed_dataset
     from lorafit.objectives import fit_logistic_head
@@ -177,6 +178,8 @@ def test_contrastive_objective_fits_the_head_on_the_trained_body(
         # all 16 examples in each batch: 120 pairs a step (tiny models with 1, 2 threads and
         # init seeds 0-2 all reach train accuracy 1.0; batches of 4 reached 0.875 on some)
         **{"train.batch_size": 16, "train.lr": 2e-3, "train.eval_every": 20},
+        # the default size keeps all 16 rows; 6 keeps a stratified 3 + 3
+        **({} if head_fit_size is None else {"train.head_fit_size": head_fit_size}),
     )
     trainer = Trainer(load_config(None, overrides))
     trainer.setup()
@@ -187,10 +190,11 @@ def test_contrastive_objective_fits_the_head_on_the_trained_body(
     assert summary["objective"] == "contrastive"
     assert summary["train_sample_at_selected"]["accuracy"] >= 0.9
     assert summary["test"]["accuracy"] >= 0.75
-    embeddings, labels = embed_dataset(
-        trainer.model, trainer.train_embed_loader, trainer.accelerator
-    )
-    assert len(labels) == len(trainer.train_set)
+    embeddings, labels = embed_dataset(trainer.model, trainer.head_fit_loader, trainer.accelerator)
+    if head_fit_size is None:
+        assert len(labels) == len(trainer.train_set)
+    else:
+        assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     weight, bias = fit_logistic_head(embeddings, labels, 2)
     torch.testing.assert_close(head.weight.detach(), weight, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(head.bias.detach(), bias, atol=1e-5, rtol=1e-4)
