@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -364,15 +365,11 @@ PAIR_LOSSES = {"one_sided": one_sided_pair_loss, "supcon": supervised_contrastiv
 def probe_loss(dataset: str, folder: Path, seed: int, out: Path) -> str:
     import lorafit.trainer
 
-    default = lorafit.trainer.pair_cosine_loss
     cells = []
     for name, loss in PAIR_LOSSES.items():
-        lorafit.trainer.pair_cosine_loss = loss
-        try:
+        with mock.patch.object(lorafit.trainer, "pair_cosine_loss", loss):
             trainer = trainer_for(dataset, folder, seed, out / name)
             accuracy = 100 * trainer.train()["test"]["accuracy"]
-        finally:
-            lorafit.trainer.pair_cosine_loss = default
         cells.append(f"{name} {accuracy:.1f}")
     return " | ".join(cells)
 
@@ -393,8 +390,6 @@ def probe_augment(dataset: str, folder: Path, seed: int, out: Path) -> str:
     import lorafit.trainer
     from lorafit.evaluate import model_inputs
 
-    default = lorafit.trainer.Trainer.compute_loss
-
     def compute_loss(self, batch: dict) -> torch.Tensor:
         # each batch of B examples becomes 2B: the examples and a token-dropout view of each
         inputs = model_inputs(batch)
@@ -407,12 +402,9 @@ def probe_augment(dataset: str, folder: Path, seed: int, out: Path) -> str:
         labels = batch["labels"]
         return lorafit.trainer.pair_cosine_loss(pooled, torch.cat([labels, labels]))
 
-    lorafit.trainer.Trainer.compute_loss = compute_loss
-    try:
+    with mock.patch.object(lorafit.trainer.Trainer, "compute_loss", compute_loss):
         trainer = trainer_for(dataset, folder, seed, out / "augment")
         accuracy = 100 * trainer.train()["test"]["accuracy"]
-    finally:
-        lorafit.trainer.Trainer.compute_loss = default
     return f"token-dropout views {accuracy:.1f}"
 
 

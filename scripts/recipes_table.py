@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -127,17 +128,34 @@ def lorafit_command(
     ]
 
 
-# lorafit's defaults with one earlier default restored: system -> (overrides, report label)
+class Variant(NamedTuple):
+    """lorafit's defaults with one earlier default restored."""
+
+    overrides: list[str]
+    label: str  # the report's "setting" column
+    flag: str  # the command-line option that lists the methods to run under it
+    help: str
+
+
 VARIANTS = {
-    # the cross-entropy objective (the defaults before contrastive)
-    "lorafit_ce": (["train.objective=ce"], "lorafit defaults, `train.objective=ce`"),
-    # the last layer only (the `head` default before pool_layers=3)
-    "lorafit_last": (
+    "lorafit_ce": Variant(
+        ["train.objective=ce"],
+        "lorafit defaults, `train.objective=ce`",
+        "--ce-methods",
+        "also run these methods with train.objective=ce (the defaults before contrastive)",
+    ),
+    "lorafit_last": Variant(
         ["model.pool_layers=1"],
         "lorafit defaults, `model.pool_layers=1` (the last layer only)",
+        "--last-layer-methods",
+        "also run these methods with model.pool_layers=1 (head: the default before 3)",
     ),
-    # full FT at lr 2e-5 (its default before 5e-5)
-    "lorafit_lr2e5": (["train.lr=2e-5"], "lorafit defaults, `train.lr=2e-5`"),
+    "lorafit_lr2e5": Variant(
+        ["train.lr=2e-5"],
+        "lorafit defaults, `train.lr=2e-5`",
+        "--lr-2e-5-methods",
+        "also run these methods with train.lr=2e-5 (full: the default before 5e-5)",
+    ),
 }
 
 
@@ -164,8 +182,8 @@ COMMANDS = {
     "lorafit": lorafit_command,
     "baseline": baseline_command,
     **{
-        system: functools.partial(lorafit_command, extra=overrides)
-        for system, (overrides, _) in VARIANTS.items()
+        system: functools.partial(lorafit_command, extra=variant.overrides)
+        for system, variant in VARIANTS.items()
     },
 }
 
@@ -205,11 +223,7 @@ def run_all(args) -> None:
         now = time.localtime()
         stop = time.mktime((*now[:3], hour, minute, 0, *now[6:]))
         deadline = min(deadline or stop, stop)
-    variant_methods = {
-        "lorafit_ce": args.ce_methods,
-        "lorafit_last": args.last_layer_methods,
-        "lorafit_lr2e5": args.lr_2e_5_methods,
-    }
+    variant_methods = {system: getattr(args, system) for system in VARIANTS}
     for dataset, k, system, method, seed in planned(
         args.datasets, args.k, args.seeds, args.methods, args.baselines, variant_methods
     ):
@@ -269,7 +283,7 @@ def _label(system: str, method: str, runs: list[dict]) -> str:
     if system == "baseline":
         return BASELINE_LABEL[method]
     if system in VARIANTS:
-        return VARIANTS[system][1]
+        return VARIANTS[system].label
     objectives = sorted({r.get("objective") or "ce" for r in runs})
     pooled = sorted({r.get("pool_layers") or 1 for r in runs})  # absent: run before the option
     layers = f"; `model.pool_layers={', '.join(map(str, pooled))}`" if pooled != [1] else ""
@@ -347,27 +361,10 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
-    p.add_argument(
-        "--ce-methods",
-        nargs="*",
-        default=[],
-        choices=METHODS,
-        help="also run these methods with train.objective=ce (the defaults before contrastive)",
-    )
-    p.add_argument(
-        "--last-layer-methods",
-        nargs="*",
-        default=[],
-        choices=METHODS,
-        help="also run these methods with model.pool_layers=1 (head: the default before 3)",
-    )
-    p.add_argument(
-        "--lr-2e-5-methods",
-        nargs="*",
-        default=[],
-        choices=METHODS,
-        help="also run these methods with train.lr=2e-5 (full: the default before 5e-5)",
-    )
+    for system, variant in VARIANTS.items():
+        p.add_argument(
+            variant.flag, dest=system, nargs="*", default=[], choices=METHODS, help=variant.help
+        )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--budget-min", type=float, default=None, help="stop launching after N minutes")
     p.add_argument("--stop-at", default=None, help="stop launching after HH:MM (local time)")
