@@ -64,6 +64,11 @@ def _add_predict(sub) -> None:
     p.add_argument("--output", default="-", help="jsonl file (written atomically), or - for stdout")
     p.add_argument("--adapter", default=None, help="adapter name when several are loaded")
     p.add_argument("--text-column", default=None, help="text column of csv/tsv/jsonl input")
+    p.add_argument(
+        "--text-pair-column",
+        default=None,
+        help="second text column for a sentence-pair model (default: the one it was trained on)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM generation length")
     p.add_argument("--temperature", type=float, default=0.0, help="causal LM; 0 = greedy")

@@ -363,6 +363,7 @@ def build_model(
     num_labels: int | None = None,
     label_names: list[str] | None = None,
     device_map: dict[str, Any] | None = None,
+    text_columns: tuple[str | None, str | None] = (None, None),
 ) -> Built:
     """Load the base model and tokenizer, apply the method, report parameter counts.
 
@@ -372,6 +373,8 @@ def build_model(
     device, `{"": accelerator.local_process_index}` (lorafit.distributed.quantized_device_map).
     Default: this process's device. A string ("auto", ...) is refused under a multi-process
     launch: it would spread one model over every GPU.
+    text_columns: the (text, text_pair) columns of the training data (None: not named), saved
+    with a classifier so that prediction reads the same columns and asks a pair model for pairs.
     """
     from lorafit.distributed import check_device_map
 
@@ -395,6 +398,9 @@ def build_model(
     )
     meta = _meta(model_cfg, method_cfg, task, source, num_labels, label_names, pooling, targets)
     meta["pool_layers"] = getattr(model, "pool_layers", None)  # resolved; None for causal LMs
+    # A sentence-pair classifier must be given pairs at prediction time: the columns are recorded.
+    text, text_pair = text_columns if task == "classification" else (None, None)
+    meta["text"], meta["text_pair"] = text, text_pair
     model.lorafit_meta = meta
     model.train()  # from_pretrained leaves the encoder in eval mode; the whole model trains as one
     trainable, total = count_parameters(model)

@@ -162,7 +162,7 @@ class Predictor:
 
     def predict(
         self,
-        inputs: Sequence[str | list[dict[str, str]]],
+        inputs: Sequence[str | Sequence[str] | list[dict[str, str]]],
         *,
         adapter: str | None = None,
         batch_size: int = 32,
@@ -170,7 +170,8 @@ class Predictor:
         temperature: float = 0.0,
         progress: bool = False,
     ) -> list[dict[str, Any]]:
-        """One result per input, in order. Inputs are texts (or chat messages for causal LM).
+        """One result per input, in order. Inputs are texts, [text, text_pair] for a model trained
+        on sentence pairs (`data.text_pair`), or chat messages for causal LM.
 
         classification: {"label", "label_id", "probs": {label: p}};
         causal LM: {"generation"} (temperature 0 = greedy).
@@ -181,8 +182,8 @@ class Predictor:
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
         if chosen.loaded.task == "classification":
-            texts = [_as_text(x) for x in inputs]
-            return _classify(chosen, texts, batch_size, progress, self.device)
+            texts, pairs = _classification_inputs(inputs, chosen.loaded.meta.get("text_pair"))
+            return _classify(chosen, texts, pairs, batch_size, progress, self.device)
         return _generate(
             chosen, list(inputs), batch_size, max_new_tokens, temperature, progress, self.device
         )
@@ -194,10 +195,29 @@ def _config_of(loaded: LoadedModel):
     return ModelConfig(**loaded.meta["model_config"])
 
 
-def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    raise DataError(f"classification inputs must be texts, got {type(value).__name__}")
+def _classification_inputs(
+    inputs: Sequence[Any], text_pair: str | None
+) -> tuple[list[str], list[str] | None]:
+    """(texts, second texts or None). A pair model (trained with data.text_pair) takes pairs only."""
+    if text_pair is None:
+        for i, value in enumerate(inputs):
+            if not isinstance(value, str):
+                raise DataError(
+                    f"input {i}: classification inputs must be texts, got {type(value).__name__}"
+                    " (this model was not trained on sentence pairs)"
+                )
+        return list(inputs), None
+    for i, value in enumerate(inputs):
+        if not (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(t, str) for t in value)
+        ):
+            raise DataError(
+                f"input {i}: this model was trained on sentence pairs (data.text_pair="
+                f"{text_pair}); give each input as [text, text_pair]"
+            )
+    return [v[0] for v in inputs], [v[1] for v in inputs]
 
 
 def _warn_truncated(count: int, total: int, max_length: int, kept: str) -> None:
@@ -218,13 +238,21 @@ def _length_order(lengths: list[int]) -> list[int]:
 
 @torch.no_grad()
 def _classify(
-    chosen: _Adapter, texts: list[str], batch_size: int, progress: bool, device: torch.device
+    chosen: _Adapter,
+    texts: list[str],
+    pairs: list[str] | None,
+    batch_size: int,
+    progress: bool,
+    device: torch.device,
 ) -> list[dict[str, Any]]:
     loaded = chosen.loaded
     tokenizer, max_length = loaded.tokenizer, loaded.max_length
-    full_lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    full_lengths = [len(ids) for ids in tokenizer(texts, pairs)["input_ids"]]
     _warn_truncated(sum(n > max_length for n in full_lengths), len(texts), max_length, "start")
-    rows = Dataset.from_dict({"text": texts, "row": list(range(len(texts)))})
+    columns = {"text": texts, "row": list(range(len(texts)))}
+    if pairs is not None:  # tokenised as tokenizer(text, text_pair), as in training
+        columns["text_pair"] = pairs
+    rows = Dataset.from_dict(columns)
     features = D.tokenize(rows, tokenizer, "classification", max_length).to_list()
     collate = D.Collator(tokenizer, "classification")
     names = loaded.label_names
@@ -306,33 +334,67 @@ def _generate(
 # -- input files ----------------------------------------------------------------------------------
 
 
-def _row_from_record(record: Any, origin: str, text_column: str | None) -> dict[str, Any]:
-    """{"input": text or messages, "id"?, "adapter"?} from a JSON value or a csv row."""
-    if isinstance(record, str):
+@dataclass(frozen=True)
+class InputColumns:
+    """Where an input row's text is: the first of `text` present, and for a model trained on
+    sentence pairs, `text_pair` (required in every row). `messages`: causal-LM chat rows are read."""
+
+    text: tuple[str, ...] = D.TEXT_COLUMN_CANDIDATES + PROMPT_COLUMNS
+    text_pair: str | None = None
+    messages: bool = True
+
+
+def input_columns(
+    text_column: str | None, text_pair_column: str | None, metas: Iterable[dict[str, Any]]
+) -> InputColumns:
+    """The CLI's columns: the given ones win, else those the models were trained with."""
+    metas = list(metas)
+    trained_text = next((m["text"] for m in metas if m.get("text")), None)
+    trained_pair = next((m["text_pair"] for m in metas if m.get("text_pair")), None)
+    if text_column:
+        text: tuple[str, ...] = (text_column,)
+    else:
+        text = ((trained_text,) if trained_text else ()) + InputColumns.text
+    return InputColumns(text, text_pair_column or trained_pair, messages=not text_column)
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(t, str) for t in value)
+
+
+def _row_from_record(record: Any, origin: str, columns: InputColumns) -> dict[str, Any]:
+    """{"input": text, [text, text_pair] or messages, "id"?, "adapter"?} from a JSON value or csv row."""
+    if isinstance(record, str) or _is_pair(record):
         return {"input": record}
     if not isinstance(record, dict):
         raise DataError(f"{origin}: expected a JSON object or string, got {type(record).__name__}")
     row: dict[str, Any] = {
         k: record[k] for k in ("id", "adapter") if record.get(k) not in (None, "")
     }
-    if text_column is None and isinstance(record.get("messages"), list):
+    if columns.messages and isinstance(record.get("messages"), list):
         messages = record["messages"]
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]  # a reference answer: generate it instead
         row["input"] = messages
         return row
-    candidates = (text_column,) if text_column else D.TEXT_COLUMN_CANDIDATES + PROMPT_COLUMNS
-    column = next((c for c in candidates if c in record), None)
+    column = next((c for c in columns.text if c in record), None)
     if column is None:
         raise DataError(
-            f"{origin}: no text column ({', '.join(candidates)}); columns: "
+            f"{origin}: no text column ({', '.join(columns.text)}); columns: "
             f"{', '.join(record)}; pass --text-column"
         )
     row["input"] = str(record[column])
+    if columns.text_pair is not None:
+        if record.get(columns.text_pair) is None:
+            raise DataError(
+                f"{origin}: no '{columns.text_pair}' column (the second text of a sentence-pair "
+                f"model); columns: {', '.join(record)}; pass --text-pair-column"
+            )
+        row["input"] = [row["input"], str(record[columns.text_pair])]
     return row
 
 
-def read_inputs(path: str | Path, text_column: str | None = None) -> list[dict[str, Any]]:
+def read_inputs(path: str | Path, columns: InputColumns = InputColumns()) -> list[dict[str, Any]]:
     """Rows of a csv/tsv/jsonl/txt file: {"input", optional "id" and "adapter"}."""
     path = Path(path)
     suffix = path.suffix.lower()
@@ -353,7 +415,7 @@ def read_inputs(path: str | Path, text_column: str | None = None) -> list[dict[s
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-                    rows.append(_row_from_record(record, f"{path} line {n}", text_column))
+                    rows.append(_row_from_record(record, f"{path} line {n}", columns))
         else:  # TSV files carry bare quote characters, so quoting is off (as in lorafit.data)
             reader = csv.DictReader(
                 fh,
@@ -361,7 +423,7 @@ def read_inputs(path: str | Path, text_column: str | None = None) -> list[dict[s
                 quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
             )
             for n, record in enumerate(reader, start=2):
-                rows.append(_row_from_record(record, f"{path} row {n}", text_column))
+                rows.append(_row_from_record(record, f"{path} row {n}", columns))
     if not rows:
         raise DataError(f"{path} has no input rows; nothing to predict")
     return rows
@@ -396,20 +458,20 @@ def predict_rows(
     return results
 
 
-def _stream(predictor: Predictor, args: Any, options: dict[str, Any]) -> int:
-    """stdin -> stdout, one line at a time: each line is a text or a JSON object/string."""
+def _stream(predictor: Predictor, columns: InputColumns, args: Any, options: dict[str, Any]) -> int:
+    """stdin -> stdout, one line at a time: a text, or a JSON object, string or [text, text_pair]."""
     count = 0
     for n, line in enumerate(sys.stdin, start=1):
         if not line.strip():
             continue
         stripped = line.strip()
         record: Any = stripped
-        if stripped.startswith(("{", '"')):
+        if stripped.startswith(("{", '"', "[")):
             try:
                 record = json.loads(stripped)
             except json.JSONDecodeError as e:
                 raise DataError(f"stdin line {n}: not valid JSON ({e.msg})") from None
-        row = _row_from_record(record, f"stdin line {n}", args.text_column)
+        row = _row_from_record(record, f"stdin line {n}", columns)
         [result] = predict_rows(predictor, [row], args.adapter, **options)
         result["row"] = count
         sys.stdout.write(json.dumps(result) + "\n")
@@ -435,10 +497,11 @@ def parse_model_dirs(values: Iterable[str]) -> dict[str, str]:
 
 def predict_cli(args: Any) -> int:
     """`lorafit predict DIR [NAME=DIR ...] --input FILE|- --output FILE|-`."""
-    rows = None if args.input == "-" else read_inputs(args.input, args.text_column)
-    predictor = Predictor(
-        parse_model_dirs(args.model_dir), base_model=args.base_model, device=args.device
-    )
+    sources = parse_model_dirs(args.model_dir)
+    metas = (open_package(folder).meta for folder in sources.values())
+    columns = input_columns(args.text_column, args.text_pair_column, metas)
+    rows = None if args.input == "-" else read_inputs(args.input, columns)
+    predictor = Predictor(sources, base_model=args.base_model, device=args.device)
     if args.adapter is not None:
         predictor._select(args.adapter)  # an unknown name fails before any work
     options = {
@@ -449,7 +512,7 @@ def predict_cli(args: Any) -> int:
     if rows is None:
         if args.output != "-":
             raise DataError("--input - streams to stdout; use --output - with it")
-        return _stream(predictor, args, options)
+        return _stream(predictor, columns, args, options)
     results = predict_rows(predictor, rows, args.adapter, progress=True, **options)
     lines = "".join(json.dumps(r) + "\n" for r in results)
     if args.output == "-":

@@ -176,6 +176,7 @@ class Trainer:
             label_names=self.label_names,
             # QLoRA: each rank quantises its copy onto its own device (never device_map="auto")
             device_map=dist.quantized_device_map(acc) if cfg.method.name == "qlora" else None,
+            text_columns=(None if cfg.data.text == "auto" else cfg.data.text, cfg.data.text_pair),
         )
         self.model, self.tokenizer, self.model_info = built.model, built.tokenizer, built.info
         if cfg.train.gradient_checkpointing:

@@ -21,7 +21,7 @@ from lorafit import methods as M
 from lorafit.config import MethodConfig, ModelConfig, load_config
 from lorafit.errors import DataError, ModelError
 from lorafit.export import MANIFEST_FILE, export_run, load
-from lorafit.predict import Predictor
+from lorafit.predict import InputColumns, Predictor, read_inputs
 from lorafit.trainer import train
 from tests.conftest import TINY_SEED
 from tests.test_trainer import sentiment_rows, tiny_overrides
@@ -262,6 +262,61 @@ def test_predict_files_csv_jsonl_txt(cls_export, work):
             assert row["label"] == want["label"] and row["probs"] == want["probs"]
             assert sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-5)
         assert ("id" in rows[0]) == (name != "in.txt")
+
+
+def _pair_rows(n: int, seed: int) -> list[dict]:
+    """A sentence-pair task: do the two texts share their sentiment?"""
+    first, second = sentiment_rows(n, seed), sentiment_rows(n, seed + 100)
+    rows = []
+    for i, a in enumerate(first):
+        b = second[(i + i // 2) % n]  # same sentiment for half of the pairs
+        same = "same" if a["label"] == b["label"] else "different"
+        rows.append({"premise": a["text"], "hypothesis": b["text"], "label": same})
+    return rows
+
+
+def test_sentence_pair_model_predicts_pairs_from_its_training_columns(
+    tiny_bert_path, cls_export, work
+):
+    data = work / "pairs"
+    data.mkdir()
+    for split, n, seed in (("train", 40, 0), ("test", 12, 1)):
+        with open(data / f"{split}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in _pair_rows(n, seed))
+    run = work / "pair_run"
+    overrides = {"train.steps": 4, "data.k_shot": 4, "output.plot": "false"}
+    overrides.update({"data.text": "premise", "data.text_pair": "hypothesis"})
+    train(load_config(None, tiny_overrides(tiny_bert_path, data, run, **overrides)))
+
+    # The CLI reads premise + hypothesis (the training columns, not in the usual names) and
+    # predicts what the run's own test pass predicted for the same rows.
+    out = work / "pairs.preds.jsonl"
+    argv = ["predict", str(run), "--input", str(data / "test.jsonl"), "--output", str(out)]
+    assert _run_cli(argv) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    tested = [
+        json.loads(line) for line in (run / "predictions" / "test.jsonl").read_text().splitlines()
+    ]
+    assert len(got) == len(tested) == 12
+    for row, want in zip(got, tested):
+        assert list(row["probs"].values()) == pytest.approx(want["prob"], abs=1e-4)
+
+    # The second text changes the prediction: the model does not read the first one alone.
+    predictor = Predictor(run)
+    rows = _pair_rows(12, 1)
+    pairs = predictor.predict([[r["premise"], r["hypothesis"]] for r in rows])
+    swapped = predictor.predict([[r["premise"], rows[0]["hypothesis"]] for r in rows])
+    assert [p["probs"] for p in pairs] != [s["probs"] for s in swapped]
+
+    with pytest.raises(DataError, match="input 0: this model was trained on sentence pairs"):
+        predictor.predict(["a single text"])
+    with pytest.raises(DataError, match="input 0: .*not trained on sentence pairs"):
+        Predictor(cls_export).predict([["a", "pair"]])
+    (work / "array.jsonl").write_text(json.dumps(["a text", "its pair"]) + "\n")
+    assert read_inputs(work / "array.jsonl") == [{"input": ["a text", "its pair"]}]
+    (work / "no_pair.jsonl").write_text(json.dumps({"premise": "only one"}) + "\n")
+    with pytest.raises(DataError, match="line 1: no 'hypothesis' column .*--text-pair-column"):
+        read_inputs(work / "no_pair.jsonl", InputColumns(("premise",), "hypothesis"))
 
 
 def test_predict_streams_stdin_to_stdout_and_fails_cleanly(cls_export, work):
