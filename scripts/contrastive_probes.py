@@ -1,6 +1,7 @@
 """Six probes of the contrastive recipe on the selection dev sets (training-split data only).
 
     python scripts/contrastive_probes.py head --datasets sst2 mr
+    python scripts/contrastive_probes.py head --datasets sst2 mr --trained
     python scripts/contrastive_probes.py interpolate --datasets sst2
     python scripts/contrastive_probes.py self_train --datasets sst2
     python scripts/contrastive_probes.py ensemble --datasets sst2
@@ -10,7 +11,8 @@
 
 `head`: the frozen MiniLM body, and the fitted head alone varied: logistic regression with
 C = 1/l2 in {0.01, 0.1, 1, 10, 100}, on raw or L2-normalised embeddings. Asks whether the head
-fit, not the body, is what limits accuracy.
+fit, not the body, is what limits accuracy. `--trained` does the same on the body of a default
+LoRA run (and prints its own dev accuracy first).
 
 `interpolate`: one default LoRA run per data seed, then its trained update scaled by
 a in {0, 0.25, 0.5, 0.75, 1} (a=0 is the frozen body; weight-space interpolation between base
@@ -123,12 +125,14 @@ def trainer_for(dataset: str, folder: Path, seed: int, out: Path, train_seed: in
     return lora_trainer(data, seed, train_seed, out / f"{dataset}-seed{seed}-train{train_seed}")
 
 
-def probe_head(dataset: str, folder: Path, seed: int, out: Path) -> str:
+def probe_head(dataset: str, folder: Path, seed: int, out: Path, trained: bool) -> str:
     import torch.nn.functional as F
 
-    trainer = trainer_for(dataset, folder, seed, out)  # set up, never trained: the frozen body
-    (x_train, y_train), (x_dev, y_dev) = train_and_dev_embeddings(trainer)
+    trainer = trainer_for(dataset, folder, seed, out)  # set up: the frozen body
     cells = []
+    if trained:
+        cells.append(f"run {100 * trainer.train()['test']['accuracy']:.1f}")
+    (x_train, y_train), (x_dev, y_dev) = train_and_dev_embeddings(trainer)
     for normalise in (False, True):
         prepare_x = (lambda x: F.normalize(x, dim=-1)) if normalise else (lambda x: x)
         for l2 in L2_VALUES:
@@ -426,6 +430,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--out", default=str(ROOT / "runs" / "select"))
     p.add_argument("--frozen-only", action="store_true", help="layers: skip the LoRA run")
+    p.add_argument("--trained", action="store_true", help="head: on a trained LoRA body")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -433,7 +438,10 @@ def main() -> None:
     probe = PROBES[args.probe]
     for dataset in args.datasets:
         for seed in args.seeds:
-            extra = {"frozen_only": args.frozen_only} if args.probe == "layers" else {}
+            extra = {
+                "layers": {"frozen_only": args.frozen_only},
+                "head": {"trained": args.trained},
+            }.get(args.probe, {})
             line = probe(dataset, folders[dataset], seed, out / "probes", **extra)
             print(f"{dataset} seed {seed}: {line}", flush=True)
 

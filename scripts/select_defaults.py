@@ -51,7 +51,6 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
     "lora_lr": [("sst2", "lora", ["train.lr=1e-3", "train.head_lr=1e-3"])],
     "head_lr": [("sst2", "head", ["train.lr=3e-2"])],
     "full_lr": [("sst2", "full", ["train.lr=2e-5", "train.head_lr=2e-5"])],
-    "lora_targets": [("sst2", "lora", ["method.target_modules=attention"])],
     "regularisers": [
         ("sst2", "lora", ["train.label_smoothing=0.1"]),
         ("sst2", "lora", ["train.ema_decay=0.99"]),
@@ -103,6 +102,18 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         f"contrastive_full_lr_{dataset}": [
             (dataset, "full", ["train.lr=5e-5"]),
             (dataset, "full", ["train.lr=1e-4"]),
+        ]
+        for dataset in DATASETS
+    },
+    # the LoRA shape under the contrastive objective (the default: r 8, alpha 2r, every linear
+    # layer of the blocks, dropout 0.1): attention only (query/value), other ranks, no dropout
+    **{
+        f"contrastive_lora_shape_{dataset}": [
+            (dataset, "lora", ["method.target_modules=attention"]),
+            (dataset, "lora", ["method.r=4"]),
+            (dataset, "lora", ["method.r=16"]),
+            (dataset, "lora", ["method.r=32"]),
+            (dataset, "lora", ["method.dropout=0.0"]),
         ]
         for dataset in DATASETS
     },
