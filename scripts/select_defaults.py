@@ -117,6 +117,14 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ]
         for dataset in DATASETS
     },
+    # the full-FT step budget under the contrastive objective (200, the default, ran above)
+    **{
+        f"contrastive_full_steps_{dataset}": [
+            (dataset, "full", ["train.steps=100"]),
+            (dataset, "full", ["train.steps=400"]),
+        ]
+        for dataset in DATASETS
+    },
     **{
         f"contrastive_longer_{dataset}": [
             (dataset, "lora", ["train.steps=400"]),
