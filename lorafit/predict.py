@@ -208,11 +208,7 @@ def _classification_inputs(
                 )
         return list(inputs), None
     for i, value in enumerate(inputs):
-        if not (
-            isinstance(value, (list, tuple))
-            and len(value) == 2
-            and all(isinstance(t, str) for t in value)
-        ):
+        if not _is_pair(value):
             raise DataError(
                 f"input {i}: this model was trained on sentence pairs (data.text_pair="
                 f"{text_pair}); give each input as [text, text_pair]"
@@ -359,7 +355,12 @@ def input_columns(
 
 
 def _is_pair(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(isinstance(t, str) for t in value)
+    """A [text, text_pair] input (a JSON array, or a 2-list/tuple of strings in Python)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(t, str) for t in value)
+    )
 
 
 def _row_from_record(record: Any, origin: str, columns: InputColumns) -> dict[str, Any]:

@@ -38,6 +38,15 @@ from recipes_table import DATA, DATASETS, QUIET, hold_out, mr_split  # noqa: E40
 
 PY = sys.executable
 
+
+def per_dataset(group: str, method: str, *override_sets: list[str]) -> dict:
+    """A group per dataset, `<group>_<dataset>`: one `method` run per set of overrides."""
+    return {
+        f"{group}_{dataset}": [(dataset, method, list(overrides)) for overrides in override_sets]
+        for dataset in DATASETS
+    }
+
+
 # name -> (dataset, method, [overrides]) ; every other setting is the lorafit default
 EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
     # the core comparison, run first: body vs head learning rate for LoRA and full FT
@@ -68,15 +77,14 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         for dataset in DATASETS
     },
     # the contrastive budget: pairs per step (batch size) against steps, LoRA
-    **{
-        f"contrastive_batch_{dataset}": [
-            (dataset, "lora", []),
-            (dataset, "lora", ["train.batch_size=16", "train.steps=100"]),
-            (dataset, "lora", ["train.batch_size=32", "train.steps=50"]),
-            (dataset, "lora", ["train.steps=100"]),
-        ]
-        for dataset in DATASETS
-    },
+    **per_dataset(
+        "contrastive_batch",
+        "lora",
+        [],
+        ["train.batch_size=16", "train.steps=100"],
+        ["train.batch_size=32", "train.steps=50"],
+        ["train.steps=100"],
+    ),
     # the head-only default of the time (cross-entropy, the last layer) on the three datasets, to
     # set against the closed-form logistic-regression head of scripts/contrastive_probes.py head
     # (its results.jsonl records are named <dataset>-head-default: pool_layers=1 was the default)
@@ -85,53 +93,30 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
     # these runs made the head default
     "head_pool_layers": [(dataset, "head", ["model.pool_layers=3"]) for dataset in DATASETS],
     # ... and LoRA trained (pair loss included) on that pooling
-    **{
-        f"lora_pool_layers_{dataset}": [(dataset, "lora", ["model.pool_layers=3"])]
-        for dataset in DATASETS
-    },
-    **{
-        f"contrastive_lr_{dataset}": [
-            (dataset, "lora", ["train.lr=1e-3"]),
-            (dataset, "lora", ["train.lr=1e-4"]),
-        ]
-        for dataset in DATASETS
-    },
+    **per_dataset("lora_pool_layers", "lora", ["model.pool_layers=3"]),
+    **per_dataset("contrastive_lr", "lora", ["train.lr=1e-3"], ["train.lr=1e-4"]),
     # the full-FT learning rate under the contrastive objective (2e-5, the default of the time,
     # ran in objective_*); these runs made 5e-5 the default
-    **{
-        f"contrastive_full_lr_{dataset}": [
-            (dataset, "full", ["train.lr=5e-5"]),
-            (dataset, "full", ["train.lr=1e-4"]),
-        ]
-        for dataset in DATASETS
-    },
+    **per_dataset("contrastive_full_lr", "full", ["train.lr=5e-5"], ["train.lr=1e-4"]),
     # the LoRA shape under the contrastive objective (the default: r 8, alpha 2r, every linear
     # layer of the blocks, dropout 0.1): attention only (query/value), other ranks, no dropout
-    **{
-        f"contrastive_lora_shape_{dataset}": [
-            (dataset, "lora", ["method.target_modules=attention"]),
-            (dataset, "lora", ["method.r=4"]),
-            (dataset, "lora", ["method.r=16"]),
-            (dataset, "lora", ["method.r=32"]),
-            (dataset, "lora", ["method.dropout=0.0"]),
-        ]
-        for dataset in DATASETS
-    },
+    **per_dataset(
+        "contrastive_lora_shape",
+        "lora",
+        ["method.target_modules=attention"],
+        ["method.r=4"],
+        ["method.r=16"],
+        ["method.r=32"],
+        ["method.dropout=0.0"],
+    ),
     # the full-FT step budget under the contrastive objective (200, the default, ran above)
-    **{
-        f"contrastive_full_steps_{dataset}": [
-            (dataset, "full", ["train.steps=100"]),
-            (dataset, "full", ["train.steps=400"]),
-        ]
-        for dataset in DATASETS
-    },
-    **{
-        f"contrastive_longer_{dataset}": [
-            (dataset, "lora", ["train.steps=400"]),
-            (dataset, "lora", ["train.batch_size=16", "train.steps=200"]),
-        ]
-        for dataset in DATASETS
-    },
+    **per_dataset("contrastive_full_steps", "full", ["train.steps=100"], ["train.steps=400"]),
+    **per_dataset(
+        "contrastive_longer",
+        "lora",
+        ["train.steps=400"],
+        ["train.batch_size=16", "train.steps=200"],
+    ),
 }
 
 
