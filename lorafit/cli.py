@@ -182,23 +182,30 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     if not summary or not is_main_process():  # under a launcher only rank 0 prints
         return
     test = summary["test"]
-    metric = summary["selection_metric"] if summary["task"] == "classification" else "loss"
-    key = "accuracy" if summary["task"] == "classification" else "loss"
-    ci = test.get("ci", {}).get(key)
-    ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    classification = summary["task"] == "classification"
+    metric = summary["selection_metric"] if classification else "loss"
+    key = "accuracy" if classification else "loss"
+    level = round(100 * test.get("ci_level", 0.95))
+    # a causal LM's CI is of the mean per-example NLL (lorafit.evaluate.confidence_intervals)
+    ci = test.get("ci", {}).get(key if classification else "nll")
+    ci_of = "" if classification else " of the mean per-example NLL"
+    ci_text = f" ({level}% CI{ci_of} {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
     lines = [
         "",
         f"run:        {run_dir}",
         f"test {key}: {test[key]:.4f}{ci_text} on {summary['num_test']} examples",
     ]
-    if summary["task"] == "classification":
+    if classification:
         lines.append(
             f"            macro-F1 {test['f1_macro']:.4f}, ECE {test['ece']:.4f}, NLL {test['nll']:.4f}"
         )
     gap = summary.get("train_test_gap") or {}
     if key in gap:
+        # as the trainer stores it: the loss gap is test minus train, a metric's train minus test
+        first, second = ("test", "train-sample") if key == "loss" else ("train-sample", "test")
         lines.append(
-            f"gap:        train-sample {key} minus test {key} = {gap[key]:+.4f} ({_tested(summary, metric)})"
+            f"gap:        {first} {key} minus {second} {key} = {gap[key]:+.4f} "
+            f"({_tested(summary, metric)})"
         )
     lines.append(
         f"cost:       {summary['trainable_params']:,} trainable of {summary['total_params']:,} params, "
@@ -215,8 +222,20 @@ def _tested(summary: dict, metric: str) -> str:
     return f"weights of the last step {summary['stopped_at_step']}, a fixed budget"
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, but key=value overrides may also follow options: `compare c.yaml
+    --report-only sweep.seeds=3` (argparse reads a command's positionals in one run)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         code = args.func(args)
     except LorafitError as e:

@@ -84,7 +84,8 @@ class DataConfig:
     name: str | None = _f(None, "Hub dataset configuration name (e.g. 'sst2' of 'glue').")
     train_split: str = _f("train", "Split (or file stem) used for training.")
     validation_split: str | None = _f(
-        "validation", "Given validation split; None or missing -> carved from train."
+        "validation",
+        "Given validation split; None, missing or the test split -> carved from train.",
     )
     test_split: str | None = _f(
         "test", "Given test split; missing -> validation split if present, else carved."
@@ -101,7 +102,8 @@ class DataConfig:
         None, "Instead of k_shot: a fraction (<1) or a number (>=1) of train rows."
     )
     validation_k: int | None = _f(
-        None, "Validation examples per class drawn disjointly from train (default: k_shot)."
+        None,
+        "K-shot only: validation examples per class drawn disjointly from train (default: k_shot).",
     )
     validation_fraction: float = _f(
         0.1, "Fraction of train carved out as validation when none is given."
@@ -136,6 +138,19 @@ class DataConfig:
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ConfigError(f"data.{name}={v!r} must be between 0 and 1")
+        for name in ("validation_split", "test_split"):
+            if getattr(self, name) == self.train_split:
+                raise ConfigError(
+                    f"data.{name}={self.train_split!r} names the training split (data.train_split); "
+                    f"set data.{name} to another split or null"
+                )
+        if self.labels is not None:
+            names = [str(n) for n in self.labels]
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:
+                raise ConfigError(
+                    f"data.labels lists '{twice}' twice; name each class once, in id order"
+                )
 
 
 PEFT_METHODS_WITH_DEFAULTS = ("full", "head", "lora", "qlora")
@@ -187,10 +202,30 @@ class MethodConfig:
             raise ConfigError(f"method.dropout={self.dropout!r} must be in [0, 1)")
 
 
+# Scalar validation metrics that lorafit.evaluate reports per task: what selection can use.
+SELECTION_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": (
+        "accuracy",
+        "f1_macro",
+        "f1_micro",
+        "f1_weighted",
+        "mcc",
+        "auroc",
+        "auprc",
+        "loss",
+        "nll",
+        "brier",
+        "ece",
+    ),
+    "causal_lm": ("loss", "perplexity", "top1_accuracy", "top5_accuracy"),
+}
+
+
 @dataclass
 class EarlyStoppingConfig:
     metric: str = _f(
-        "auto", "Validation metric that selects the best step (auto: accuracy or loss)."
+        "auto",
+        "Validation metric that selects the best step (auto: accuracy or loss; docs/training.md).",
     )
     patience: int | None = _f(
         None, "Stop after this many evaluations without improvement; None: never stop."
@@ -202,6 +237,12 @@ class EarlyStoppingConfig:
         _check_positive("train.early_stopping", "patience", self.patience)
         _check_positive("train.early_stopping", "min_steps", self.min_steps, allow_zero=True)
         _check_choice("train.early_stopping", "tie_breaker", self.tie_breaker, ("loss", "none"))
+        if self.metric != "auto" and not any(self.metric in m for m in SELECTION_METRICS.values()):
+            per_task = "; ".join(f"{t}: {', '.join(m)}" for t, m in SELECTION_METRICS.items())
+            raise ConfigError(
+                f"train.early_stopping.metric={self.metric!r} is not valid; use auto or a "
+                f"validation metric of the task ({per_task})"
+            )
 
 
 @dataclass
@@ -310,6 +351,20 @@ def objective_for(train_cfg: TrainConfig, task: str) -> str:
     return objective
 
 
+def selection_metric_for(train_cfg: TrainConfig, task: str) -> str:
+    """The validation metric `train.early_stopping.metric` selects on for `task` (auto: accuracy
+    for classification, else loss); refuses a metric that the task does not report."""
+    metric = train_cfg.early_stopping.metric
+    if metric == "auto":
+        return "accuracy" if task == "classification" else "loss"
+    if metric not in SELECTION_METRICS[task]:
+        raise ConfigError(
+            f"train.early_stopping.metric={metric!r} is not a {task} metric; "
+            f"use one of {['auto', *SELECTION_METRICS[task]]}"
+        )
+    return metric
+
+
 @dataclass
 class EvalConfig:
     batch_size: int = _f(64, "Examples per evaluation batch.")
@@ -336,6 +391,18 @@ class OutputConfig:
     save_adapter: bool = _f(True, "Write the adapter (or full weights) to adapter/.")
     plot: bool = _f(True, "Write learning_curve.png.")
 
+    def __post_init__(self) -> None:
+        if not self.report_to:
+            return
+        from accelerate.utils import LoggerType  # imports torch: only when trackers are named
+
+        trackers = [t.value for t in LoggerType]
+        unknown = next((t for t in self.report_to if t not in trackers), None)
+        if unknown is not None:
+            raise ConfigError(
+                f"output.report_to: unknown tracker {unknown!r}; use any of {trackers} ([] for none)"
+            )
+
 
 @dataclass
 class RunConfig:
@@ -357,8 +424,9 @@ class RunConfig:
         tc = self.train
         if tc.warmup_steps > tc.steps:
             raise ConfigError(f"train.warmup={tc.warmup} is longer than train.steps={tc.steps}")
-        if self.model.task != "auto":
-            objective_for(tc, self.model.task)  # refuse impossible mixes before any loading
+        if self.model.task != "auto":  # refuse impossible mixes before any loading
+            objective_for(tc, self.model.task)
+            selection_metric_for(tc, self.model.task)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

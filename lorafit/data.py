@@ -29,7 +29,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 
 from lorafit.config import DataConfig
-from lorafit.errors import DataError, ModelError
+from lorafit.errors import ConfigError, DataError, ModelError
 from lorafit.io import write_json
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,12 @@ def load_task_data(cfg: DataConfig, task: str) -> TaskData:
     """Read `cfg.path`, normalise columns and labels, and build train/validation/test."""
     if task not in TASKS:
         raise DataError(f"task {task!r} is not valid; use one of {list(TASKS)}")
+    # Checked here, not in DataConfig: a sweep's base config may set it, and the sweep sets k_shot.
+    if cfg.validation_k is not None and cfg.k_shot is None:
+        raise ConfigError(
+            "data.validation_k needs data.k_shot (it sizes the K-shot validation draw); "
+            "without K-shot sampling use data.validation_fraction"
+        )
     raw = _read_splits(cfg)
     if task == "classification":
         label_names, pools = _normalise_classification(raw, cfg)
@@ -243,6 +249,19 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in SUPPORTED_EXTENSIONS
 
 
+def _split_names(cfg: DataConfig) -> dict[str, str]:
+    """Split name (file stem or hub split) of each role. A split that the test role claims is not
+    also the validation split: validation is then carved from train (see `_assign_splits`)."""
+    names = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
+    if _validation_is_test(cfg):
+        del names["validation"]
+    return {role: name for role, name in names.items() if name is not None}
+
+
+def _validation_is_test(cfg: DataConfig) -> bool:
+    return cfg.validation_split is not None and cfg.validation_split == cfg.test_split
+
+
 def _split_files(folder: Path, cfg: DataConfig) -> dict[str, Path]:
     """Files of a folder matched to split roles by stem; a folder with one data file is the train pool."""
     files = sorted(
@@ -252,10 +271,9 @@ def _split_files(folder: Path, cfg: DataConfig) -> dict[str, Path]:
         raise DataError(
             f"{folder}: no data files; expected e.g. train.tsv, validation.tsv, test.tsv (csv/tsv/jsonl/json/parquet)"
         )
-    wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
     found: dict[str, Path] = {}
-    for role, stem in wanted.items():
-        matches = [f for f in files if stem is not None and f.stem == stem]
+    for role, stem in _split_names(cfg).items():
+        matches = [f for f in files if f.stem == stem]
         if len(matches) > 1:
             raise DataError(
                 f"{folder}: several files for the {role} split ({', '.join(f.name for f in matches)}); keep one"
@@ -329,11 +347,10 @@ def _hub_splits(cfg: DataConfig) -> dict[str, _Split]:
         raise DataError(
             f"hub dataset {label} has no split '{cfg.train_split}' (splits: {', '.join(loaded)}); set data.train_split"
         )
-    wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
     return {
         role: _Split(loaded[s], f"{label}[{s}]")
-        for role, s in wanted.items()
-        if s is not None and s in loaded
+        for role, s in _split_names(cfg).items()
+        if s in loaded
     }
 
 
@@ -494,6 +511,11 @@ def _label_id(
     )
 
 
+def instruction_prompt(instruction: str, extra: Any) -> str:
+    """The user turn of an Alpaca-style row: the instruction, then its input after a blank line."""
+    return f"{instruction}\n\n{extra}" if extra is not None and str(extra).strip() else instruction
+
+
 def _normalise_sft(split: _Split, cfg: DataConfig) -> Dataset:
     """Chat `messages`, or instruction (+ input) and output columns -> messages ending with the response."""
     columns = split.dataset.column_names
@@ -509,9 +531,11 @@ def _normalise_sft(split: _Split, cfg: DataConfig) -> Dataset:
         inputs = split.dataset[cfg.input][:] if cfg.input in columns else [None] * len(instructions)
         conversations = []
         for text, extra, response in zip(instructions, inputs, outputs):
-            prompt = f"{text}\n\n{extra}" if extra is not None and str(extra).strip() else text
             conversations.append(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+                [
+                    {"role": "user", "content": instruction_prompt(text, extra)},
+                    {"role": "assistant", "content": response},
+                ]
             )
     return Dataset.from_dict({"messages": conversations, "row": list(range(len(conversations)))})
 
@@ -659,6 +683,11 @@ def _assign_splits(
             train, validation = _split_off(pool, n_validation, cfg.seed, _CARVE_VALIDATION)
             notes.append(
                 f"validation: {len(validation)} rows carved from train (validation_fraction={cfg.validation_fraction})"
+                + (
+                    "; data.validation_split names the test split, so it is not used for validation"
+                    if _validation_is_test(cfg) and "test" in pools
+                    else ""
+                )
             )
         if cfg.train_size is not None:
             n_train = (

@@ -32,7 +32,7 @@ from lorafit import methods as Meth
 from lorafit.config import ModelConfig
 from lorafit.data import load_label_map, save_label_map
 from lorafit.errors import LorafitError, ModelError
-from lorafit.io import write_json
+from lorafit.io import default_mode, write_json
 from lorafit.models import TextClassifier, load_tokenizer, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,12 @@ def open_package(path: str | Path) -> Package:
 
 
 def refuse_pickles(folder: Path) -> None:
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    """Refuse pickle files anywhere under `folder` (sub-folders included)."""
+    pickles = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file()
+    )
     if pickles:
         raise ModelError(
             f"{folder} holds pickle files ({', '.join(pickles)}), which can run code when loaded; "
@@ -292,6 +297,7 @@ def load(
     base_model: another path to the base (its hash must still match the manifest).
     Raises ModelError for pickle files, missing or corrupt files and a mismatched base.
     """
+    device = check_device(device)
     package = open_package(path)
     verify_files(package)
     if package.kind == "peft":
@@ -318,6 +324,30 @@ def load(
         meta,
         package.manifest,
     )
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """The device to load on (None: cpu); refuses a name torch does not know or CUDA without one."""
+    if device is None:
+        return None
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"--device {str(device)!r} is not a device; use cpu, cuda or cuda:N")
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"--device {str(device)!r}: CUDA is not available; use --device cpu")
+        if chosen.index is not None and chosen.index >= count:
+            raise ModelError(
+                f"--device {str(device)!r}: CUDA has {count} device(s) (cuda:0 to "
+                f"cuda:{count - 1}); choose one of them"
+            )
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {str(device)!r}: MPS is not available; use --device cpu")
+    return chosen
 
 
 @contextlib.contextmanager
@@ -422,6 +452,8 @@ def export_run(
         if package.label_names is not None:
             save_label_map(staging / LABEL_MAP_FILE, package.label_names)
         write_json(staging / MANIFEST_FILE, _manifest(package, staging, merge_report))
+        for entry in [staging, *staging.rglob("*")]:  # readable like a plain copy, not owner-only
+            os.chmod(entry, default_mode(is_dir=entry.is_dir()))
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(staging, out)

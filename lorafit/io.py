@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename.
 
 A crash never leaves a half-written file behind; readers see the old file or the new one.
+Written files get the permissions a plain open() would give (0o666 less the umask), not the
+owner-only 0o600 of a temporary file.
 """
 
 from __future__ import annotations
@@ -24,10 +26,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, default_mode(is_dir=False))
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def default_mode(*, is_dir: bool) -> int:
+    """The mode open() (0o666) or mkdir() (0o777) would give under the current umask."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
 
 
 def write_text(path: str | Path, text: str) -> None:

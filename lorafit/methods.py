@@ -31,6 +31,7 @@ from lorafit.models import (
     TASKS,
     ModelSource,
     TextClassifier,
+    check_max_length,
     choose_pooling,
     load_base_model,
     load_tokenizer,
@@ -430,6 +431,7 @@ def _build(
     # heads stay in float: 4-bit layers cannot train, and the pooler is part of the classifier
     quant_cfg = bnb_4bit_config(method_cfg, ["pooler", "lm_head"]) if quantized else None
     base = load_base_model(model_cfg, task, source, quant_cfg, device_map=device_map)
+    check_max_length(model_cfg, base.config)
     if base.config.pad_token_id is None and tokenizer is not None:
         base.config.pad_token_id = tokenizer.pad_token_id
     if quantized:

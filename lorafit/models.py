@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorafit.config import ModelConfig
-from lorafit.errors import ModelError
+from lorafit.errors import ConfigError, ModelError
 
 TASKS = ("classification", "causal_lm")
 POOLINGS = ("mean", "cls", "pooler", "last")
@@ -263,6 +263,39 @@ def load_base_model(
         _clear_gguf_quantizer(model)
         model.to(dtype)
     return model
+
+
+# Encoders whose position ids start after the padding index: RoBERTa has 514 positions, 512 usable.
+_POSITIONS_AFTER_PADDING = (
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "roberta-prelayernorm",
+    "camembert",
+    "data2vec-text",
+    "longformer",
+    "mpnet",
+)
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest input (tokens) the model has positions for; None when it does not say."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if getattr(config, "model_type", None) in _POSITIONS_AFTER_PADDING:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
+def check_max_length(model_cfg: ModelConfig, config: Any) -> None:
+    """Refuse model.max_length beyond the model's positions: training would crash on a long batch."""
+    limit = position_limit(config)
+    if limit is not None and model_cfg.max_length > limit:
+        raise ConfigError(
+            f"model.max_length={model_cfg.max_length} is longer than {model_cfg.name_or_path} "
+            f"allows ({limit} positions); set model.max_length={limit} or less"
+        )
 
 
 def _quantization_device() -> str:

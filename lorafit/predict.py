@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lorafit import data as D
 from lorafit import methods as Meth
+from lorafit.config import DataConfig
 from lorafit.errors import DataError, ModelError
 from lorafit.export import LoadedModel, check_base, load, open_package, verify_files
 from lorafit.io import atomic_path
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
 PROMPT_COLUMNS = ("prompt", "instruction", "input", "question")
+MESSAGES_SHAPE = (
+    "a list of {'role': ..., 'content': '...'} objects whose last is from the 'user' (a trailing "
+    "'assistant' answer is dropped), e.g. [{'role': 'user', 'content': 'hi'}]"
+)
 
 
 @dataclass
@@ -140,18 +145,7 @@ class Predictor:
         return next(iter(self._adapters.values())).loaded.task
 
     def _select(self, adapter: str | None) -> _Adapter:
-        if adapter is None:
-            if len(self._adapters) > 1:
-                raise ModelError(
-                    f"several adapters are loaded ({', '.join(self._adapters)}); choose one "
-                    "(CLI: --adapter NAME, or an 'adapter' field per input row)"
-                )
-            adapter = self.adapters[0]
-        if adapter not in self._adapters:
-            raise ModelError(
-                f"unknown adapter {adapter!r}; loaded adapters: {', '.join(self._adapters)}"
-            )
-        chosen = self._adapters[adapter]
+        chosen = self._adapters[adapter_name(adapter, self.adapters)]
         if chosen.peft_name is not None:
             body = (
                 chosen.model.encoder if isinstance(chosen.model, TextClassifier) else chosen.model
@@ -169,9 +163,11 @@ class Predictor:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         progress: bool = False,
+        origins: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """One result per input, in order. Inputs are texts, [text, text_pair] for a model trained
-        on sentence pairs (`data.text_pair`), or chat messages for causal LM.
+        on sentence pairs (`data.text_pair`), or chat messages for causal LM. origins: where each
+        input came from ("FILE line N"), named in errors (default "input I").
 
         classification: {"label", "label_id", "probs": {label: p}};
         causal LM: {"generation"} (temperature 0 = greedy).
@@ -181,12 +177,29 @@ class Predictor:
             raise DataError("no inputs to predict")
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
+        where = list(origins) if origins is not None else [f"input {i}" for i in range(len(inputs))]
         if chosen.loaded.task == "classification":
-            texts, pairs = _classification_inputs(inputs, chosen.loaded.meta.get("text_pair"))
+            text_pair = chosen.loaded.meta.get("text_pair")
+            texts, pairs = _classification_inputs(inputs, text_pair, where)
             return _classify(chosen, texts, pairs, batch_size, progress, self.device)
+        prompts = [_generation_input(x, w) for x, w in zip(inputs, where)]
         return _generate(
-            chosen, list(inputs), batch_size, max_new_tokens, temperature, progress, self.device
+            chosen, prompts, batch_size, max_new_tokens, temperature, progress, self.device
         )
+
+
+def adapter_name(name: str | None, loaded: Sequence[str]) -> str:
+    """The adapter to use: `name`, or the only one loaded; else a ModelError naming the choices."""
+    if name is None:
+        if len(loaded) > 1:
+            raise ModelError(
+                f"several adapters are loaded ({', '.join(loaded)}); choose one "
+                "(CLI: --adapter NAME, or an 'adapter' field per input row)"
+            )
+        return loaded[0]
+    if name not in loaded:
+        raise ModelError(f"unknown adapter {name!r}; loaded adapters: {', '.join(loaded)}")
+    return name
 
 
 def _config_of(loaded: LoadedModel):
@@ -196,21 +209,21 @@ def _config_of(loaded: LoadedModel):
 
 
 def _classification_inputs(
-    inputs: Sequence[Any], text_pair: str | None
+    inputs: Sequence[Any], text_pair: str | None, where: list[str]
 ) -> tuple[list[str], list[str] | None]:
     """(texts, second texts or None). A pair model (trained with data.text_pair) takes pairs only."""
     if text_pair is None:
-        for i, value in enumerate(inputs):
+        for value, origin in zip(inputs, where):
             if not isinstance(value, str):
                 raise DataError(
-                    f"input {i}: classification inputs must be texts, got {type(value).__name__}"
+                    f"{origin}: classification inputs must be texts, got {type(value).__name__}"
                     " (this model was not trained on sentence pairs)"
                 )
         return list(inputs), None
-    for i, value in enumerate(inputs):
+    for value, origin in zip(inputs, where):
         if not _is_pair(value):
             raise DataError(
-                f"input {i}: this model was trained on sentence pairs (data.text_pair="
+                f"{origin}: this model was trained on sentence pairs (data.text_pair="
                 f"{text_pair}); give each input as [text, text_pair]"
             )
     return [v[0] for v in inputs], [v[1] for v in inputs]
@@ -333,25 +346,31 @@ def _generate(
 @dataclass(frozen=True)
 class InputColumns:
     """Where an input row's text is: the first of `text` present, and for a model trained on
-    sentence pairs, `text_pair` (required in every row). `messages`: causal-LM chat rows are read."""
+    sentence pairs, `text_pair` (required in every row). `messages`: causal-LM chat rows are read.
+    `instruction_input`: (instruction, input) columns; a row read from the instruction column gets
+    its input appended as training does (lorafit.data._normalise_sft)."""
 
     text: tuple[str, ...] = D.TEXT_COLUMN_CANDIDATES + PROMPT_COLUMNS
     text_pair: str | None = None
     messages: bool = True
+    instruction_input: tuple[str, str] | None = (DataConfig.instruction, DataConfig.input)
 
 
 def input_columns(
-    text_column: str | None, text_pair_column: str | None, metas: Iterable[dict[str, Any]]
+    text_column: str | None, text_pair_column: str | None, meta: dict[str, Any]
 ) -> InputColumns:
-    """The CLI's columns: the given ones win, else those the models were trained with."""
-    metas = list(metas)
-    trained_text = next((m["text"] for m in metas if m.get("text")), None)
-    trained_pair = next((m["text_pair"] for m in metas if m.get("text_pair")), None)
+    """The CLI's columns for one model: the given ones win, else those it was trained with."""
     if text_column:
         text: tuple[str, ...] = (text_column,)
     else:
-        text = ((trained_text,) if trained_text else ()) + InputColumns.text
-    return InputColumns(text, text_pair_column or trained_pair, messages=not text_column)
+        text = ((meta["text"],) if meta.get("text") else ()) + InputColumns.text
+    if meta["task"] == "causal_lm":
+        return InputColumns(text, None, messages=not text_column)
+    pair = text_pair_column or meta.get("text_pair")
+    return InputColumns(text, pair, messages=False, instruction_input=None)
+
+
+Columns = InputColumns | Mapping[str, InputColumns]  # one for every row, or per adapter name
 
 
 def _is_pair(value: Any) -> bool:
@@ -363,40 +382,94 @@ def _is_pair(value: Any) -> bool:
     )
 
 
-def _row_from_record(record: Any, origin: str, columns: InputColumns) -> dict[str, Any]:
-    """{"input": text, [text, text_pair] or messages, "id"?, "adapter"?} from a JSON value or csv row."""
-    if isinstance(record, str) or _is_pair(record):
-        return {"input": record}
-    if not isinstance(record, dict):
-        raise DataError(f"{origin}: expected a JSON object or string, got {type(record).__name__}")
-    row: dict[str, Any] = {
-        k: record[k] for k in ("id", "adapter") if record.get(k) not in (None, "")
-    }
-    if columns.messages and isinstance(record.get("messages"), list):
-        messages = record["messages"]
-        if messages and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]  # a reference answer: generate it instead
-        row["input"] = messages
+def _text(value: Any, where: str) -> str:
+    if value is None or not str(value).strip():
+        raise DataError(f"{where}: empty text; fill it in or remove the row")
+    return value if isinstance(value, str) else str(value)
+
+
+def _prompt_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """Chat messages to answer; a trailing assistant message (a reference answer) is dropped."""
+    valid = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if valid and messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not valid or not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{where}: expected chat messages: {MESSAGES_SHAPE}")
+    return messages
+
+
+def _generation_input(value: Any, where: str) -> str | list[dict[str, str]]:
+    if isinstance(value, str):
+        return value
+    if _is_pair(value):
+        raise DataError(f"{where}: a causal LM takes a text or chat messages, not a [text, pair]")
+    return _prompt_messages(value, where)
+
+
+def _columns_for(name: str | None, columns: Columns, origin: str) -> InputColumns:
+    """The columns of the model a row goes to."""
+    if isinstance(columns, InputColumns):
+        return columns
+    try:
+        return columns[adapter_name(name, list(columns))]
+    except ModelError as e:
+        raise ModelError(f"{origin}: {e}") from None
+
+
+def _row_from_record(
+    record: Any, origin: str, columns: Columns, adapter: str | None = None
+) -> dict[str, Any]:
+    """{"input": text, [text, text_pair] or messages, "origin", "id"?, "adapter"?} from a JSON
+    value or csv row, read with the columns of the adapter it goes to (its own, else `adapter`)."""
+    row: dict[str, Any] = {"origin": origin}
+    if isinstance(record, dict):
+        row.update({k: record[k] for k in ("id", "adapter") if record.get(k) not in (None, "")})
+    chosen = _columns_for(row.get("adapter", adapter), columns, origin)
+    if isinstance(record, str):
+        row["input"] = _text(record, origin)
         return row
-    column = next((c for c in columns.text if c in record), None)
+    if _is_pair(record):
+        row["input"] = [_text(t, origin) for t in record]
+        return row
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{origin}: expected a JSON object, a string or [text, text_pair], "
+            f"got {type(record).__name__}"
+        )
+    if chosen.messages and record.get("messages") is not None:
+        row["input"] = _prompt_messages(record["messages"], f"{origin} column 'messages'")
+        return row
+    column = next((c for c in chosen.text if c in record), None)
     if column is None:
         raise DataError(
-            f"{origin}: no text column ({', '.join(columns.text)}); columns: "
+            f"{origin}: no text column ({', '.join(chosen.text)}); columns: "
             f"{', '.join(record)}; pass --text-column"
         )
-    row["input"] = str(record[column])
-    if columns.text_pair is not None:
-        if record.get(columns.text_pair) is None:
+    text = _text(record[column], f"{origin} column '{column}'")
+    if chosen.instruction_input and column == chosen.instruction_input[0]:
+        text = D.instruction_prompt(text, record.get(chosen.instruction_input[1]))
+    row["input"] = text
+    if chosen.text_pair is not None:
+        if chosen.text_pair not in record:
             raise DataError(
-                f"{origin}: no '{columns.text_pair}' column (the second text of a sentence-pair "
+                f"{origin}: no '{chosen.text_pair}' column (the second text of a sentence-pair "
                 f"model); columns: {', '.join(record)}; pass --text-pair-column"
             )
-        row["input"] = [row["input"], str(record[columns.text_pair])]
+        second = _text(record[chosen.text_pair], f"{origin} column '{chosen.text_pair}'")
+        row["input"] = [text, second]
     return row
 
 
-def read_inputs(path: str | Path, columns: InputColumns = InputColumns()) -> list[dict[str, Any]]:
-    """Rows of a csv/tsv/jsonl/txt file: {"input", optional "id" and "adapter"}."""
+def read_inputs(
+    path: str | Path, columns: Columns = InputColumns(), adapter: str | None = None
+) -> list[dict[str, Any]]:
+    """Rows of a csv/tsv/jsonl/txt file: {"input", "origin", optional "id" and "adapter"}.
+
+    columns: one InputColumns for every row, or {adapter name: InputColumns}: each row is read
+    with those of the adapter it names (else `adapter`, else the only one)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in INPUT_SUFFIXES:
@@ -406,9 +479,13 @@ def read_inputs(path: str | Path, columns: InputColumns = InputColumns()) -> lis
     if not path.is_file():
         raise DataError(f"input file {path} not found")
     rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" BOM
         if suffix == ".txt":
-            rows = [{"input": line.rstrip("\n")} for line in fh if line.strip()]
+            for n, line in enumerate(fh, start=1):
+                if line.strip():
+                    rows.append(
+                        _row_from_record(line.rstrip("\r\n"), f"{path} line {n}", columns, adapter)
+                    )
         elif suffix == ".jsonl":
             for n, line in enumerate(fh, start=1):
                 if line.strip():
@@ -416,7 +493,7 @@ def read_inputs(path: str | Path, columns: InputColumns = InputColumns()) -> lis
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-                    rows.append(_row_from_record(record, f"{path} line {n}", columns))
+                    rows.append(_row_from_record(record, f"{path} line {n}", columns, adapter))
         else:  # TSV files carry bare quote characters, so quoting is off (as in lorafit.data)
             reader = csv.DictReader(
                 fh,
@@ -424,7 +501,7 @@ def read_inputs(path: str | Path, columns: InputColumns = InputColumns()) -> lis
                 quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
             )
             for n, record in enumerate(reader, start=2):
-                rows.append(_row_from_record(record, f"{path} row {n}", columns))
+                rows.append(_row_from_record(record, f"{path} row {n}", columns, adapter))
     if not rows:
         raise DataError(f"{path} has no input rows; nothing to predict")
     return rows
@@ -453,26 +530,33 @@ def predict_rows(
         groups.setdefault(row["adapter"], []).append(i)
     results: list[dict[str, Any]] = [{} for _ in rows]
     for name, indices in groups.items():
-        outputs = predictor.predict([rows[i]["input"] for i in indices], adapter=name, **options)
+        inputs = [rows[i]["input"] for i in indices]
+        origins = [rows[i].get("origin", f"row {i}") for i in indices]
+        outputs = predictor.predict(inputs, adapter=name, origins=origins, **options)
         for i, out in zip(indices, outputs):
             results[i] = _output_record(i, rows[i], out, named)
     return results
 
 
-def _stream(predictor: Predictor, columns: InputColumns, args: Any, options: dict[str, Any]) -> int:
+def _stdin_record(line: str, where: str) -> Any:
+    """A JSON object, string or [text, text_pair]; any other line is plain text."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        if line.startswith("{"):  # meant as a JSON object
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        return line
+    return value if isinstance(value, (str, dict)) or _is_pair(value) else line
+
+
+def _stream(predictor: Predictor, columns: Columns, args: Any, options: dict[str, Any]) -> int:
     """stdin -> stdout, one line at a time: a text, or a JSON object, string or [text, text_pair]."""
     count = 0
     for n, line in enumerate(sys.stdin, start=1):
         if not line.strip():
             continue
-        stripped = line.strip()
-        record: Any = stripped
-        if stripped.startswith(("{", '"', "[")):
-            try:
-                record = json.loads(stripped)
-            except json.JSONDecodeError as e:
-                raise DataError(f"stdin line {n}: not valid JSON ({e.msg})") from None
-        row = _row_from_record(record, f"stdin line {n}", columns)
+        where = f"stdin line {n}"
+        row = _row_from_record(_stdin_record(line.strip(), where), where, columns, args.adapter)
         [result] = predict_rows(predictor, [row], args.adapter, **options)
         result["row"] = count
         sys.stdout.write(json.dumps(result) + "\n")
@@ -499,12 +583,14 @@ def parse_model_dirs(values: Iterable[str]) -> dict[str, str]:
 def predict_cli(args: Any) -> int:
     """`lorafit predict DIR [NAME=DIR ...] --input FILE|- --output FILE|-`."""
     sources = parse_model_dirs(args.model_dir)
-    metas = (open_package(folder).meta for folder in sources.values())
-    columns = input_columns(args.text_column, args.text_pair_column, metas)
-    rows = None if args.input == "-" else read_inputs(args.input, columns)
-    predictor = Predictor(sources, base_model=args.base_model, device=args.device)
     if args.adapter is not None:
-        predictor._select(args.adapter)  # an unknown name fails before any work
+        adapter_name(args.adapter, list(sources))  # an unknown name fails before any work
+    columns = {
+        name: input_columns(args.text_column, args.text_pair_column, open_package(folder).meta)
+        for name, folder in sources.items()
+    }
+    rows = None if args.input == "-" else read_inputs(args.input, columns, args.adapter)
+    predictor = Predictor(sources, base_model=args.base_model, device=args.device)
     options = {
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,

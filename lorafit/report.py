@@ -9,9 +9,9 @@ Protocol, in the order it is applied:
 1. Grid search: per (method, K, seed), the grid point with the best validation metric is kept
    (ties: lower validation loss, then grid order). Test metrics never take part.
 2. Failed runs (Mosbach et al. 2021): a kept run whose best validation accuracy is at or below
-   the validation set's majority-class rate is `failed`: listed apart, never averaged.
+   the validation set's majority-class rate is `failed`: listed apart, never in the metric means.
 3. Per method x K over the `ok` seeds: mean, sample std, Student-t CI across seeds, the mean of
-   the per-run bootstrap CIs, gap, ECE and cost.
+   the per-run bootstrap CIs, gap and ECE; cost over the `ok` and `failed` seeds.
 4. Paired test against the baseline at the same K: per-example test predictions of every seed
    where both runs are ok are aligned by test row and pooled; one paired bootstrap and one
    paired permutation test on the pool. Holm-Bonferroni adjusts the chosen p-values over all
@@ -244,6 +244,8 @@ def summarise(sweep: Sweep, rows: list[dict]) -> list[dict[str, Any]]:
         for k in cfg.k_shots:
             cell_rows = [r for r in kept if r["method"] == method and r["k_shot"] == k]
             ok = [r for r in cell_rows if r["status"] == "ok"]
+            # a failed run is left out of the quality means, but its cost was real and known
+            finished = [r for r in cell_rows if r["status"] in ("ok", "failed")]
             stats = seed_stats([r[f"test_{metric}"] for r in ok], cfg.ci_level)
             entry: dict[str, Any] = {
                 "method": method,
@@ -264,13 +266,13 @@ def summarise(sweep: Sweep, rows: list[dict]) -> list[dict[str, Any]]:
                 "ece_mean": _mean(ok, "test_ece"),
                 "ece_std": _std(ok, "test_ece"),
                 "nll_mean": _mean(ok, "test_nll"),
-                "trainable_params": _median(ok, "trainable_params"),
-                "adapter_bytes": _median(ok, "adapter_bytes"),
-                "peak_memory_mb": _mean(ok, "peak_memory_mb"),
-                "peak_cuda_memory_mb": _mean(ok, "peak_cuda_memory_mb"),
-                "wall_time_s": _mean(ok, "wall_time_s"),
-                "eval_share": _mean(ok, "eval_share"),
-                "process_time_s": _mean(ok, "process_time_s"),
+                "trainable_params": _median(finished, "trainable_params"),
+                "adapter_bytes": _median(finished, "adapter_bytes"),
+                "peak_memory_mb": _mean(finished, "peak_memory_mb"),
+                "peak_cuda_memory_mb": _mean(finished, "peak_cuda_memory_mb"),
+                "wall_time_s": _mean(finished, "wall_time_s"),
+                "eval_share": _mean(finished, "eval_share"),
+                "process_time_s": _mean(finished, "process_time_s"),
             }
             if method != cfg.baseline:
                 entry.update(_paired_against_baseline(sweep, by_cell, method, k))
@@ -470,6 +472,7 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         )
     lines += [
         "",
+        "Cost is over the finished runs, failed ones included (their cost was real). "
         "Wall time: the run's training loop with its periodic evaluations (summary.json "
         "wall_time_s). Eval share: eval_time_s / wall_time_s, where eval_time_s also counts the "
         "final train-sample and test evaluations. Process time: the whole `lorafit train` "

@@ -8,6 +8,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from lorafit.errors import ConfigError
 from lorafit.io import read_jsonl, write_text, write_with
 
@@ -66,16 +68,70 @@ def read_summary(root: str | Path) -> dict:
         return {}
 
 
-def prepare_run_dir(root: str | Path, overwrite: bool, resume: bool) -> RunDir:
-    """Create the run directory; refuse to mix a new run into an old one by accident."""
+# Everything `lorafit train` writes into output.dir (see RunDir); `.<name>.*.tmp` files are
+# atomic writes cut short by a crash (lorafit.io).
+RUN_ENTRIES = frozenset(
+    {
+        "config.yaml",
+        "label_map.json",
+        "metrics.jsonl",
+        "summary.json",
+        "predictions",
+        "adapter",
+        "checkpoints",
+        "learning_curve.png",
+        "tb",
+    }
+)
+
+
+def is_run_dir(root: str | Path) -> bool:
+    """A folder holding only what a run writes, with the config.yaml that a run saves.
+
+    A run saves every setting; a hand-written config.yaml states a few. Nearly all (90%) are
+    asked for, so that a run of an older lorafit, without the settings added since, still counts.
+    """
+    from lorafit.config import RunConfig
+
     run = RunDir(Path(root))
-    if run.root.exists() and any(run.root.iterdir()) and not resume:
-        if not overwrite:
-            raise ConfigError(
-                f"output.dir {run.root} already holds a run; pass train.resume=true to continue "
-                "it, output.overwrite=true to replace it, or choose another output.dir"
-            )
-        shutil.rmtree(run.root)
+    names = [p.name for p in run.root.iterdir()]
+    if not all(n in RUN_ENTRIES or (n.startswith(".") and n.endswith(".tmp")) for n in names):
+        return False
+    try:
+        saved = yaml.safe_load(run.config.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    if not isinstance(saved, dict):
+        return False
+    settings = [(s, key) for s, keys in RunConfig().to_dict().items() for key in keys]
+    stated = sum(isinstance(saved.get(s), dict) and key in saved[s] for s, key in settings)
+    return stated >= 0.9 * len(settings)
+
+
+def check_run_dir(root: str | Path, overwrite: bool, resume: bool) -> None:
+    """Refuse an output.dir that holds something a new run must not mix into or delete."""
+    root = Path(root)
+    if resume or not root.exists() or not any(root.iterdir()):
+        return
+    if not is_run_dir(root):
+        raise ConfigError(
+            f"output.dir {root} is not empty and is not a lorafit run directory, so lorafit will "
+            "not write into it or delete it (even with output.overwrite=true); choose another "
+            "output.dir or delete that folder yourself"
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"output.dir {root} already holds a run; pass train.resume=true to continue "
+            "it, output.overwrite=true to replace it, or choose another output.dir"
+        )
+
+
+def prepare_run_dir(root: str | Path, overwrite: bool, resume: bool) -> RunDir:
+    """Create the run directory; replace an old run only when asked, and nothing but a run."""
+    check_run_dir(root, overwrite, resume)
+    run = RunDir(Path(root))
+    if overwrite and not resume and run.root.exists():
+        shutil.rmtree(run.root)  # a run directory (or an empty folder): checked above
     run.root.mkdir(parents=True, exist_ok=True)
     return run
 

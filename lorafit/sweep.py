@@ -243,14 +243,16 @@ def _parse_grid(method: str, grid: Any) -> dict[str, list]:
         if key in SWEEP_OWNED_KEYS or "." not in key:
             raise ConfigError(f"{where}.{key} cannot be searched; use e.g. train.lr or method.r")
         parsed[key] = []
-        for (
-            value
-        ) in values:  # each value alone must be valid; keep it typed (YAML reads 1e-4 as text)
+        # each value alone must be valid; keep it typed (YAML reads 1e-4 as text)
+        for value in values:
             probe: dict[str, Any] = {}
             _set(probe, key, value)
             typed: Any = from_dict(RunConfig, probe, prefix=f"{where}.")
             for part in key.split("."):
                 typed = getattr(typed, part)
+            # each value names a run folder (hp_label): a repeat would train into the same one
+            if any(hp_label(((key, typed),)) == hp_label(((key, v),)) for v in parsed[key]):
+                raise ConfigError(f"{where}.{key} lists {typed!r} twice; list each value once")
             parsed[key].append(typed)
     return parsed
 
@@ -561,7 +563,9 @@ def run_compare(
         if int(os.environ.get("RANK", "0")) != 0:
             return sweep.dir / "report.md"
         sweep.config.workers = max(sweep.config.workers, world)
-    sweep.dir.mkdir(parents=True, exist_ok=True)
+    state = SweepState(sweep.dir / "state.json")
+    for run in sweep.runs:
+        run_status(run, state)  # refuses finished runs made with other settings: before any write
     write_text(
         sweep.dir / "sweep.yaml",
         f"# lorafit compare {sweep.dir / 'sweep.yaml'} --report-only\n"

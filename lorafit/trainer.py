@@ -32,7 +32,7 @@ from lorafit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lorafit.config import RunConfig, objective_for
+from lorafit.config import RunConfig, objective_for, selection_metric_for
 from lorafit.distributed import make_accelerator
 from lorafit.errors import ConfigError, TrainingError
 from lorafit.evaluate import (
@@ -47,6 +47,7 @@ from lorafit.io import append_jsonl, read_jsonl, write_json, write_text
 from lorafit.objectives import fit_logistic_head, pair_cosine_loss
 from lorafit.rundir import (
     RunDir,
+    check_run_dir,
     environment_info,
     plot_learning_curve,
     prepare_run_dir,
@@ -155,14 +156,16 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.run = RunDir(Path(cfg.output.dir))
+        # A bad output.dir is refused now; an old run is replaced only once data and model load.
         if self.is_main:
-            prepare_run_dir(cfg.output.dir, cfg.output.overwrite, cfg.train.resume)
-        acc.wait_for_everyone()
+            check_run_dir(cfg.output.dir, cfg.output.overwrite, cfg.train.resume)
         set_seed(cfg.train.seed)
 
         # data: normalised columns, K-shot sampled per seed, then tokenised
         self.task = cfg.model.task if cfg.model.task != "auto" else D.infer_task(cfg.data)
-        self.objective = objective_for(cfg.train, self.task)  # auto: known once the task is
+        # auto settings are known once the task is; both refuse mixes that cannot work
+        self.objective = objective_for(cfg.train, self.task)
+        selection_metric = selection_metric_for(cfg.train, self.task)
         self.data = D.load_task_data(cfg.data, self.task)
         self.label_names = self.data.label_names
         self.num_classes = len(self.label_names) if self.task == "classification" else None
@@ -246,12 +249,9 @@ class Trainer:
         self.sharded = dist.is_sharded(acc)
         self.ema = EMA(self.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
-        metric = cfg.train.early_stopping.metric
-        if metric == "auto":
-            metric = "accuracy" if self.task == "classification" else "loss"
         self.selection = Selection(
-            metric=metric,
-            higher_is_better=metric not in ("loss", "nll", "brier", "ece", "perplexity"),
+            metric=selection_metric,
+            higher_is_better=selection_metric not in ("loss", "nll", "brier", "ece", "perplexity"),
             tie_breaker=cfg.train.early_stopping.tie_breaker,
         )
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -260,6 +260,9 @@ class Trainer:
         if cfg.train.resume:
             self._resume()
 
+        if self.is_main:
+            prepare_run_dir(cfg.output.dir, cfg.output.overwrite, cfg.train.resume)
+        acc.wait_for_everyone()
         if self.is_main:
             write_text(self.run.config, cfg.to_yaml())
             if self.label_names is not None:

@@ -46,6 +46,14 @@ def test_yaml_and_overrides(tmp_path):
             ["model.pooling=pooler", "model.pool_layers=2"],
             "model.pool_layers=2 needs a token pooling",
         ),
+        (["data.labels=[pos,pos,neg]"], "data.labels lists 'pos' twice"),
+        (["output.report_to=[foo]"], "output.report_to: unknown tracker 'foo'; use any of"),
+        (["train.early_stopping.metric=f1"], "train.early_stopping.metric='f1' is not valid"),
+        (
+            ["model.task=causal_lm", "train.early_stopping.metric=accuracy"],
+            "train.early_stopping.metric='accuracy' is not a causal_lm metric; use one of "
+            "['auto', 'loss', 'perplexity', 'top1_accuracy', 'top5_accuracy']",
+        ),
     ],
 )
 def test_bad_config_names_the_key(override, message):
@@ -107,3 +115,23 @@ def test_per_method_settings_are_documented_as_method_defaults():
     cfg = RunConfig()
     assert None not in (cfg.train.lr, cfg.train.steps, cfg.train.head_lr, cfg.train.select_best)
     assert None not in (cfg.method.r, cfg.method.alpha)
+
+
+def test_report_to_takes_accelerate_trackers():
+    from accelerate.utils import LoggerType
+
+    for tracker in LoggerType:
+        assert load_config(None, [f"output.report_to=[{tracker.value}]"]).output.report_to
+    assert load_config(None, ["output.report_to=[]"]).output.report_to == []
+
+
+def test_early_stopping_metric_is_checked_against_the_task():
+    from lorafit.config import selection_metric_for
+
+    cfg = load_config(None, ["model.task=classification", "train.early_stopping.metric=f1_macro"])
+    assert selection_metric_for(cfg.train, "classification") == "f1_macro"
+    with pytest.raises(ConfigError, match="is not a classification metric"):
+        load_config(None, ["model.task=classification", "train.early_stopping.metric=perplexity"])
+    auto = RunConfig().train  # auto: accuracy for classification, else loss
+    assert selection_metric_for(auto, "classification") == "accuracy"
+    assert selection_metric_for(auto, "causal_lm") == "loss"

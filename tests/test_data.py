@@ -29,7 +29,7 @@ from lorafit.data import (
     save_label_map,
     tokenize,
 )
-from lorafit.errors import DataError
+from lorafit.errors import ConfigError, DataError
 
 CHATML = (
     "{% for message in messages %}"
@@ -113,6 +113,64 @@ def test_validation_file_becomes_test_when_no_test_split(tmp_path: Path) -> None
     assert len(td.test) == 11
     assert "test: the given validation split" in td.source
     assert len(td.train) + len(td.validation) == 40  # validation carved from train
+
+
+def test_validation_file_named_as_test_split_is_not_also_validation(tmp_path: Path) -> None:
+    _write(tmp_path / "train.tsv", _rows({"a": 20, "b": 20}))
+    _write(tmp_path / "validation.tsv", _rows({"a": 5, "b": 6}))
+    td = load_task_data(DataConfig(path=str(tmp_path), test_split="validation"), "classification")
+    assert len(td.test) == 11 and "test: the given test split" in td.source
+    assert len(td.train) + len(td.validation) == 40  # validation carved from train, not the test
+    assert f"validation: {tmp_path / 'validation.tsv'}" not in td.source
+    assert "data.validation_split names the test split" in td.source
+
+
+def test_hub_test_split_named_as_validation_is_not_also_validation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _fake_hub(monkeypatch, [0, 1])
+    td = load_task_data(DataConfig(path="org/sst2", test_split="validation"), "classification")
+    assert len(td.test) == 3 and len(td.train) + len(td.validation) == 20
+    assert "data.validation_split names the test split" in td.source
+
+
+def test_k_shot_splits_do_not_depend_on_the_validation_file(tmp_path: Path) -> None:
+    """K-shot draws validation from the train pool: naming validation.tsv as the test split gives
+    the same rows as a folder whose test file is that file (published tables rely on it)."""
+    named, plain = tmp_path / "named", tmp_path / "plain"
+    for folder, test_stem in ((named, "validation"), (plain, "test")):
+        folder.mkdir()
+        _write(folder / "train.tsv", _rows({"a": 20, "b": 20}))
+        _write(folder / f"{test_stem}.tsv", _rows({"a": 5, "b": 6}))
+    splits = [
+        load_task_data(
+            DataConfig(path=str(named), test_split="validation", k_shot=4, seed=21),
+            "classification",
+        ),
+        load_task_data(DataConfig(path=str(plain), k_shot=4, seed=21), "classification"),
+    ]
+    for role in ("train", "validation", "test"):
+        first, second = (getattr(td, role) for td in splits)
+        assert first["row"][:] == second["row"][:] and first["text"][:] == second["text"][:]
+
+
+@pytest.mark.parametrize("role", ["validation_split", "test_split"])
+def test_train_split_cannot_also_be_validation_or_test(role: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        DataConfig(path="data", **{role: "train"})
+    assert f"data.{role}='train' names the training split" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_validation_k_needs_k_shot(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", _rows({"a": 10, "b": 10}))
+    with pytest.raises(ConfigError) as info:
+        load_task_data(DataConfig(path=str(path), validation_k=5), "classification")
+    message = str(info.value)
+    assert (
+        "data.validation_k needs data.k_shot" in message and "data.validation_fraction" in message
+    )
+    assert "\n" not in message
 
 
 def test_folder_with_a_single_file_is_the_train_pool(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from lorafit import cli
 from lorafit import methods as M
 from lorafit.config import MethodConfig, ModelConfig, load_config
 from lorafit.errors import DataError, ModelError
@@ -25,7 +24,7 @@ from lorafit.predict import InputColumns, Predictor, read_inputs
 from lorafit.trainer import train
 from tests.conftest import TINY_SEED
 from tests.test_trainer import sentiment_rows, tiny_overrides
-from tests.tiny import tiny_bert
+from tests.tiny import run_cli, tiny_bert
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["the movie was great", "a terrible boring film", "wonderful acting and a charming story"]
@@ -59,12 +58,6 @@ def _save_random_lora(path: str, task: str, out: Path, seed: int, **method) -> P
         torch.nn.init.normal_(built.model.head.weight, std=0.5)
     M.save_trained(built.model, out, tokenizer=built.tokenizer)
     return out
-
-
-def _run_cli(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    return exit_info.value.code
 
 
 # -- shared artefacts (one trained run per module) ------------------------------------------------
@@ -252,7 +245,7 @@ def test_predict_files_csv_jsonl_txt(cls_export, work):
     for name, content in inputs.items():
         (work / name).write_text(content)
         out = work / f"{name}.preds.jsonl"
-        code = _run_cli(
+        code = run_cli(
             ["predict", str(cls_export), "--input", str(work / name), "--output", str(out)]
         )
         assert code == 0, name
@@ -275,9 +268,9 @@ def _pair_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def test_sentence_pair_model_predicts_pairs_from_its_training_columns(
-    tiny_bert_path, cls_export, work
-):
+@pytest.fixture(scope="module")
+def pair_run(tiny_bert_path, work) -> Path:
+    """A run trained on sentence pairs (data.text=premise data.text_pair=hypothesis)."""
     data = work / "pairs"
     data.mkdir()
     for split, n, seed in (("train", 40, 0), ("test", 12, 1)):
@@ -287,12 +280,16 @@ def test_sentence_pair_model_predicts_pairs_from_its_training_columns(
     overrides = {"train.steps": 4, "data.k_shot": 4, "output.plot": "false"}
     overrides.update({"data.text": "premise", "data.text_pair": "hypothesis"})
     train(load_config(None, tiny_overrides(tiny_bert_path, data, run, **overrides)))
+    return run
 
+
+def test_sentence_pair_model_predicts_pairs_from_its_training_columns(pair_run, cls_export, work):
+    run, data = pair_run, work / "pairs"
     # The CLI reads premise + hypothesis (the training columns, not in the usual names) and
     # predicts what the run's own test pass predicted for the same rows.
     out = work / "pairs.preds.jsonl"
     argv = ["predict", str(run), "--input", str(data / "test.jsonl"), "--output", str(out)]
-    assert _run_cli(argv) == 0
+    assert run_cli(argv) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     tested = [
         json.loads(line) for line in (run / "predictions" / "test.jsonl").read_text().splitlines()
@@ -313,7 +310,7 @@ def test_sentence_pair_model_predicts_pairs_from_its_training_columns(
     with pytest.raises(DataError, match="input 0: .*not trained on sentence pairs"):
         Predictor(cls_export).predict([["a", "pair"]])
     (work / "array.jsonl").write_text(json.dumps(["a text", "its pair"]) + "\n")
-    assert read_inputs(work / "array.jsonl") == [{"input": ["a text", "its pair"]}]
+    assert [row["input"] for row in read_inputs(work / "array.jsonl")] == [["a text", "its pair"]]
     (work / "no_pair.jsonl").write_text(json.dumps({"premise": "only one"}) + "\n")
     with pytest.raises(DataError, match="line 1: no 'hypothesis' column .*--text-pair-column"):
         read_inputs(work / "no_pair.jsonl", InputColumns(("premise",), "hypothesis"))
@@ -346,14 +343,14 @@ def test_predict_streams_stdin_to_stdout_and_fails_cleanly(cls_export, work):
 def test_empty_input_and_unknown_adapter_leave_no_output(cls_export, work, capsys):
     (work / "empty.txt").write_text("\n\n")
     out = work / "empty.preds.jsonl"
-    code = _run_cli(
+    code = run_cli(
         ["predict", str(cls_export), "--input", str(work / "empty.txt"), "--output", str(out)]
     )
     assert code == 2 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lorafit: error: {work / 'empty.txt'} has no input rows; nothing to predict"]
     (work / "one.txt").write_text("fine\n")
-    code = _run_cli(
+    code = run_cli(
         ["predict", f"sst={cls_export}", "--adapter", "nope", "--input", str(work / "one.txt"),
          "--output", str(out)]
     )  # fmt: skip
@@ -410,7 +407,7 @@ def test_multi_adapter_switching_matches_each_adapter_alone(cls_export, tiny_ber
     (work / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = work / "mixed.preds.jsonl"
     argv = ["predict", f"sst={cls_export}", f"other={second}", "--input", str(work / "mixed.jsonl")]
-    assert _run_cli([*argv, "--output", str(out)]) == 0
+    assert run_cli([*argv, "--output", str(out)]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     for i, row in enumerate(got):
         assert row["adapter"] == rows[i]["adapter"]
@@ -477,6 +474,146 @@ def test_plain_peft_adapters_load_in_lorafit_predict(tiny_bert_path, tiny_llama_
     (work / "prompts.txt").write_text("write a short poem\n")
     out = work / "plain_lm.preds.jsonl"
     argv = ["predict", str(work / "plain_lm"), "--input", str(work / "prompts.txt")]
-    assert _run_cli([*argv, "--output", str(out), "--max-new-tokens", "4"]) == 0
+    assert run_cli([*argv, "--output", str(out), "--max-new-tokens", "4"]) == 0
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert set(row) == {"row", "generation"} and isinstance(row["generation"], str)
+
+
+# -- predict: bad or unusual input ----------------------------------------------------------------
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    """The error line of a CLI call that fails with a user error (after any progress output)."""
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("lorafit: error: ")
+    return line
+
+
+def test_predict_refuses_missing_or_empty_text(cls_export, work, capsys):
+    cases = {
+        "missing.csv": ("id,text\n1,great movie\n2\n", "row 3 column 'text': empty text"),
+        "blank.csv": ("id,text\n1,great movie\n2, \n", "row 3 column 'text': empty text"),
+        "null.jsonl": ('{"text": "ok"}\n{"text": null}\n', "line 2 column 'text': empty text"),
+        "empty.jsonl": ('"ok"\n""\n', "line 2: empty text"),
+    }
+    for name, (content, message) in cases.items():
+        (work / name).write_text(content)
+        out = work / f"{name}.preds.jsonl"
+        argv = ["predict", str(cls_export), "--input", str(work / name), "--output", str(out)]
+        assert f"{work / name} {message}" in _cli_error(argv, capsys), name
+        assert not out.exists()
+    (work / "no_pair_text.jsonl").write_text('{"premise": "a", "hypothesis": " "}\n')
+    with pytest.raises(DataError, match="line 1 column 'hypothesis': empty text"):
+        read_inputs(work / "no_pair_text.jsonl", InputColumns(("premise",), "hypothesis"))
+
+
+def test_malformed_chat_messages_are_one_line_errors(work):
+    for messages in (["hi"], [], [{"role": "assistant", "content": "x"}], "hi", [{"role": "user"}]):
+        path = work / "messages.jsonl"
+        path.write_text(json.dumps({"messages": messages}) + "\n")
+        with pytest.raises(DataError, match=r"messages.jsonl line 1 column 'messages': .*'role'"):
+            read_inputs(path)
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert read_inputs(path)[0]["input"] == [{"role": "user", "content": "hi"}]
+
+
+def test_alpaca_rows_get_the_prompt_training_builds(work):
+    from datasets import Dataset
+
+    from lorafit import data as D
+    from lorafit.config import DataConfig
+
+    record = {"instruction": "translate the sentence into french", "input": "the sea"}
+    (work / "alpaca.jsonl").write_text(json.dumps(record) + "\n")
+    [row] = read_inputs(work / "alpaca.jsonl")
+    split = D._Split(Dataset.from_list([{**record, "output": "la mer"}]), "train.jsonl")
+    trained = D._normalise_sft(split, DataConfig())[0]["messages"][0]["content"]
+    assert row["input"] == trained == "translate the sentence into french\n\nthe sea"
+
+
+def test_stdin_lines_are_plain_text_unless_json(cls_export, monkeypatch, capsys):
+    import io
+
+    texts = ['"Brilliant," says the critic', "[1] a footnote", "42", "the movie was great"]
+    lines = [*texts[:3], json.dumps(texts[3])]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert run_cli(["predict", str(cls_export), "--input", "-"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    predictor = Predictor(cls_export)
+    assert [r["probs"] for r in rows] == [predictor.predict([t])[0]["probs"] for t in texts]
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"text": "unclosed\n'))
+    line = _cli_error(["predict", str(cls_export), "--input", "-"], capsys)
+    assert "stdin line 1: not valid JSON" in line
+
+
+def test_predict_reads_a_utf8_bom_csv(work):
+    (work / "bom.csv").write_bytes("\ufefftext,label\nthe movie was great,1\n".encode())
+    assert [row["input"] for row in read_inputs(work / "bom.csv")] == ["the movie was great"]
+
+
+def test_each_row_is_read_with_the_columns_of_its_model(cls_export, pair_run, work):
+    pairs = _pair_rows(4, 1)
+    rows = [{"text": t, "adapter": "single"} for t in TEXTS]
+    rows += [{**p, "adapter": "pair"} for p in pairs]
+    (work / "mixed_pair.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = work / "mixed_pair.preds.jsonl"
+    argv = ["predict", f"single={cls_export}", f"pair={pair_run}"]
+    argv += ["--input", str(work / "mixed_pair.jsonl"), "--output", str(out)]
+    assert run_cli(argv) == 0
+    got = [json.loads(line)["probs"] for line in out.read_text().splitlines()]
+    single = Predictor(cls_export).predict(TEXTS)
+    pair = Predictor(pair_run).predict([[p["premise"], p["hypothesis"]] for p in pairs])
+    assert got == [r["probs"] for r in single + pair]
+
+
+def test_pair_mismatch_names_the_file_and_line(cls_export, pair_run, work, monkeypatch, capsys):
+    import io
+
+    path = work / "pair_to_single.jsonl"
+    path.write_text('"a text"\n["a text", "its pair"]\n')
+    argv = ["predict", str(cls_export), "--input", str(path), "--output", str(work / "x.jsonl")]
+    line = _cli_error(argv, capsys)
+    assert f"{path} line 2: classification inputs must be texts" in line
+    monkeypatch.setattr(sys, "stdin", io.StringIO("just one text\n"))
+    line = _cli_error(["predict", str(pair_run), "--input", "-"], capsys)
+    assert "stdin line 1: this model was trained on sentence pairs" in line
+
+
+def test_exports_and_outputs_get_umask_permissions(cls_run, cls_export, work, capsys):
+    from lorafit.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(work / "perm" / "file.txt", "x")
+        assert (work / "perm" / "file.txt").stat().st_mode & 0o777 == 0o644
+        out = export_run(cls_run, work / "perm_export")
+        assert out.stat().st_mode & 0o777 == 0o755
+        assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+        (work / "perm.txt").write_text("fine\n")
+        preds = work / "perm.preds.jsonl"
+        argv = ["predict", str(cls_export), "--input", str(work / "perm.txt"), "--output"]
+        assert run_cli([*argv, str(preds)]) == 0
+        assert preds.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_nested_pickle_files_are_refused(cls_export, work):
+    copy = shutil.copytree(cls_export, work / "nested_pickle")
+    (copy / "extra").mkdir()
+    (copy / "extra" / "optimizer.pt").write_bytes(b"not really a pickle")
+    with pytest.raises(ModelError, match=r"pickle files \(extra/optimizer.pt\)"):
+        load(copy)
+
+
+def test_bad_device_is_a_one_line_error(cls_export, work, capsys):
+    (work / "device.txt").write_text("fine\n")
+    argv = ["predict", str(cls_export), "--input", str(work / "device.txt")]
+    line = _cli_error([*argv, "--device", "foo"], capsys)
+    assert "--device 'foo'" in line and "cpu" in line
+    cuda = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    line = _cli_error([*argv, "--device", cuda], capsys)
+    assert f"--device '{cuda}'" in line and "CUDA" in line

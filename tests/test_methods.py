@@ -144,6 +144,21 @@ def test_head_method_needs_classification(tiny_llama_path):
         _build(tiny_llama_path, "causal_lm", name="head")
 
 
+@pytest.mark.parametrize("task,limit", [("classification", 128), ("causal_lm", 256)])
+def test_max_length_beyond_the_position_limit_is_refused(
+    tiny_bert_path, tiny_llama_path, task, limit
+):
+    path = tiny_bert_path if task == "classification" else tiny_llama_path
+    model_cfg = ModelConfig(name_or_path=path, max_length=limit + 1)
+    with pytest.raises(ConfigError) as err:
+        M.build_model(model_cfg, MethodConfig(name="lora"), task, num_labels=2)
+    message = str(err.value)
+    assert f"model.max_length={limit + 1}" in message and f"{limit} positions" in message
+    assert "\n" not in message
+    model_cfg.max_length = limit  # the limit itself is fine
+    M.build_model(model_cfg, MethodConfig(name="lora"), task, num_labels=2)
+
+
 def test_reinit_top_layers(tiny_bert_path):
     pretrained = AutoModel.from_pretrained(tiny_bert_path).state_dict()
     model = _build(tiny_bert_path, name="full", reinit_layers=1).model

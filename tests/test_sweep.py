@@ -165,6 +165,10 @@ def test_example_configs_parse_and_follow_the_protocol():
         (["sweep.grid.lora={train.lr: 1e-4}"], "sweep.grid.lora.train.lr must be a non-empty list"),
         (["sweep.grid.lora={method.dropout: [1.5]}"], "method.dropout=1.5 must be in [0, 1)"),
         (["sweep.grid.lora={data.seed: [1]}"], "sweep.grid.lora.data.seed cannot be searched"),
+        (
+            ["sweep.grid.lora={train.lr: [1.0e-3, 0.001]}"],
+            "sweep.grid.lora.train.lr lists 0.001 twice",
+        ),
     ],
 )
 def test_bad_sweep_config_names_the_key(tmp_path, overrides, message):
@@ -263,6 +267,10 @@ def test_changed_config_of_a_finished_run_is_refused(tmp_path):
     for report_only in (False, True):
         with pytest.raises(ConfigError, match=r"other settings .*train.steps: \d+ then, 7 now"):
             run_compare(path, ["base.train.steps=7"], report_only=report_only)
+    # a refused sweep leaves the saved sweep.yaml alone: it still rebuilds the report
+    saved_sweep = (tmp_path / "sweep" / "sweep.yaml").read_text()
+    assert "steps: 7" not in saved_sweep
+    run_compare(tmp_path / "sweep" / "sweep.yaml", [], report_only=True)
     # a setting that an older lorafit did not have is not a difference
     summary = json.loads((sweep.runs[0].dir / "summary.json").read_text())
     write_json(sweep.runs[0].dir / "summary.json", {**summary, "config_sha256": "older"})
@@ -360,6 +368,16 @@ def test_failed_runs_are_flagged_and_kept_out_of_the_means(tmp_path):
     failed = (sweep_dir / "summary.md").read_text().split("## Failed runs")[1]
     assert "lora/k8/seed3" in failed and "lora/k8/seed1" not in failed
     assert int(row["paired_seeds"]) == 2  # the failed seed is not in the paired test
+
+
+def test_cost_of_a_cell_whose_runs_all_failed_is_still_reported(tmp_path):
+    plan = {("lora", s): {"correct": _mask(0.5, s), "val_acc": 0.5} for s in (1, 2, 3)}
+    run_compare(_sweep_file(tmp_path), [], launch=FakeTrainer(plan))
+    row = _summary_row(tmp_path / "sweep", "lora")
+    assert (row["n_ok"], row["n_failed"]) == ("0", "3") and row["accuracy_mean"] == ""
+    assert float(row["trainable_params"]) == 1000 and float(row["adapter_bytes"]) == 4000
+    cost = (tmp_path / "sweep" / "summary.md").read_text().split("## Cost")[1]
+    assert "| lora | 8 | 1k | 4kB | 500 MB |" in cost
 
 
 def test_grid_point_is_chosen_on_validation_never_on_test(tmp_path):

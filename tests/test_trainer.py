@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit.config import load_config
+from lorafit.config import SELECTION_METRICS, load_config
 from lorafit.errors import ConfigError, TrainingError
 from lorafit.io import read_jsonl
 from lorafit.trainer import Selection, StepBatchSampler, Trainer, train
@@ -87,6 +87,7 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
     assert [r["step"] for r in rows] == [4, 8, 12]
     for r in rows:
         assert set(r["train"]) >= {"loss", "accuracy", "ece"}
+        assert set(r["validation"]) >= set(SELECTION_METRICS["classification"])
         assert r["gap"]["loss"] == pytest.approx(r["validation"]["loss"] - r["train"]["loss"])
     assert summary["status"] == "completed"
     assert summary["num_train"] == 16 and summary["num_validation"] == 16
@@ -281,6 +282,31 @@ def test_causal_lm_sft_run(tiny_llama_path, tmp_path):
     total = sum(p["nll_sum"] for p in preds) / sum(p["n_tokens"] for p in preds)
     assert total == pytest.approx(test["loss"], rel=1e-6)
     assert (out / "adapter" / "adapter_config.json").is_file()
+    for row in read_jsonl(out / "metrics.jsonl"):
+        assert set(row["validation"]) >= set(SELECTION_METRICS["causal_lm"])
+
+
+def test_early_stopping_metric_of_another_task_fails_before_training(tiny_llama_path, tmp_path):
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps([{"instruction": f"say {i}", "output": f"{i}"} for i in range(20)]))
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tiny_llama_path}",
+            f"data.path={path}",
+            "train.early_stopping.metric=accuracy",  # model.task=auto: known once data is read
+            f"output.dir={out}",
+            "output.report_to=[]",
+        ],
+    )
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg).setup()
+    assert str(info.value) == (
+        "train.early_stopping.metric='accuracy' is not a causal_lm metric; use one of "
+        "['auto', 'loss', 'perplexity', 'top1_accuracy', 'top5_accuracy']"
+    )
+    assert not (out / "metrics.jsonl").exists()
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_bert_path, sentiment_dir, tmp_path):

@@ -152,3 +152,14 @@ def tiny_llama(directory: str | Path, hidden_size: int = 64, seed: int = 0) -> s
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     return str(out)
+
+
+def run_cli(argv: list[str]) -> int:
+    """`lorafit ARGV` in this process; its exit code (argparse and user errors exit too)."""
+    import pytest
+
+    from lorafit import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    return exit_info.value.code

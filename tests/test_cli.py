@@ -1,0 +1,142 @@
+"""The `lorafit` command line: argument parsing, output.overwrite safety, the printed summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafit import cli
+from lorafit.config import load_config
+from tests.test_trainer import tiny_overrides as trainer_overrides
+from tests.tiny import run_cli
+
+
+@pytest.fixture(scope="module")
+def sentiment_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sentiment")
+    words = {"pos": "great wonderful loved", "neg": "terrible boring bad"}
+    for split, n in (("train", 32), ("test", 16)):
+        rows = [{"text": words[label], "label": label} for label in ("pos", "neg") * (n // 2)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def tiny_overrides(model_path, data_dir, out, **extra) -> list[str]:
+    """test_trainer's tiny run, cut to 2 steps: these tests check what the CLI does around it."""
+    quick = {"train.steps": 2, "train.eval_every": 2, "output.plot": "false", **extra}
+    return trainer_overrides(model_path, data_dir, out, **quick)
+
+
+# -- output.overwrite ----------------------------------------------------------------------------
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, capsys):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("important\n")
+    (victim / "config.yaml").write_text("train: {steps: 3}\n")  # a hand-written config
+    argv = tiny_overrides(
+        "unused", tmp_path / "missing.csv", victim, **{"output.overwrite": "true"}
+    )
+    assert run_cli(["train", *argv]) == 2
+    assert (victim / "notes.txt").read_text() == "important\n" and (victim / "sub").is_dir()
+    assert (victim / "config.yaml").read_text() == "train: {steps: 3}\n"
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("lorafit: error: output.dir") and str(victim) in error
+    assert "choose another output.dir or delete" in error and "\n" not in error
+
+
+def test_overwrite_replaces_a_previous_run(tmp_path, tiny_bert_path, sentiment_dir):
+    out = tmp_path / "run"
+    argv = tiny_overrides(tiny_bert_path, sentiment_dir, out)
+    old = load_config(None, argv)
+    # an earlier run, as the trainer leaves it: its config.yaml, metrics, a checkpoint
+    (out / "checkpoints" / "step-7").mkdir(parents=True)
+    saved = old.to_dict()
+    del saved["train"]["label_smoothing"]  # as a lorafit without that setting saved it
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    (out / "metrics.jsonl").write_text('{"step": 7}\n')
+    (out / ".summary.json.x1.tmp").write_text("")  # left over by a crash mid-write
+    assert run_cli(["train", *argv]) == 2  # without output.overwrite: refused
+    assert (out / "metrics.jsonl").read_text() == '{"step": 7}\n'
+    # a replacement that fails on its data leaves the old run as it was
+    bad_data = [*argv, f"data.path={tmp_path / 'missing.csv'}", "output.overwrite=true"]
+    assert run_cli(["train", *bad_data]) == 2
+    assert (out / "checkpoints" / "step-7").is_dir()
+
+    assert run_cli(["train", *argv, "output.overwrite=true"]) == 0
+    assert not (out / "checkpoints" / "step-7").exists()
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+def test_empty_output_folder_is_used(tmp_path, tiny_bert_path, sentiment_dir):
+    out = tmp_path / "empty"
+    out.mkdir()
+    argv = tiny_overrides(tiny_bert_path, sentiment_dir, out)
+    assert run_cli(["train", *argv]) == 0
+    assert (out / "summary.json").exists()
+
+
+# -- argument parsing ----------------------------------------------------------------------------
+
+
+def test_overrides_may_follow_the_options(monkeypatch):
+    import lorafit.sweep
+
+    calls = []
+    monkeypatch.setattr(lorafit.sweep, "run_compare", lambda *a, **kw: calls.append((a, kw)))
+    argv = ["compare", "c.yaml", "a.b=1", "--report-only", "sweep.seeds=3", "--workers", "2"]
+    assert run_cli(argv) == 0
+    (config, overrides), options = calls[0]
+    assert config == "c.yaml" and overrides == ["a.b=1", "sweep.seeds=3", "sweep.workers=2"]
+    assert options == {"retry_failed": False, "report_only": True}
+
+
+def test_unknown_option_is_still_refused(capsys):
+    assert run_cli(["compare", "c.yaml", "--report-only", "--nope", "a.b=1"]) == 2
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+# -- printed summary -----------------------------------------------------------------------------
+
+
+def _summary(task: str, test: dict, gap: dict, **fields) -> dict:
+    """A summary.json as the trainer writes it, with the fields the printed summary reads."""
+    common = {"num_test": 16, "trainable_params": 10, "total_params": 100}
+    common.update(wall_time_s=1.0, peak_memory_mb=1.0)
+    return {"task": task, "test": test, "train_test_gap": gap, **common, **fields}
+
+
+def test_causal_lm_summary_prints_the_gap_as_stored_and_the_ci(capsys):
+    summary = _summary(
+        "causal_lm",
+        test={"loss": 5.9961, "ci": {"nll": [5.977, 6.014]}, "ci_level": 0.9},
+        gap={"loss": 5.9961 - 6.0037},  # the trainer stores test minus train
+        selection_metric="loss",
+        selected="last",
+        stopped_at_step=4,
+    )
+    cli._print_summary(summary, "runs/sft")
+    out = capsys.readouterr().out
+    assert "test loss minus train-sample loss = -0.0076" in out
+    assert "90% CI" in out and "5.977-6.014" in out
+
+
+def test_classification_summary_gap_is_train_minus_test(capsys):
+    test = {"accuracy": 0.7, "f1_macro": 0.7, "ece": 0.1, "nll": 0.6}
+    test.update(ci={"accuracy": [0.6, 0.8]}, ci_level=0.95)
+    summary = _summary(
+        "classification",
+        test=test,
+        gap={"loss": 0.2, "accuracy": 0.25},
+        selection_metric="accuracy",
+        selected="best",
+        best_step=3,
+    )
+    cli._print_summary(summary, "runs/x")
+    out = capsys.readouterr().out
+    assert "train-sample accuracy minus test accuracy = +0.2500" in out
+    assert "95% CI 0.600-0.800" in out
