@@ -111,6 +111,16 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
     ),
     # the full-FT step budget under the contrastive objective (200, the default, ran above)
     **per_dataset("contrastive_full_steps", "full", ["train.steps=100"], ["train.steps=400"]),
+    # the warmup fraction of LoRA (10%, the default, ran above): none, and 30%
+    **per_dataset("contrastive_warmup", "lora", ["train.warmup=0"], ["train.warmup=0.3"]),
+    # the two full-FT switches the stability papers propose (Zhang et al. 2021: re-initialise
+    # the top layer; layer-wise learning-rate decay), off by default, on the contrastive recipe
+    **per_dataset(
+        "contrastive_full_switches",
+        "full",
+        ["method.reinit_layers=1"],
+        ["train.layer_lr_decay=0.8"],
+    ),
     **per_dataset(
         "contrastive_longer",
         "lora",
