@@ -57,6 +57,8 @@ from lorafit.rundir import (
 # Test hook: SIGKILL this process after the given optimisation step (checkpoint written first),
 # so the tests can check that `resume=true` continues to the same result after a hard kill.
 FAULT_ENV = "LORAFIT_FAULT_AT_STEP"
+# Metrics where a smaller value is better (selection direction; the sign of a gap)
+LOWER_IS_BETTER = frozenset({"loss", "nll", "brier", "ece", "perplexity"})
 
 
 class StepBatchSampler:
@@ -251,12 +253,13 @@ class Trainer:
 
         self.selection = Selection(
             metric=selection_metric,
-            higher_is_better=selection_metric not in ("loss", "nll", "brier", "ece", "perplexity"),
+            higher_is_better=selection_metric not in LOWER_IS_BETTER,
             tie_breaker=cfg.train.early_stopping.tie_breaker,
         )
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.start_step = 0
-        self.elapsed_before = 0.0
+        self.elapsed_before = 0.0  # wall and evaluation seconds of the runs this one resumes
+        self.eval_seconds_before = 0.0
         if cfg.train.resume:
             self._resume()
 
@@ -319,6 +322,7 @@ class Trainer:
             )
         self.selection.load(ckpt["trainer"]["selection"])
         self.elapsed_before = ckpt["trainer"]["elapsed_s"]
+        self.eval_seconds_before = ckpt["trainer"].get("eval_s", 0.0)  # absent before 2026-11
         self.best_weights = ckpt["best_weights"]
         if self.ema is not None and ckpt["ema_weights"] is not None:
             self.ema.shadow = {k: v.float() for k, v in ckpt["ema_weights"].items()}
@@ -360,6 +364,34 @@ class Trainer:
             label_smoothing=cfg.label_smoothing,
         )
 
+    def backward_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Gradients of one optimisation step, accumulated over its micro-batches; the step loss.
+
+        Each micro-batch's mean loss is weighted by its share of the step: 1/grad_accum for
+        classification (equal rows), and for causal LM its response tokens over those of the
+        whole step on every rank, so the step is one mean over all its tokens, as one big batch
+        would be (a plain 1/grad_accum over-weights short responses).
+        """
+        acc = self.accelerator
+        if self.task == "causal_lm":
+            tokens = torch.stack([_response_tokens(b) for b in micro_batches]).float()
+            # DDP averages gradients over ranks: scale by the world size to get the global sum
+            weights = tokens * acc.num_processes / acc.reduce(tokens.sum(), "sum").clamp(min=1)
+        else:
+            weights = torch.full((len(micro_batches),), 1 / len(micro_batches))
+        step_loss = torch.zeros((), device=acc.device)
+        for micro, (batch, weight) in enumerate(zip(micro_batches, weights.tolist())):
+            # Only the last micro-batch of a step synchronises gradients across ranks; DeepSpeed
+            # steps inside accelerator.backward at such a boundary, so only that one is marked.
+            sync = micro == len(micro_batches) - 1
+            if dist.is_deepspeed(acc):
+                acc.gradient_state._set_sync_gradients(sync)
+            with acc.no_sync(self.model) if not sync else contextlib.nullcontext():
+                loss = self.compute_loss(batch) * weight
+                acc.backward(loss)
+            step_loss += loss.detach()
+        return step_loss
+
     def train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         tc = cfg.train
@@ -382,10 +414,6 @@ class Trainer:
         )
         batches = iter(loader)
         fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
-        # DeepSpeed steps inside accelerator.backward at a gradient-sync boundary: mark only the
-        # last micro-batch of a step as one (lorafit divides the loss by grad_accum itself).
-        deepspeed = dist.is_deepspeed(acc)
-
         self.model.train()
         start_time = self.start_time = time.perf_counter()
         self.eval_seconds = 0.0
@@ -402,18 +430,12 @@ class Trainer:
         with progress as bar:  # closed on errors too
             for step in range(self.start_step + 1, tc.steps + 1):
                 lr = self.scheduler.get_last_lr()[0]
-                step_loss = torch.zeros((), device=acc.device)
-                for micro in range(tc.grad_accum):
-                    batch = {k: v.to(acc.device) for k, v in next(batches).items()}
-                    # Only the last micro-batch of a step synchronises gradients across ranks.
-                    sync = micro == tc.grad_accum - 1
-                    if deepspeed:
-                        acc.gradient_state._set_sync_gradients(sync)
-                    with acc.no_sync(self.model) if not sync else contextlib.nullcontext():
-                        loss = self.compute_loss(batch) / tc.grad_accum
-                        acc.backward(loss)
-                    step_loss += loss.detach()
-                    examples_seen += len(batch["labels"]) * acc.num_processes
+                micro_batches = [
+                    {k: v.to(acc.device) for k, v in next(batches).items()}
+                    for _ in range(tc.grad_accum)
+                ]
+                step_loss = self.backward_step(micro_batches)
+                examples_seen += sum(len(b["labels"]) for b in micro_batches) * acc.num_processes
                 # A NaN/inf on any rank stops every rank: the last good checkpoint stays on disk.
                 if acc.reduce(torch.isfinite(step_loss).logical_not().float(), "sum").item() > 0:
                     raise TrainingError(
@@ -550,6 +572,7 @@ class Trainer:
                 trainer_state={
                     "selection": self.selection.state(),
                     "elapsed_s": self.elapsed_before + elapsed,
+                    "eval_s": self.eval_seconds_before + self.eval_seconds,
                 },
                 best_weights=self.best_weights,
                 ema_weights=self.ema.shadow if self.ema is not None else None,
@@ -618,7 +641,7 @@ class Trainer:
             else None,
             # training, evaluations, the final test: what eval_time_s is a share of
             "wall_time_s": self.elapsed_before + time.perf_counter() - self.start_time,
-            "eval_time_s": self.eval_seconds,
+            "eval_time_s": self.eval_seconds_before + self.eval_seconds,
             "examples_per_s": self.examples_per_s,
             "num_processes": acc.num_processes,
             "config_sha256": cfg.fingerprint(),
@@ -711,10 +734,18 @@ def _copy_into(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Te
         p.copy_(values[k].to(p.device, p.dtype))
 
 
+def _response_tokens(batch: dict) -> torch.Tensor:
+    """Tokens a causal-LM batch is scored on: labels shifted by one, prompt (-100) excluded."""
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
 def _gap(train_metrics: dict, test_metrics: dict, metric: str) -> dict:
+    """How much better the training sample scores than test: positive when memorising, for
+    metrics where higher is better (train - test) and where lower is (test - train) alike."""
     gap = {"loss": test_metrics["loss"] - train_metrics["loss"]}
     if metric != "loss" and metric in test_metrics:
-        gap[metric] = train_metrics[metric] - test_metrics[metric]
+        difference = train_metrics[metric] - test_metrics[metric]
+        gap[metric] = -difference if metric in LOWER_IS_BETTER else difference
     if "accuracy" in test_metrics:
         gap["accuracy"] = train_metrics["accuracy"] - test_metrics["accuracy"]
     return gap

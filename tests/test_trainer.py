@@ -286,6 +286,51 @@ def test_causal_lm_sft_run(tiny_llama_path, tmp_path):
         assert set(row["validation"]) >= set(SELECTION_METRICS["causal_lm"])
 
 
+def test_accumulated_causal_lm_step_equals_one_big_batch(tiny_llama_path, tmp_path):
+    # Responses of very different lengths: a plain 1/grad_accum weighting of micro-batch means
+    # would over-weight the short ones, and the two gradients would differ.
+    records = [
+        {"instruction": f"say {i}", "output": " ".join(["word"] * (1 + 8 * (i % 2)))}
+        for i in range(12)
+    ]
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps(records))
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tiny_llama_path}",
+            f"data.path={path}",
+            "method.name=lora",
+            "method.dropout=0",
+            f"output.dir={tmp_path / 'run'}",
+            "output.report_to=[]",
+        ],
+    )
+    trainer = Trainer(cfg)
+    trainer.setup()
+    rows = [trainer.train_set[i] for i in range(4)]
+    assert len({len(r["labels"]) for r in rows}) > 1  # the lengths differ
+
+    def gradients(micro_batches: list[list[dict]]) -> list[torch.Tensor]:
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.backward_step([trainer.collate(b) for b in micro_batches])
+        return [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+
+    whole = gradients([rows])
+    accumulated = gradients([rows[:1], rows[1:]])  # 1 + 3 rows: unequal token counts too
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(whole, accumulated))
+
+
+def test_every_gap_grows_when_the_model_memorises():
+    from lorafit.trainer import _gap
+
+    train_metrics = {"loss": 0.2, "nll": 0.2, "brier": 0.1, "accuracy": 1.0}
+    test_metrics = {"loss": 0.6, "nll": 0.6, "brier": 0.3, "accuracy": 0.7}
+    for metric in ("nll", "brier", "accuracy"):
+        gap = _gap(train_metrics, test_metrics, metric)
+        assert gap[metric] > 0 and gap["loss"] > 0 and gap["accuracy"] > 0
+
+
 def test_early_stopping_metric_of_another_task_fails_before_training(tiny_llama_path, tmp_path):
     path = tmp_path / "sft.json"
     path.write_text(json.dumps([{"instruction": f"say {i}", "output": f"{i}"} for i in range(20)]))
@@ -324,7 +369,15 @@ def test_resume_after_kill_matches_uninterrupted(tiny_bert_path, sentiment_dir, 
     assert not (out / "summary.json").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-8"]
 
-    resumed = train(load_config(None, [*args, "train.resume=true"]))
+    from lorafit.checkpoint import load_checkpoint
+
+    evaluated_before_kill = load_checkpoint(out / "checkpoints" / "step-8")["trainer"]["eval_s"]
+    trainer = Trainer(load_config(None, [*args, "train.resume=true"]))
+    trainer.setup()
+    resumed = trainer.train()
+    # the time report covers both launches, as wall_time_s does
+    assert evaluated_before_kill > 0
+    assert resumed["eval_time_s"] == pytest.approx(evaluated_before_kill + trainer.eval_seconds)
     assert resumed["test"]["accuracy"] == full["test"]["accuracy"]
     assert resumed["test"]["nll"] == pytest.approx(full["test"]["nll"], rel=1e-6)
     assert resumed["best_step"] == full["best_step"]
