@@ -260,6 +260,7 @@ class Trainer:
         self.start_step = 0
         self.elapsed_before = 0.0  # wall and evaluation seconds of the runs this one resumes
         self.eval_seconds_before = 0.0
+        self.stopped_early = False
         if cfg.train.resume:
             self._resume()
 
@@ -323,6 +324,7 @@ class Trainer:
         self.selection.load(ckpt["trainer"]["selection"])
         self.elapsed_before = ckpt["trainer"]["elapsed_s"]
         self.eval_seconds_before = ckpt["trainer"].get("eval_s", 0.0)  # absent before 2026-11
+        self.stopped_early = ckpt["trainer"].get("stopped_early", False)
         self.best_weights = ckpt["best_weights"]
         if self.ema is not None and ckpt["ema_weights"] is not None:
             self.ema.shadow = {k: v.float() for k, v in ckpt["ema_weights"].items()}
@@ -418,8 +420,9 @@ class Trainer:
         start_time = self.start_time = time.perf_counter()
         self.eval_seconds = 0.0
         examples_seen = 0
-        stopped_early = False
         step = self.start_step
+        # a run resumed from its early-stop checkpoint goes straight to the end
+        last_step = self.start_step if self.stopped_early else tc.steps
         progress = tqdm(
             total=tc.steps,
             initial=self.start_step,
@@ -428,7 +431,7 @@ class Trainer:
             unit="step",
         )
         with progress as bar:  # closed on errors too
-            for step in range(self.start_step + 1, tc.steps + 1):
+            for step in range(self.start_step + 1, last_step + 1):
                 lr = self.scheduler.get_last_lr()[0]
                 micro_batches = [
                     {k: v.to(acc.device) for k, v in next(batches).items()}
@@ -455,13 +458,12 @@ class Trainer:
 
                 if step % tc.eval_every == 0 or step == tc.steps:
                     stop = self._evaluate_and_select(step, lr, time.perf_counter() - start_time)
-                    if stop:
-                        stopped_early = True
-                if step % tc.checkpoint_every == 0 or step == tc.steps or stopped_early:
+                    self.stopped_early = stop
+                if step % tc.checkpoint_every == 0 or step == tc.steps or self.stopped_early:
                     self._save_checkpoint(step, time.perf_counter() - start_time)
                 if fault_step and step == fault_step:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if stopped_early:
+                if self.stopped_early:
                     self._print(
                         f"early stop at step {step}: no {self.selection.metric} improvement in "
                         f"{self.selection.evals_since_best} evaluations"
@@ -470,7 +472,6 @@ class Trainer:
         self.train_seconds = time.perf_counter() - start_time
         self.examples_per_s = examples_seen / max(self.train_seconds, 1e-9)
         self.stopped_at = step
-        self.stopped_early = stopped_early
         return self.finish()
 
     # ------------------------------------------------------------------------------- evaluation
@@ -573,6 +574,7 @@ class Trainer:
                     "selection": self.selection.state(),
                     "elapsed_s": self.elapsed_before + elapsed,
                     "eval_s": self.eval_seconds_before + self.eval_seconds,
+                    "stopped_early": self.stopped_early,
                 },
                 best_weights=self.best_weights,
                 ema_weights=self.ema.shadow if self.ema is not None else None,

@@ -414,26 +414,39 @@ def test_non_finite_loss_stops_with_step_and_lr(
     assert not (out / "summary.json").exists()
 
 
+EARLY_STOP_AT_10 = {
+    "train.steps": 40,
+    "train.eval_every": 2,
+    "train.lr": 1e-9,  # nothing improves after the first evaluation
+    "train.head_lr": 1e-9,
+    "train.select_best": True,
+    "train.early_stopping.patience": 2,
+    "train.early_stopping.min_steps": 10,
+    "train.early_stopping.tie_breaker": "none",  # 1e-9 loss wiggles must not count
+}
+
+
 def test_early_stopping_respects_patience_and_min_steps(tiny_bert_path, sentiment_dir, tmp_path):
-    summary = run_tiny(
-        tiny_bert_path,
-        sentiment_dir,
-        tmp_path / "run",
-        **{
-            "train.steps": 40,
-            "train.eval_every": 2,
-            "train.lr": 1e-9,  # nothing improves after the first evaluation
-            "train.head_lr": 1e-9,
-            "train.select_best": True,
-            "train.early_stopping.patience": 2,
-            "train.early_stopping.min_steps": 10,
-            "train.early_stopping.tie_breaker": "none",  # 1e-9 loss wiggles must not count
-        },
-    )
+    summary = run_tiny(tiny_bert_path, sentiment_dir, tmp_path / "run", **EARLY_STOP_AT_10)
     assert summary["stopped_early"]
     assert summary["stopped_at_step"] == 10
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert rows[-1]["step"] == 10
+
+
+def test_run_killed_after_its_early_stop_resumes_to_the_end(
+    tiny_bert_path, sentiment_dir, tmp_path
+):
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_bert_path, sentiment_dir, out, **EARLY_STOP_AT_10)
+    env = {**os.environ, "LORAFIT_FAULT_AT_STEP": "10"}  # killed after the stop's checkpoint
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", *args], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = train(load_config(None, [*args, "train.resume=true"]))
+    assert resumed["stopped_early"] and resumed["stopped_at_step"] == 10  # no training after it
+    assert read_jsonl(out / "metrics.jsonl")[-1]["step"] == 10
 
 
 def test_existing_run_dir_is_not_overwritten(tiny_bert_path, sentiment_dir, tmp_path):
