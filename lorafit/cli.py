@@ -123,9 +123,17 @@ def _cmd_compare(args) -> int:
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(f"sweep.workers={args.workers}")
-    run_compare(
+    result = run_compare(
         args.config, overrides, retry_failed=args.retry_failed, report_only=args.report_only
     )
+    if result.crashed:  # failed (at-chance) runs are results; crashed ones are not
+        n = len(result.crashed)
+        print(
+            f"lorafit compare: {n} run{'s' if n > 1 else ''} crashed (see the report); "
+            f"rerun {'them' if n > 1 else 'it'} with --retry-failed",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import yaml
 from torch import nn
 
 from lorafit import __version__
@@ -34,6 +35,7 @@ from lorafit.data import load_label_map, save_label_map
 from lorafit.errors import LorafitError, ModelError
 from lorafit.io import default_mode, write_json
 from lorafit.models import TextClassifier, load_tokenizer, resolve_model_source
+from lorafit.rundir import RunDir, is_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ def open_package(path: str | Path) -> Package:
         raise ModelError(f"{root} does not exist; pass an exported folder or a run directory")
     if not root.is_dir():
         raise ModelError(f"{root} is a file; pass the folder that holds it")
+    if root.name == "adapter" and (root / Meth.META_FILE).is_file() and is_run_dir(root.parent):
+        root = root.parent  # a run's adapter/ folder: the run, with its summary and labels
     if (root / MANIFEST_FILE).is_file():
         kind, weights_dir = "export", root
     elif (root / "adapter" / Meth.META_FILE).is_file():
@@ -99,6 +103,8 @@ def open_package(path: str | Path) -> Package:
         kind, weights_dir = "saved", root
     elif (root / PEFT_CONFIG_FILE).is_file():
         kind, weights_dir = "peft", root
+    elif is_run_dir(root):
+        raise ModelError(_adapterless_run_error(root))
     else:
         raise ModelError(
             f"{root} is not a lorafit export, run directory or PEFT adapter folder "
@@ -110,6 +116,22 @@ def open_package(path: str | Path) -> Package:
     label_map = root / LABEL_MAP_FILE
     label_names = load_label_map(label_map) if label_map.is_file() else meta.get("label_names")
     return Package(root, weights_dir, kind, meta, manifest, label_names)
+
+
+def _adapterless_run_error(root: Path) -> str:
+    """Why a run directory has no adapter/: not finished yet, or told not to save it."""
+    saved = yaml.safe_load(RunDir(root).config.read_text())  # parsed by is_run_dir already
+    if (saved.get("output") or {}).get("save_adapter") is False:
+        return (
+            f"{root} was run with output.save_adapter=false, so it has no adapter/ to load or "
+            "export; train it again with output.save_adapter=true"
+        )
+    if RunDir(root).is_complete():
+        return f"{root} is a finished run whose adapter/ folder is missing; restore it or retrain"
+    return (
+        f"{root} is a run that has not finished (no adapter/ yet); resume it with "
+        f"`lorafit train {RunDir(root).config} train.resume=true`, then export it"
+    )
 
 
 def refuse_pickles(folder: Path) -> None:

@@ -7,9 +7,11 @@ correction lives here.
 
 Protocol, in the order it is applied:
 1. Grid search: per (method, K, seed), the grid point with the best validation metric is kept
-   (ties: lower validation loss, then grid order). Test metrics never take part.
-2. Failed runs (Mosbach et al. 2021): a kept run whose best validation accuracy is at or below
-   the validation set's majority-class rate is `failed`: listed apart, never in the metric means.
+   (ties: lower validation loss, then grid order). Test metrics never take part. A choice made
+   while other grid points crashed or have not run is flagged: it may change once they finish.
+2. Failed runs (Mosbach et al. 2021): a kept run whose validation accuracy (of the weights it
+   tested) is at or below the validation set's majority-class rate is `failed`: listed apart,
+   never in the metric means.
 3. Per method x K over the `ok` seeds: mean, sample std, Student-t CI across seeds, the mean of
    the per-run bootstrap CIs, gap and ECE; cost over the `ok` and `failed` seeds.
 4. Paired test against the baseline at the same K: per-example test predictions of every seed
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
     from lorafit.sweep import Run, Sweep
 
 _STATUSES = ("ok", "failed", "crashed", "pending")
+_UNFINISHED = ("crashed", "pending")
+# Valid range of the sweep metrics (accuracy, f1_macro): plotted intervals are clipped to it
+METRIC_RANGE = (0.0, 1.0)
 PLOTS = {
     "metric_vs_k": "test {metric} vs K (mean and CI across seeds)",
     "gap_vs_k": "generalisation gap vs K",
@@ -98,6 +103,10 @@ def collect_runs(sweep: Sweep) -> list[dict[str, Any]]:
         if status == "completed":
             row.update(_summary_fields(summary, _validation_of_tested_weights(run), metric))
             row["validation_majority_rate"] = validation_majority_rate(run, summary)
+            # the level of the run's own bootstrap CI (eval.ci_level), not the sweep's
+            row["test_ci_level"] = (summary.get("test") or {}).get(
+                "ci_level", run.config.eval.ci_level
+            )
             row["status"] = "failed" if _is_failed(row) else "ok"
         elif status == "crashed":
             row["status"] = "crashed"
@@ -192,9 +201,14 @@ def _majority_from_data(data_json: str) -> float | None:
 
 
 def _select_grid_points(rows: list[dict], metric: str) -> None:
-    """Per (method, K, seed) keep the best grid point on validation; test never decides."""
+    """Per (method, K, seed) keep the best grid point on validation; test never decides.
+
+    The kept run records how many of the other grid points were crashed or pending when it was
+    chosen (grid_crashed, grid_pending): with those, the choice may change.
+    """
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
+        row["grid_crashed"] = row["grid_pending"] = 0
         cells.setdefault((row["method"], row["k_shot"], row["seed"]), []).append(row)
     for variants in cells.values():
         finished = [r for r in variants if r["status"] in ("ok", "failed")]
@@ -206,6 +220,8 @@ def _select_grid_points(rows: list[dict], metric: str) -> None:
                     -_number(r.get("validation_loss"), math.inf),
                 ),
             )  # max() keeps the first of equals: grid order breaks the last ties
+            best["grid_crashed"] = sum(r["status"] == "crashed" for r in variants)
+            best["grid_pending"] = sum(r["status"] == "pending" for r in variants)
         else:
             best = next((r for r in variants if r["status"] == "crashed"), variants[0])
         best["selected"] = True
@@ -247,6 +263,7 @@ def summarise(sweep: Sweep, rows: list[dict]) -> list[dict[str, Any]]:
             # a failed run is left out of the quality means, but its cost was real and known
             finished = [r for r in cell_rows if r["status"] in ("ok", "failed")]
             stats = seed_stats([r[f"test_{metric}"] for r in ok], cfg.ci_level)
+            levels = {r["test_ci_level"] for r in ok}
             entry: dict[str, Any] = {
                 "method": method,
                 "k_shot": k,
@@ -255,12 +272,19 @@ def summarise(sweep: Sweep, rows: list[dict]) -> list[dict[str, Any]]:
                 "n_failed": sum(r["status"] == "failed" for r in cell_rows),
                 "n_crashed": sum(r["status"] == "crashed" for r in cell_rows),
                 "n_pending": sum(r["status"] == "pending" for r in cell_rows),
+                # seeds whose grid point was chosen while other grid points had not finished
+                "n_grid_incomplete": sum(
+                    r["grid_crashed"] + r["grid_pending"] > 0 for r in cell_rows
+                ),
+                "n_grid_crashed": sum(r["grid_crashed"] for r in cell_rows),
+                "n_grid_pending": sum(r["grid_pending"] for r in cell_rows),
                 f"{metric}_mean": stats["mean"],
                 f"{metric}_std": stats["std"],
                 f"{metric}_ci_low": stats["ci_low"],
                 f"{metric}_ci_high": stats["ci_high"],
                 "bootstrap_ci_low_mean": _mean(ok, f"test_{metric}_ci_low"),
                 "bootstrap_ci_high_mean": _mean(ok, f"test_{metric}_ci_high"),
+                "bootstrap_ci_level": levels.pop() if len(levels) == 1 else None,
                 "gap_mean": _mean(ok, f"gap_{metric}"),
                 "gap_std": _std(ok, f"gap_{metric}"),
                 "ece_mean": _mean(ok, "test_ece"),
@@ -401,18 +425,34 @@ def _fmt_p(value) -> str:
 
 def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
     cfg = sweep.config
-    metric, level = cfg.metric, int(round(cfg.ci_level * 100))
-    counts = {s: sum(r["status"] == s for r in rows if r["selected"]) for s in _STATUSES}
+    metric, level = cfg.metric, _pct_text(cfg.ci_level)
+    counts = {s: sum(r["status"] == s for r in rows) for s in _STATUSES}
+    kept = sum(r["selected"] for r in rows)
+    grid_note = (
+        f" The tables keep {kept} of them, per method, K and seed the grid point best on "
+        "validation."
+        if kept < len(rows)
+        else ""
+    )
+    # each run's bootstrap CI has the run's own level (eval.ci_level), whatever sweep.ci_level is
+    run_levels = sorted({r["test_ci_level"] for r in rows if r["selected"] and r["status"] == "ok"})
+    if len(run_levels) == 1:
+        bootstrap_head = f"mean per-run {_pct_text(run_levels[0])} bootstrap CI"
+        bootstrap_note = f"each run's {_pct_text(run_levels[0])} bootstrap CI"
+    else:
+        differ = f" (levels differ: {', '.join(map(_pct_text, run_levels))})" if run_levels else ""
+        bootstrap_head = f"mean per-run bootstrap CI{differ}"
+        bootstrap_note = "each run's bootstrap CI (at the level shown in the cell)"
     lines = [
         f"# {metric} on test: {len(cfg.methods)} methods x K in {cfg.k_shots} "
         f"({cfg.k_shot_unit.replace('_', ' ')}) x {len(cfg.seeds)} seeds",
         "",
-        f"Seeds {cfg.seeds}. Selected runs: {counts['ok']} ok, {counts['failed']} failed, "
-        f"{counts['crashed']} crashed, {counts['pending']} not run yet. "
+        f"Seeds {cfg.seeds}. Runs: {counts['ok']} ok, {counts['failed']} failed, "
+        f"{counts['crashed']} crashed, {counts['pending']} not run yet.{grid_note} "
         f"Baseline for the paired tests: **{cfg.baseline}**.",
         "",
-        f"| method | K | ok / failed / crashed | {metric} mean ± std | {level}% CI across seeds "
-        f"| mean per-run {level}% bootstrap CI | gap (train − test) | ECE "
+        f"| method | K | ok / failed / crashed | {metric} mean ± std | {level} CI across seeds "
+        f"| {bootstrap_head} | gap (train − test) | ECE "
         f"| Δ vs {cfg.baseline} [95% CI] | p ({cfg.paired_test}) | p (Holm) |",
         "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -423,24 +463,32 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
                 f"{e['delta']:+.3f} [{e['delta_ci_low']:+.3f}, {e['delta_ci_high']:+.3f}] "
                 f"({e['paired_seeds']} seeds)"
             )
-        pending = f" (+{e['n_pending']} pending)" if e["n_pending"] else ""
+        bootstrap = f"[{_fmt(e['bootstrap_ci_low_mean'])}, {_fmt(e['bootstrap_ci_high_mean'])}]"
+        if len(run_levels) > 1 and e["n_ok"]:
+            cell_level = e["bootstrap_ci_level"]
+            bootstrap += f" at {_pct_text(cell_level)}" if cell_level else " (mixed levels)"
         lines.append(
-            f"| {e['method']} | {e['k_shot']} | {e['n_ok']} / {e['n_failed']} / {e['n_crashed']}"
-            f"{pending} "
+            f"| {e['method']} | {e['k_shot']} | {_status_counts(e)} "
             f"| {_fmt(e[f'{metric}_mean'])} ± {_fmt(e[f'{metric}_std'])} "
             f"| [{_fmt(e[f'{metric}_ci_low'])}, {_fmt(e[f'{metric}_ci_high'])}] "
-            f"| [{_fmt(e['bootstrap_ci_low_mean'])}, {_fmt(e['bootstrap_ci_high_mean'])}] "
+            f"| {bootstrap} "
             f"| {_fmt(e['gap_mean'])} ± {_fmt(e['gap_std'])} "
             f"| {_fmt(e['ece_mean'])} ± {_fmt(e['ece_std'])} "
             f"| {delta} | {_fmt_p(e.get(f'p_{cfg.paired_test}'))} | {_fmt_p(e.get('p_holm'))} |"
         )
     m = sum(e.get("p_holm") is not None for e in table)
+    lines.append("")
+    if any(e["n_grid_incomplete"] for e in table):
+        lines.append(
+            "- **grid incomplete**: in some seeds the grid point was chosen among the ones that "
+            "finished while others had crashed or not run yet (counted in the cell); the choice "
+            "may change once they finish (--retry-failed reruns crashed runs)."
+        )
     lines += [
-        "",
-        f"- **mean ± std**: over the ok seeds (sample std). **{level}% CI across seeds**: "
+        f"- **mean ± std**: over the ok seeds (sample std). **{level} CI across seeds**: "
         "Student-t interval of the mean over seeds (training and sampling randomness). "
-        f"**Per-run bootstrap CI**: the mean of each run's {level}% bootstrap CI over its test "
-        "examples (test-set noise only).",
+        f"**Per-run bootstrap CI**: the mean of {bootstrap_note} over its test "
+        "examples (test-set noise only; the level is the runs' eval.ci_level).",
         "- **gap**: train-sample metric minus test metric with the selected weights; "
         "**ECE**: top-label expected calibration error on test.",
         f"- **Δ and p**: paired tests of the method against {cfg.baseline} at the same K. "
@@ -453,9 +501,9 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         f"- **Multiple comparisons**: {m} comparisons in this table; Holm-Bonferroni adjusted "
         f"p-values (of the {cfg.paired_test} test) control the family-wise error rate. "
         "Read a difference as significant at 5% only if p (Holm) < 0.05.",
-        "- **Failed runs** (validation accuracy at or below the majority-class rate of the "
-        "validation set, Mosbach et al. 2021) and crashed runs are listed below and are not in "
-        "the means.",
+        "- **Failed runs** (validation accuracy of the tested weights at or below the "
+        "majority-class rate of the validation set, Mosbach et al. 2021) and crashed runs, of "
+        "every grid point, are listed below and are not in the means.",
         "",
         "## Cost",
         "",
@@ -473,10 +521,11 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
     lines += [
         "",
         "Cost is over the finished runs, failed ones included (their cost was real). "
-        "Wall time: the run's training loop with its periodic evaluations (summary.json "
-        "wall_time_s). Eval share: eval_time_s / wall_time_s, where eval_time_s also counts the "
-        "final train-sample and test evaluations. Process time: the whole `lorafit train` "
-        "process (start-up, data and model loading, training, test, saving).",
+        "Wall time: the run's training loop with its periodic evaluations, then the final "
+        "train-sample and test evaluations (summary.json wall_time_s; not saving). Eval share: "
+        "eval_time_s / wall_time_s, where eval_time_s is the time of all those evaluations, so "
+        "both count the same final ones. Process time: the whole `lorafit train` process "
+        "(start-up, data and model loading, training, test, saving).",
     ]
     lines += _run_list(rows, "failed", metric)
     lines += _run_list(rows, "crashed", metric)
@@ -488,8 +537,25 @@ def _pct(value):
     return None if value is None or math.isnan(value) else 100 * value
 
 
+def _pct_text(level: float) -> str:
+    return f"{100 * level:.3g}%"
+
+
+def _status_counts(e: dict) -> str:
+    """`2 / 0 / 1 (+1 pending), grid incomplete: 2 crashed, 1 not run` for a table cell."""
+    text = f"{e['n_ok']} / {e['n_failed']} / {e['n_crashed']}"
+    if e["n_pending"]:
+        text += f" (+{e['n_pending']} pending)"
+    if e["n_grid_incomplete"]:
+        unfinished = [f"{e['n_grid_crashed']} crashed"] if e["n_grid_crashed"] else []
+        unfinished += [f"{e['n_grid_pending']} not run"] if e["n_grid_pending"] else []
+        text += f", grid incomplete: {', '.join(unfinished)}"
+    return text
+
+
 def _run_list(rows: list[dict], status: str, metric: str) -> list[str]:
-    chosen = [r for r in rows if r["selected"] and r["status"] == status]
+    # failed: the kept runs only (results); crashed and pending: every grid point (to rerun)
+    chosen = [r for r in rows if r["status"] == status and (r["selected"] or status in _UNFINISHED)]
     if not chosen:
         return []
     if status == "failed":
@@ -535,39 +601,54 @@ def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, 
         plt.close(fig)
         paths[name] = path
 
+    def dodge(i: int) -> float:
+        """x factor that keeps the error bars of the methods apart on the log2 K axis."""
+        return 2 ** (0.04 * (i - (len(cfg.methods) - 1) / 2))
+
     def by_k_axes(title: str, ylabel: str):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
+        if len(ks) == 1:  # one octave around K, or the dodged methods fill the whole width
+            ax.set_xlim(ks[0] / 2**0.5, ks[0] * 2**0.5)
         ax.set_xlabel(f"K (labels {unit})")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         return fig, ax
 
-    # test metric vs K: mean with the CI band across seeds, each ok seed as a dot, failed as x
+    # test metric vs K: mean with the CI across seeds (a band; error bars for a single K, where
+    # a band has no width), each ok seed as a dot, failed as x
     fig, ax = by_k_axes(PLOTS["metric_vs_k"].format(metric=metric), f"test {metric}")
-    for method in cfg.methods:
+    for i, method in enumerate(cfg.methods):
         cells = [e for e in table if e["method"] == method]
         x = [e["k_shot"] for e in cells]
-        ax.plot(x, [e[f"{metric}_mean"] for e in cells], "-o", color=colours[method], label=method)
-        ax.fill_between(
-            x,
-            [e[f"{metric}_ci_low"] for e in cells],
-            [e[f"{metric}_ci_high"] for e in cells],
-            color=colours[method],
-            alpha=0.15,
-        )
+        mean = [e[f"{metric}_mean"] for e in cells]
+        low, high = zip(*(_plotted_ci(e, metric) for e in cells))
+        if len(ks) == 1:
+            ax.errorbar(
+                [k * dodge(i) for k in x],
+                mean,
+                yerr=_error_bar_lengths(mean, low, high),
+                fmt="o",
+                capsize=4,
+                color=colours[method],
+                label=method,
+            )
+        else:
+            ax.plot(x, mean, "-o", color=colours[method], label=method)
+            ax.fill_between(x, low, high, color=colours[method], alpha=0.15)
         for status, marker in (("ok", "."), ("failed", "x")):
             points = [
-                (r["k_shot"], r[f"test_{metric}"])
+                (r["k_shot"] * (dodge(i) if len(ks) == 1 else 1), r[f"test_{metric}"])
                 for r in rows
                 if r["selected"] and r["method"] == method and r["status"] == status
             ]
             if points:
                 ax.scatter(*zip(*points), marker=marker, color=colours[method], alpha=0.5, s=18)
-    ax.legend(title=f"band: {int(cfg.ci_level * 100)}% CI; x: failed run", fontsize=8)
+    shown_as = "bars" if len(ks) == 1 else "band"
+    ax.legend(title=f"{shown_as}: {_pct_text(cfg.ci_level)} CI; x: failed run", fontsize=8)
     save(fig, "metric_vs_k")
 
     for name, key, ylabel in (
@@ -577,9 +658,8 @@ def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, 
         fig, ax = by_k_axes(PLOTS[name], ylabel)
         for i, method in enumerate(cfg.methods):
             cells = [e for e in table if e["method"] == method]
-            dodge = 2 ** (0.04 * (i - (len(cfg.methods) - 1) / 2))  # keep error bars apart
             ax.errorbar(
-                [e["k_shot"] * dodge for e in cells],
+                [e["k_shot"] * dodge(i) for e in cells],
                 [e[f"{key}_mean"] for e in cells],
                 yerr=[0.0 if math.isnan(e[f"{key}_std"]) else e[f"{key}_std"] for e in cells],
                 fmt="-o",
@@ -597,11 +677,11 @@ def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, 
     for method in cfg.methods:
         cells = [e for e in table if e["method"] == method and not math.isnan(e[f"{metric}_mean"])]
         for e in cells:
-            half = e[f"{metric}_ci_high"] - e[f"{metric}_mean"]
+            low, high = _plotted_ci(e, metric)
             ax.errorbar(
                 e["trainable_params"],
                 e[f"{metric}_mean"],
-                yerr=None if math.isnan(half) else half,
+                yerr=_error_bar_lengths([e[f"{metric}_mean"]], [low], [high]),
                 fmt="o",
                 markersize=4 + 2 * ks.index(e["k_shot"]),
                 capsize=3,
@@ -624,6 +704,19 @@ def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, 
         ax.legend(fontsize=8)
     save(fig, "params_vs_metric")
     return paths
+
+
+def _plotted_ci(e: dict, metric: str) -> tuple[float, float]:
+    """The CI across seeds clipped to the metric's range (a 2-seed t-interval can span [-0.3,
+    1.9]); NaN stays NaN."""
+    low, high = np.clip([e[f"{metric}_ci_low"], e[f"{metric}_ci_high"]], *METRIC_RANGE)
+    return float(low), float(high)
+
+
+def _error_bar_lengths(mean, low, high) -> np.ndarray:
+    """matplotlib's yerr ([below], [above]) for intervals around the means; 0 where undefined."""
+    lengths = np.array([np.subtract(mean, low), np.subtract(high, mean)], dtype=float)
+    return np.nan_to_num(np.clip(lengths, 0.0, None))
 
 
 # -------------------------------------------------------------------------------------- report

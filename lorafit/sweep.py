@@ -18,7 +18,9 @@ import itertools
 import json
 import os
 import queue
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import yaml
 
@@ -529,13 +531,30 @@ def launch_subprocess(run: Run, config_path: Path, log_path: Path, env: dict) ->
     seconds = time.perf_counter() - start
     if code == 0:
         return Outcome(True, None, seconds)
+    if code < 0:  # killed: whatever it printed last is not the reason
+        return Outcome(False, _signal_text(-code), seconds)
     return Outcome(False, f"exit code {code}: {_error_line(log_path)}", seconds)
 
 
+def _signal_text(number: int) -> str:
+    """killed by signal 9 (SIGKILL; out of memory?): the kernel's OOM killer sends SIGKILL."""
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"killed by signal {number}"
+    hint = "; out of memory?" if number == signal.SIGKILL else ""
+    return f"killed by signal {number} ({name}{hint})"
+
+
+# A tqdm progress-bar update, e.g. `train:  67%|██████▋   | 8/12 [00:01<00:00, 7.1step/s]`
+_PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
+
+
 def _error_line(log_path: Path) -> str:
-    """The `lorafit: error:` line if the run printed one, else the traceback's last line."""
+    """The `lorafit: error:` line if the run printed one, else the last line that is not a
+    progress-bar update (the traceback's last line)."""
     lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line for line in lines if line and not _PROGRESS_BAR.search(line)]
     for line in reversed(lines):
         if line.startswith("lorafit: error:"):
             return line[len("lorafit: error:") :].strip()
@@ -543,13 +562,18 @@ def _error_line(log_path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------- command
+class CompareResult(NamedTuple):
+    report: Path  # report.md
+    crashed: list[str]  # ids of the runs that crashed (reported; --retry-failed reruns them)
+
+
 def run_compare(
     config_path: str | Path | None,
     overrides: list[str] | None = None,
     retry_failed: bool = False,
     report_only: bool = False,
     launch: Launcher | None = None,
-) -> Path:
+) -> CompareResult:
     """`lorafit compare`: run what is missing, then write the tables, plots and report."""
     from lorafit import report
     from lorafit.distributed import launcher_world_size
@@ -561,7 +585,7 @@ def run_compare(
         # sweep with N workers (one run per device or CPU share); the other ranks have nothing
         # to do, so nothing is run or written twice.
         if int(os.environ.get("RANK", "0")) != 0:
-            return sweep.dir / "report.md"
+            return CompareResult(sweep.dir / "report.md", [])
         sweep.config.workers = max(sweep.config.workers, world)
     state = SweepState(sweep.dir / "state.json")
     for run in sweep.runs:
@@ -577,7 +601,9 @@ def run_compare(
         execute(sweep, retry_failed=retry_failed, launch=launch)
     path = report.write_report(sweep)
     print(f"report: {path}")
-    return path
+    state = SweepState(sweep.dir / "state.json")  # as execute left it
+    crashed = [run.id for run in sweep.runs if run_status(run, state) == "crashed"]
+    return CompareResult(path, crashed)
 
 
 def _plain(cfg: SweepConfig) -> dict:

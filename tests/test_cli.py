@@ -87,7 +87,12 @@ def test_overrides_may_follow_the_options(monkeypatch):
     import lorafit.sweep
 
     calls = []
-    monkeypatch.setattr(lorafit.sweep, "run_compare", lambda *a, **kw: calls.append((a, kw)))
+
+    def run_compare(*args, **options):
+        calls.append((args, options))
+        return lorafit.sweep.CompareResult(Path("report.md"), crashed=[])
+
+    monkeypatch.setattr(lorafit.sweep, "run_compare", run_compare)
     argv = ["compare", "c.yaml", "a.b=1", "--report-only", "sweep.seeds=3", "--workers", "2"]
     assert run_cli(argv) == 0
     (config, overrides), options = calls[0]

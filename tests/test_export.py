@@ -617,3 +617,32 @@ def test_bad_device_is_a_one_line_error(cls_export, work, capsys):
     cuda = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
     line = _cli_error([*argv, "--device", cuda], capsys)
     assert f"--device '{cuda}'" in line and "CUDA" in line
+
+
+def test_exporting_a_runs_adapter_folder_keeps_its_provenance(cls_run, cls_export, work):
+    from_adapter = export_run(cls_run / "adapter", work / "from_adapter")
+    manifest = json.loads((from_adapter / MANIFEST_FILE).read_text())
+    expected = json.loads((cls_export / MANIFEST_FILE).read_text())
+    assert manifest["training"] == expected["training"] is not None
+    assert manifest["training"]["run_dir"] == str(cls_run.resolve())
+    assert manifest["test_metrics"] == expected["test_metrics"] is not None
+
+
+def test_export_of_an_unfinished_or_adapterless_run_says_why(cls_run, work, capsys):
+    unfinished = work / "unfinished"
+    unfinished.mkdir()
+    for name in ("config.yaml", "label_map.json", "metrics.jsonl"):  # killed before the end
+        shutil.copy2(cls_run / name, unfinished / name)
+    line = _cli_error(["export", str(unfinished), "--out", str(work / "x")], capsys)
+    assert f"{unfinished} is a run that has not finished (no adapter/ yet)" in line
+    assert "train.resume=true" in line
+    no_adapter = shutil.copytree(
+        cls_run, work / "no_adapter", ignore=shutil.ignore_patterns("adapter")
+    )
+    config = (no_adapter / "config.yaml").read_text()
+    (no_adapter / "config.yaml").write_text(
+        config.replace("save_adapter: true", "save_adapter: false")
+    )
+    line = _cli_error(["export", str(no_adapter), "--out", str(work / "x")], capsys)
+    assert "was run with output.save_adapter=false" in line
+    assert not (work / "x").exists()

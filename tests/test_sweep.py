@@ -70,11 +70,20 @@ class FakeTrainer:
             return Outcome(False, "exit code 2: training loss is nan at step 3", 1.0)
         correct = np.asarray(spec.get("correct", np.ones(N_TEST, bool)))
         (run.dir / "checkpoints" / "step-3").mkdir(parents=True)
-        write_fake_run(run, self.labels, correct, spec.get("val_acc", 0.9), spec.get("val_loss"))
+        write_fake_run(
+            run,
+            self.labels,
+            correct,
+            spec.get("val_acc", 0.9),
+            spec.get("val_loss"),
+            ci_level=spec.get("ci_level", 0.95),
+        )
         return Outcome(True, None, 2.5)
 
 
-def write_fake_run(run, labels, correct, val_acc, val_loss=None, train_acc=1.0) -> None:
+def write_fake_run(
+    run, labels, correct, val_acc, val_loss=None, train_acc=1.0, ci_level=0.95
+) -> None:
     preds = np.where(correct, labels, 1 - labels)
     accuracy = float(correct.mean())
     lines = [
@@ -94,6 +103,7 @@ def write_fake_run(run, labels, correct, val_acc, val_loss=None, train_acc=1.0) 
             "loss": 0.5,
             "ece": 0.1 + accuracy / 10,
             "ci": {"accuracy": [accuracy - 0.05, accuracy + 0.05]},
+            "ci_level": ci_level,
         },
         "best_validation": {"accuracy": val_acc, "loss": 1.0 if val_loss is None else val_loss},
         "train_sample_at_selected": {"accuracy": train_acc, "loss": 0.1},
@@ -287,8 +297,7 @@ def test_report_only_runs_nothing_and_lists_missing_runs(tmp_path):
     def refuse(*args):
         raise AssertionError("report-only must not train")
 
-    report = run_compare(path, [], report_only=True, launch=refuse)
-    text = report.read_text()
+    text = run_compare(path, [], report_only=True, launch=refuse).report.read_text()
     assert "lora/k8/seed2" in text.split("## Not run yet")[1]
     assert _summary_row(tmp_path / "sweep", "lora")["n_pending"] == "1"
 
@@ -406,7 +415,108 @@ def test_report_links_tables_and_plots(tmp_path):
     assert not list(sweep_dir.glob(".*.tmp"))  # atomic writes leave no temporaries
     # the resolved sweep.yaml rebuilds the same report
     again = run_compare(sweep_dir / "sweep.yaml", [], report_only=True)
-    assert again.read_text() == report
+    assert again.report.read_text() == report
+
+
+def test_crashed_and_pending_grid_points_are_counted_listed_and_flagged(tmp_path):
+    plan = {("lora", s, "lr-0.0001"): {"correct": _mask(0.6, s), "val_acc": 0.7} for s in (1, 2)}
+    plan.update({("lora", s, "lr-0.001"): "crash" for s in (1, 2)})
+    path = _sweep_file(tmp_path, {"seeds": [1, 2], "grid": {"lora": {"train.lr": [1e-4, 1e-3]}}})
+    run_compare(path, [], launch=FakeTrainer(plan))
+    sweep_dir = tmp_path / "sweep"
+    text = (sweep_dir / "summary.md").read_text()
+    assert "Runs: 4 ok, 0 failed, 2 crashed, 0 not run yet" in text
+    crashed = text.split("## Crashed runs")[1]
+    assert "lora/k8/seed1/lr-0.001" in crashed and "lora/k8/seed2/lr-0.001" in crashed
+    assert "training loss is nan at step 3" in crashed
+    main_table = text.split("## Cost")[0]
+    assert "| lora | 8 | 2 / 0 / 0, grid incomplete: 2 crashed |" in main_table
+    assert "| full | 8 | 2 / 0 / 0 |" in main_table
+    lora = _summary_row(sweep_dir, "lora")
+    assert (lora["n_ok"], lora["n_crashed"], lora["n_grid_incomplete"]) == ("2", "0", "2")
+    assert (lora["n_grid_crashed"], lora["n_grid_pending"]) == ("2", "0")
+    # a grid point added later and not run yet: the choice was made without it
+    wider = ["sweep.grid.lora={train.lr: [1.0e-4, 1.0e-3, 1.0e-2]}"]
+    text = run_compare(path, wider, report_only=True).report.read_text()
+    assert "2 / 0 / 0, grid incomplete: 2 crashed, 2 not run |" in text
+    assert "lora/k8/seed2/lr-0.01" in text.split("## Not run yet")[1]
+
+
+def test_per_run_ci_column_names_the_level_the_runs_used(tmp_path):
+    path = _sweep_file(tmp_path, {"seeds": [1, 2]})
+    run_compare(path, ["sweep.ci_level=0.9"], launch=FakeTrainer({}))
+    text = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| 90% CI across seeds | mean per-run 95% bootstrap CI |" in text
+    assert "each run's 95% bootstrap CI" in text
+    mixed = {("full", s): {"ci_level": 0.8} for s in (1, 2)}
+    run_compare(path, ["sweep.dir=" + str(tmp_path / "mixed")], launch=FakeTrainer(mixed))
+    text = (tmp_path / "mixed" / "summary.md").read_text()
+    assert "mean per-run bootstrap CI (levels differ: 80%, 95%)" in text
+    assert "[0.950, 1.050] at 80%" in text and "[0.950, 1.050] at 95%" in text
+
+
+def test_single_k_plot_draws_the_ci_as_error_bars_within_the_metric_range(tmp_path, monkeypatch):
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.figure import Figure
+
+    axes = {}
+    savefig = Figure.savefig
+
+    def keep_axes(fig, path, **kwargs):
+        axes[Path(path).name.lstrip(".").split(".")[0]] = fig.axes[0]  # atomic: .name.*.tmp
+        return savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_axes)
+    plan = {("lora", 1): {"correct": _mask(0.6, 1)}, ("lora", 2): {"correct": _mask(0.9, 2)}}
+    run_compare(_sweep_file(tmp_path, {"seeds": [1, 2]}), [], launch=FakeTrainer(plan))
+    lora = _summary_row(tmp_path / "sweep", "lora")
+    assert float(lora["accuracy_ci_low"]) < 0 and float(lora["accuracy_ci_high"]) > 1
+    ax = axes["metric_vs_k"]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2  # one per method: a band over a single K would be invisible
+    low, high = ax.get_ylim()
+    assert -0.1 < low and high < 1.1  # the t-interval is clipped to [0, 1]
+
+
+def test_compare_exits_1_when_runs_crashed_but_not_when_they_failed(tmp_path, monkeypatch, capsys):
+    import lorafit.sweep
+    from tests.tiny import run_cli
+
+    path = _sweep_file(tmp_path, {"seeds": [1, 2]})
+    failing = {("lora", 1): {"correct": _mask(0.5, 1), "val_acc": 0.5}}
+    monkeypatch.setattr(lorafit.sweep, "launch_subprocess", FakeTrainer(failing))
+    assert run_cli(["compare", str(path)]) == 0  # a failed run is a result
+    crashing = _sweep_file(tmp_path, {"seeds": [1, 2], "dir": str(tmp_path / "crashing")})
+    monkeypatch.setattr(lorafit.sweep, "launch_subprocess", FakeTrainer({("lora", 2): "crash"}))
+    capsys.readouterr()
+    assert run_cli(["compare", str(crashing)]) == 1
+    assert (tmp_path / "crashing" / "report.md").exists()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("lorafit compare: 1 run crashed (see the report); rerun it with --retry-failed")
+    assert run_cli(["compare", str(crashing), "--report-only"]) == 1
+
+
+def test_killed_run_names_the_signal_not_the_progress_bar(tmp_path, monkeypatch):
+    import subprocess
+
+    sweep = load_sweep(_sweep_file(tmp_path, {"seeds": [1]}))
+    bar = "train:  67%|██████▋   | 8/12 [00:01<00:00, 7.1step/s, loss=0.31]"
+
+    def killed(args, stdout, **kwargs):
+        stdout.write(f"classification | lora on tiny\r{bar}\r{bar}")
+        return -9
+
+    monkeypatch.setattr(subprocess, "call", killed)
+    outcome = launch_subprocess(sweep.runs[0], tmp_path / "c.yaml", tmp_path / "a.log", {})
+    assert outcome.error == "killed by signal 9 (SIGKILL; out of memory?)"
+
+    def failed(args, stdout, **kwargs):
+        stdout.write(f"Traceback ...\nValueError: boom\n{bar}\r{bar}\n")
+        return 1
+
+    monkeypatch.setattr(subprocess, "call", failed)
+    outcome = launch_subprocess(sweep.runs[0], tmp_path / "c.yaml", tmp_path / "b.log", {})
+    assert outcome.error == "exit code 1: ValueError: boom"
 
 
 # ---------------------------------------------------------------------------------- real runs
