@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lorafit.io import read_jsonl, write_text, write_with
-from lorafit.rundir import RunDir, read_summary
+from lorafit.rundir import RunDir, flat_settings, read_summary
 
 if TYPE_CHECKING:
     from lorafit.sweep import Run, Sweep
@@ -233,18 +233,14 @@ def _number(value, default: float) -> float:
 
 def _varying_settings(runs: list[Run]) -> list[str]:
     """Config keys whose value differs between runs (plus the method name): the 'settings'."""
-    from lorafit.sweep import _flat
-
-    flat = [_flat(run.config.to_dict()) for run in runs]
+    flat = [flat_settings(run.config.to_dict()) for run in runs]
     skip = {"output.dir", "data.seed", "train.seed", "data.k_shot", "data.k_shot_unit"}
     keys = [k for k in flat[0] if k not in skip and len({json.dumps(f[k]) for f in flat}) > 1]
     return ["method.name", *[k for k in keys if k != "method.name"]]
 
 
 def _setting(run: Run, key: str) -> Any:
-    from lorafit.sweep import _flat
-
-    value = _flat(run.config.to_dict())[key]
+    value = flat_settings(run.config.to_dict())[key]
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 

@@ -7,6 +7,7 @@ import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -106,6 +107,46 @@ def is_run_dir(root: str | Path) -> bool:
     settings = [(s, key) for s, keys in RunConfig().to_dict().items() for key in keys]
     stated = sum(isinstance(saved.get(s), dict) and key in saved[s] for s, key in settings)
     return stated >= 0.9 * len(settings)
+
+
+def flat_settings(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A config dict as {"section.key": value}; peft_kwargs stays one value."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "peft_kwargs":
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_settings(root: str | Path, config: Any) -> list[str]:
+    """Settings whose value differs between a run folder's saved config.yaml and `config`
+    (a RunConfig), as "key: then, now" lines. output.* and train.resume say where results go
+    and how the run starts, not what is trained, so they are not compared.
+
+    Keys present on one side only (a lorafit version that added or removed a setting) are not
+    differences: only a value both configs state and disagree on makes a run another experiment.
+    """
+    path = RunDir(Path(root)).config
+    if not path.exists():
+        return ["its config.yaml is missing"]
+    saved = flat_settings(yaml.safe_load(path.read_text()) or {})
+    planned = flat_settings(config.to_dict())
+    return [
+        f"{key}: {saved[key]!r} then, {planned[key]!r} now"
+        for key in planned
+        if key in saved
+        and not key.startswith("output.")
+        and key != "train.resume"
+        and not _same(saved[key], planned[key])
+    ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def check_run_dir(root: str | Path, overwrite: bool, resume: bool) -> None:

@@ -35,7 +35,7 @@ import yaml
 from lorafit.config import RunConfig, _f, _unknown_key, apply_overrides, from_dict, load_yaml
 from lorafit.errors import ConfigError
 from lorafit.io import write_json, write_text
-from lorafit.rundir import RunDir, read_summary
+from lorafit.rundir import RunDir, changed_settings, read_summary
 
 # The five data seeds of LM-BFF (Gao et al. 2021); `seeds: N` takes the first N.
 LMBFF_SEEDS = (13, 21, 42, 87, 100)
@@ -335,7 +335,7 @@ def run_status(run: Run, state: SweepState) -> str:
     summary = read_summary(run.dir)
     if summary.get("status") == "completed":
         if summary.get("config_sha256") not in (None, run.config.fingerprint()):
-            changed = _changed_settings(run)
+            changed = changed_settings(run.dir, run.config)
             if changed:
                 raise ConfigError(
                     f"run {run.dir} was trained with other settings than sweep run {run.id} now "
@@ -343,41 +343,6 @@ def run_status(run: Run, state: SweepState) -> str:
                 )
         return "completed"
     return "crashed" if state.get(run).get("status") == "crashed" else "pending"
-
-
-def _changed_settings(run: Run) -> list[str]:
-    """Settings whose value differs between the run's saved config.yaml and the sweep's plan.
-
-    Keys present on one side only (a lorafit version that added or removed a setting) are not
-    differences: only a value both configs state and disagree on makes a run another experiment.
-    """
-    path = RunDir(run.dir).config
-    if not path.exists():
-        return ["its config.yaml is missing"]
-    saved = _flat(yaml.safe_load(path.read_text()) or {})
-    planned = _flat(run.config.to_dict())
-    ignored = {"output.dir", "output.overwrite", "train.resume"}
-    return [
-        f"{key}: {saved[key]!r} then, {planned[key]!r} now"
-        for key in planned
-        if key in saved and key not in ignored and not _same(saved[key], planned[key])
-    ]
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return float(a) == float(b)
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and key != "peft_kwargs":
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def execute(

@@ -47,8 +47,10 @@ from lorafit.io import append_jsonl, read_jsonl, write_json, write_text
 from lorafit.objectives import fit_logistic_head, pair_cosine_loss
 from lorafit.rundir import (
     RunDir,
+    changed_settings,
     check_run_dir,
     environment_info,
+    flat_settings,
     plot_learning_curve,
     prepare_run_dir,
     truncate_metrics,
@@ -161,6 +163,14 @@ class Trainer:
         # A bad output.dir is refused now; an old run is replaced only once data and model load.
         if self.is_main:
             check_run_dir(cfg.output.dir, cfg.output.overwrite, cfg.train.resume)
+            if cfg.train.resume and self.run.config.exists():
+                changed = changed_settings(self.run.root, cfg)
+                if changed:
+                    raise ConfigError(
+                        f"train.resume: {self.run.root} was trained with other settings "
+                        f"({'; '.join(changed[:3])}); resume with the same ones, or start a new "
+                        "run (another output.dir, or output.overwrite=true)"
+                    )
         set_seed(cfg.train.seed)
 
         # data: normalised columns, K-shot sampled per seed, then tokenised
@@ -272,7 +282,7 @@ class Trainer:
             if self.label_names is not None:
                 D.save_label_map(self.run.label_map, self.label_names)
         if cfg.output.report_to:
-            acc.init_trackers("lorafit", config=_flat(cfg.to_dict()))
+            acc.init_trackers("lorafit", config=_tracker_config(cfg))
         self._print(
             f"{self.task} | {cfg.method.name} on {cfg.model.name_or_path} | "
             f"train {len(self.train_set)}, validation {len(self.validation_set)}, test {len(self.test_set)} | "
@@ -795,11 +805,9 @@ def _newest(run: RunDir) -> str:
     return str(found[-1]) if found else "none yet"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _tracker_config(cfg: RunConfig) -> dict:
+    """The settings as trackers take them: flat keys, scalar values (anything else as text)."""
+    scalar = (int, float, str, bool)
+    return {
+        k: v if isinstance(v, scalar) else str(v) for k, v in flat_settings(cfg.to_dict()).items()
+    }

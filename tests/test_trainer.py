@@ -393,6 +393,16 @@ def test_resume_after_kill_matches_uninterrupted(tiny_bert_path, sentiment_dir, 
         assert x["validation"]["loss"] == pytest.approx(y["validation"]["loss"], rel=1e-6)
 
 
+def test_resume_with_other_settings_is_refused(tiny_bert_path, sentiment_dir, tmp_path):
+    out = tmp_path / "run"
+    run_tiny(tiny_bert_path, sentiment_dir, out, **{"train.steps": 2, "train.eval_every": 2})
+    saved = (out / "config.yaml").read_text()
+    changed = {"train.steps": 2, "train.eval_every": 2, "train.lr": 1e-3, "train.resume": "true"}
+    with pytest.raises(ConfigError, match=r"train.resume: .* other settings \(train.lr: 0.005"):
+        run_tiny(tiny_bert_path, sentiment_dir, out, **changed)
+    assert (out / "config.yaml").read_text() == saved  # the run is left as it was
+
+
 def test_non_finite_loss_stops_with_step_and_lr(
     tiny_bert_path, sentiment_dir, tmp_path, monkeypatch
 ):
