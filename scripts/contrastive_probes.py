@@ -1,4 +1,4 @@
-"""Six probes of the contrastive recipe on the selection dev sets (training-split data only).
+"""Probes of the contrastive recipe on the selection dev sets (training-split data only).
 
     python scripts/contrastive_probes.py head --datasets sst2 mr
     python scripts/contrastive_probes.py head --datasets sst2 mr --trained
@@ -8,6 +8,8 @@
     python scripts/contrastive_probes.py layers --datasets sst2 mr
     python scripts/contrastive_probes.py layers --datasets ag_news --frozen-only
     python scripts/contrastive_probes.py loss --datasets sst2 mr
+    python scripts/contrastive_probes.py augment --datasets sst2 mr
+    python scripts/contrastive_probes.py label_prompts --datasets sst2 mr
 
 `head`: the frozen MiniLM body, and the fitted head alone varied: logistic regression with
 C = 1/l2 in {0.01, 0.1, 1, 10, 100}, on raw or L2-normalised embeddings. Asks whether the head
@@ -41,7 +43,12 @@ whether the last layer (the checkpoint's own pooling) is the best place to read 
 pulled back to orthogonal), and supervised contrastive learning (SupCon, temperature 0.1). Asks
 whether the shape of the pair loss is what limits accuracy.
 
-All six use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
+`label_prompts`: the frozen body; a zero-shot classifier (each dev sentence gets the class whose
+hand-written description, e.g. "It was great." / "It was terrible.", is nearest in cosine), and
+the fitted head with the descriptions added as training rows. Asks how much the label names
+alone carry (sst2 and mr only: the descriptions are written for them).
+
+All of them use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
 same 16 + 16 examples per class as its runs) and never open a test split. One line per data seed
 is printed; nothing is written but the runs' folders under <out>/probes.
 """
@@ -412,6 +419,45 @@ def probe_augment(dataset: str, folder: Path, seed: int, out: Path) -> str:
     return f"token-dropout views {accuracy:.1f}"
 
 
+# Label descriptions (class 0, class 1) for the two binary sentiment sets: a plain label name, and
+# hand-written templates. Written by a person for these datasets: not something a default can do.
+LABEL_PROMPTS = (
+    ("negative", "positive"),
+    ("This is negative.", "This is positive."),
+    ("It was terrible.", "It was great."),
+    ("a bad movie", "a good movie"),
+    ("I hated it.", "I loved it."),
+)
+PROMPT_COPIES = 4  # each description's weight as extra head-fit rows
+
+
+def probe_label_prompts(dataset: str, folder: Path, seed: int, out: Path) -> str:
+    import datasets
+    import torch.nn.functional as F
+
+    if dataset not in ("sst2", "mr"):
+        raise SystemExit("label_prompts: the descriptions are written for sst2 and mr only")
+    trainer = trainer_for(dataset, folder, seed, out)  # set up: the frozen body
+    train, (x_dev, y_dev) = train_and_dev_embeddings(trainer)
+    cells = [f"head on 32 examples {fitted_head_accuracy(train, (x_dev, y_dev), 2):.1f}"]
+    for prompts in LABEL_PROMPTS:
+        rows = datasets.Dataset.from_dict({"text": list(prompts), "label": [0, 1], "row": [0, 1]})
+        x_prompts, y_prompts = embed_rows(trainer, rows)
+        # zero-shot: the class whose description is nearest in cosine
+        nearest = (F.normalize(x_dev, dim=-1) @ F.normalize(x_prompts, dim=-1).T).argmax(-1)
+        # few-shot: the descriptions as extra training rows of the fitted head
+        extended = (
+            torch.cat([train[0], x_prompts.repeat(PROMPT_COPIES, 1)]),
+            torch.cat([train[1], y_prompts.repeat(PROMPT_COPIES)]),
+        )
+        with_prompts = fitted_head_accuracy(extended, (x_dev, y_dev), 2)
+        cells.append(
+            f"{prompts[1]!r}: zero-shot {percent_equal(nearest, y_dev):.1f}, "
+            f"head + descriptions {with_prompts:.1f}"
+        )
+    return " | ".join(cells)
+
+
 PROBES = {
     "head": probe_head,
     "interpolate": probe_interpolate,
@@ -420,6 +466,7 @@ PROBES = {
     "layers": probe_layers,
     "loss": probe_loss,
     "augment": probe_augment,
+    "label_prompts": probe_label_prompts,
 }
 
 
