@@ -2,8 +2,8 @@
 
 Everything here is recomputed from the run directories (summary.json, predictions/test.jsonl)
 and `state.json`, so `--report-only` rebuilds the same report at any time. Statistics come from
-`lorafit.metrics` (mean_ci, paired_bootstrap_test, permutation_test); only Holm's step-down
-correction lives here.
+`lorafit.metrics` (mean_ci, hierarchical_paired_test); only Holm's step-down correction lives
+here.
 
 Protocol, in the order it is applied:
 1. Grid search: per (method, K, seed), the grid point with the best validation metric is kept
@@ -14,10 +14,11 @@ Protocol, in the order it is applied:
    never in the metric means.
 3. Per method x K over the `ok` seeds: mean, sample std, Student-t CI across seeds, the mean of
    the per-run bootstrap CIs, gap and ECE; cost over the `ok` and `failed` seeds.
-4. Paired test against the baseline at the same K: per-example test predictions of every seed
-   where both runs are ok are aligned by test row and pooled; one paired bootstrap and one
-   paired permutation test on the pool. Holm-Bonferroni adjusts the chosen p-values over all
-   comparisons in the table.
+4. Paired test against the baseline at the same K, over the seeds where both runs are ok and
+   the test rows both predicted: Δ is the mean over seeds of the per-seed difference; its CI and
+   bootstrap p-value resample seeds and test rows (two levels), and the permutation test swaps
+   whole runs per seed. Holm-Bonferroni adjusts the chosen p-values over all comparisons in the
+   table.
 """
 
 from __future__ import annotations
@@ -305,11 +306,13 @@ def summarise(sweep: Sweep, rows: list[dict]) -> list[dict[str, Any]]:
 
 
 def _paired_against_baseline(sweep: Sweep, by_cell: dict, method: str, k: int) -> dict:
-    """Pool the aligned per-example test predictions of the seeds where both runs are ok."""
+    """Paired test over the seeds where both runs are ok, on the test rows both runs predicted:
+    a two-level bootstrap over seeds and test rows, and a permutation test that swaps whole
+    runs per seed (`lorafit.metrics.hierarchical_paired_test`)."""
     from lorafit import metrics as M
 
     cfg = sweep.config
-    labels, preds_method, preds_baseline, seeds, deltas = [], [], [], [], []
+    rows, labels, preds_method, preds_baseline = [], [], [], []
     num_classes = None
     for seed in cfg.seeds:
         a, b = by_cell.get((method, k, seed)), by_cell.get((cfg.baseline, k, seed))
@@ -321,29 +324,35 @@ def _paired_against_baseline(sweep: Sweep, by_cell: dict, method: str, k: int) -
             continue
         if any(pa[row][0] != pb[row][0] for row in common):
             raise ValueError(f"test labels differ between {a['run_id']} and {b['run_id']}")
-        labels += [pa[row][0] for row in common]
-        preds_method += [pa[row][1] for row in common]
-        preds_baseline += [pb[row][1] for row in common]
-        seeds.append(seed)
-        deltas.append(a[f"test_{cfg.metric}"] - b[f"test_{cfg.metric}"])
+        rows.append(common)
+        labels.append([pa[row][0] for row in common])
+        preds_method.append([pa[row][1] for row in common])
+        preds_baseline.append([pb[row][1] for row in common])
         num_classes = max(num_classes or 0, a.get("num_classes") or 0) or None
-    if not seeds:
+    if not rows:
         return {"paired_seeds": 0}
-    args = dict(
-        metric=cfg.metric, num_classes=num_classes, n_resamples=cfg.n_resamples, level=0.95, seed=0
+    test = M.hierarchical_paired_test(
+        rows,
+        labels,
+        preds_method,
+        preds_baseline,
+        metric=cfg.metric,
+        num_classes=num_classes,
+        n_resamples=cfg.n_resamples,
+        level=0.95,
+        seed=0,
     )
-    bootstrap = M.paired_bootstrap_test(labels, preds_method, preds_baseline, **args)
-    permutation = M.permutation_test(labels, preds_method, preds_baseline, **args)
     return {
-        "paired_seeds": len(seeds),
-        "paired_examples": len(labels),
-        "delta": bootstrap.difference,
-        "delta_ci_low": bootstrap.low,
-        "delta_ci_high": bootstrap.high,
-        "delta_seed_min": min(deltas),
-        "delta_seed_max": max(deltas),
-        "p_bootstrap": bootstrap.p_value,
-        "p_permutation": permutation.p_value,
+        "paired_seeds": len(rows),
+        "paired_test_rows": len(set().union(*rows)),
+        "paired_examples": sum(len(seed_rows) for seed_rows in rows),
+        "delta": test.difference,
+        "delta_ci_low": test.low,
+        "delta_ci_high": test.high,
+        "delta_seed_min": min(test.seed_differences),
+        "delta_seed_max": max(test.seed_differences),
+        "p_bootstrap": test.p_bootstrap,
+        "p_permutation": test.p_permutation,
     }
 
 
@@ -449,7 +458,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         "",
         f"| method | K | ok / failed / crashed | {metric} mean ± std | {level} CI across seeds "
         f"| {bootstrap_head} | gap (train − test) | ECE "
-        f"| Δ vs {cfg.baseline} [95% CI] | p ({cfg.paired_test}) | p (Holm) |",
+        f"| Δ vs {cfg.baseline} [95% CI, seeds × test rows] | p ({cfg.paired_test}) "
+        "| p (Holm) |",
         "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in table:
@@ -487,13 +497,14 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         "examples (test-set noise only; the level is the runs' eval.ci_level).",
         "- **gap**: train-sample metric minus test metric with the selected weights; "
         "**ECE**: top-label expected calibration error on test.",
-        f"- **Δ and p**: paired tests of the method against {cfg.baseline} at the same K. "
-        "For every seed where both runs are ok, the per-example test predictions are aligned "
-        "by test row (same seed: same training sample, same test examples) and pooled over "
-        f"seeds; one paired bootstrap and one paired permutation test ({cfg.n_resamples} "
-        "resamples) on the pool. Δ is the pooled difference with its paired-bootstrap 95% CI. "
-        "Pooling treats the seeds as fixed: the test reflects test-set noise; compare the "
-        "CI across seeds for the training-seed spread.",
+        f"- **Δ and p**: paired comparison of the method with {cfg.baseline} at the same K, "
+        "over the seeds where both runs are ok, on the test rows both predicted. Δ is the mean "
+        "over those seeds of the per-seed difference. Its 95% CI and the bootstrap p-value "
+        f"come from a two-level bootstrap ({cfg.n_resamples} resamples) that redraws the seeds "
+        "and the test rows (each row once for all seeds), so they cover both the seed "
+        "(K-shot sample and training) and the test-set sampling. The permutation test swaps "
+        "the two runs of a seed as a whole (under the null either could carry either name); "
+        "with S seeds its p-value cannot go below 2/2^S (0.0625 for 5 seeds).",
         f"- **Multiple comparisons**: {m} comparisons in this table; Holm-Bonferroni adjusted "
         f"p-values (of the {cfg.paired_test} test) control the family-wise error rate. "
         "Read a difference as significant at 5% only if p (Holm) < 0.05.",

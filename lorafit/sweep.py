@@ -71,7 +71,9 @@ class SweepConfig:
     baseline: str | None = _f(None, "Method the others are tested against (default: the first).")
     metric: str = _f("accuracy", "Test metric of the tables, tests and plots: accuracy | f1_macro.")
     paired_test: str = _f(
-        "permutation", "permutation | bootstrap: the p-value that Holm's correction adjusts."
+        "bootstrap",
+        "bootstrap | permutation: the p-value that Holm's correction adjusts (the exact "
+        "permutation test cannot go under 2/2^seeds).",
     )
     n_resamples: int = _f(10000, "Resamples of the paired bootstrap and permutation tests.")
     ci_level: float = _f(0.95, "Level of the confidence intervals across seeds.")
@@ -399,7 +401,11 @@ def execute(
     bar.set_postfix_str(f"{len(todo)} to run, {sweep.config.workers} worker(s)")
     with ThreadPoolExecutor(max_workers=sweep.config.workers) as pool:
         futures = {}
+        earlier_seconds = {}  # process time of the launches a resumed run continues
         for run in todo:
+            earlier_seconds[run.id] = (
+                state.get(run).get("process_time_s", 0.0) if _resumes(run) else 0.0
+            )
             state.record(run, status="running", error=None, started=time.time())
             futures[pool.submit(work, run)] = run
         for future in as_completed(futures):
@@ -417,7 +423,7 @@ def execute(
                 run,
                 status="completed" if done else "crashed",
                 error=error,
-                process_time_s=round(outcome.seconds, 2),
+                process_time_s=round(earlier_seconds[run.id] + outcome.seconds, 2),
             )
             counts["completed" if done else "crashed"] += 1
             bar.update(1)
@@ -428,10 +434,15 @@ def execute(
     return counts
 
 
+def _resumes(run: Run) -> bool:
+    """Whether a launch of `run` continues from a checkpoint of an earlier launch."""
+    checkpoints = RunDir(run.dir).checkpoints
+    return checkpoints.exists() and any(checkpoints.iterdir())
+
+
 def _prepare_run_dir_for_launch(run: Run) -> None:
     """Continue from the newest checkpoint; a folder without one holds nothing worth keeping."""
-    checkpoints = RunDir(run.dir).checkpoints
-    if run.dir.exists() and not (checkpoints.exists() and any(checkpoints.iterdir())):
+    if run.dir.exists() and not _resumes(run):
         shutil.rmtree(run.dir)
 
 

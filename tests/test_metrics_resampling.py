@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from scipy import stats
 from lorafit.metrics import (
     _reference,
     bootstrap_ci,
+    hierarchical_paired_test,
     mean_ci,
     paired_bootstrap_test,
     permutation_test,
@@ -179,3 +181,122 @@ def test_missing_extension_fails_with_build_instructions():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "pip install -e ." in result.stderr
+
+
+# ------------------------------------------------------------ hierarchical (seeds x test rows)
+@pytest.mark.parametrize("metric", ["accuracy", "f1_macro"])
+def test_hierarchical_bootstrap_of_one_seed_is_the_paired_bootstrap(data, metric):
+    rng, labels, preds = data
+    other = _system(rng, labels, 0.8, 4)
+    rows = np.arange(labels.size)
+    pooled = paired_bootstrap_test(labels, other, preds, metric=metric, n_resamples=10000)
+    one = hierarchical_paired_test([rows], [labels], [other], [preds], metric, n_resamples=10000)
+    assert one.difference == pytest.approx(pooled.difference, abs=1e-12)
+    assert (one.low, one.high) == pytest.approx((pooled.low, pooled.high), abs=0.006)
+    assert one.p_permutation == 1.0  # one seed: swapping its two runs is as extreme
+    # the same seed twice: its rows are the same clusters, so nothing changes, while pooling
+    # the 2 x 400 pairs as independent shrinks the CI by about 1/sqrt(2)
+    twice = hierarchical_paired_test(
+        [rows] * 2, [labels] * 2, [other] * 2, [preds] * 2, metric, n_resamples=10000
+    )
+    assert (twice.low, twice.high) == pytest.approx((one.low, one.high), abs=0.006)
+    doubled = paired_bootstrap_test(
+        np.tile(labels, 2), np.tile(other, 2), np.tile(preds, 2), metric=metric, n_resamples=10000
+    )
+    assert doubled.high - doubled.low < 0.8 * (twice.high - twice.low)
+
+
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def test_hierarchical_ci_covers_the_mean_difference_when_seeds_and_rows_vary():
+    # Row r of seed s is right when ease_r + noise > threshold + seed shift: ease is shared by
+    # every seed and both methods (hard rows are hard for all), the shift differs per run.
+    n_seeds, n_rows, ease_sd, noise_sd, seed_sd = 5, 200, 2.0, 1.0, 0.3
+    thresholds = (-0.6, -0.3)  # method, baseline
+    scale = math.sqrt(ease_sd**2 + noise_sd**2 + seed_sd**2)
+    truth = _phi(-thresholds[0] / scale) - _phi(-thresholds[1] / scale)  # about +0.05
+    rng = np.random.default_rng(0)
+    covered = {"hierarchical": 0, "pooled": 0}
+    widths = {"hierarchical": 0.0, "pooled": 0.0}
+    n_datasets = 200
+    for i in range(n_datasets):
+        labels = rng.integers(0, 2, n_rows)
+        ease = rng.normal(0.0, ease_sd, n_rows)
+        preds = []
+        for threshold in thresholds:
+            shift = rng.normal(0.0, seed_sd, (n_seeds, 1))
+            right = ease + rng.normal(0.0, noise_sd, (n_seeds, n_rows)) > threshold + shift
+            preds.append(np.where(right, labels, 1 - labels))
+        hierarchical = hierarchical_paired_test(
+            [np.arange(n_rows)] * n_seeds, [labels] * n_seeds, *preds, n_resamples=500, seed=i
+        )
+        pooled = paired_bootstrap_test(
+            np.tile(labels, n_seeds), preds[0].ravel(), preds[1].ravel(), n_resamples=500, seed=i
+        )
+        for name, test in (("hierarchical", hierarchical), ("pooled", pooled)):
+            covered[name] += test.low <= truth <= test.high
+            widths[name] += (test.high - test.low) / n_datasets
+    assert covered["hierarchical"] / n_datasets >= 0.85
+    assert covered["pooled"] / n_datasets <= 0.75
+    assert widths["hierarchical"] > 1.5 * widths["pooled"]
+
+
+def test_hierarchical_f1_macro_weights_each_seed_by_its_own_rows():
+    # rows 2 and 3 are in both seeds, 0 and 1 only in the first, 4 only in the second
+    rows = [np.array([0, 1, 2, 3]), np.array([2, 3, 4])]
+    labels = [np.array([0, 1, 2, 0]), np.array([2, 0, 1])]
+    preds_a = [np.array([0, 1, 1, 0]), np.array([2, 0, 0])]
+    preds_b = [np.array([0, 0, 2, 1]), np.array([1, 0, 1])]
+
+    def f1(y, p):
+        return skm.f1_score(y, p, average="macro")
+
+    per_seed = [f1(y, a) - f1(y, b) for y, a, b in zip(labels, preds_a, preds_b)]
+    result = hierarchical_paired_test(
+        rows, labels, preds_a, preds_b, metric="f1_macro", n_resamples=200
+    )
+    assert result.seed_differences == pytest.approx(per_seed)
+    assert result.difference == pytest.approx(np.mean(per_seed))
+    pooled = [np.concatenate(x) for x in (labels, preds_a, preds_b)]
+    assert abs(f1(*pooled[:2]) - f1(pooled[0], pooled[2]) - result.difference) > 0.05
+    # a resampled replicate: the cluster multiplicities repeat each row in every seed holding it
+    indicators, n_seeds = resampling_module._cluster_indicators(
+        rows, labels, preds_a, preds_b, None
+    )
+    multiplicity = np.array([0.0, 2.0, 1.0, 0.0, 3.0])  # of rows 0..4
+    weighted = resampling_module._seed_differences(multiplicity @ indicators, n_seeds, "f1_macro")
+    for s in range(n_seeds):
+        repeat = multiplicity[rows[s]].astype(int)
+        y, a, b = (np.repeat(x[s], repeat) for x in (labels, preds_a, preds_b))
+        assert weighted[s] == pytest.approx(f1(y, a) - f1(y, b))
+
+
+def test_hierarchical_test_is_seeded_and_its_permutation_p_is_exact():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 100)
+    runs = [[_system(rng, labels, accuracy, 2) for _ in range(4)] for accuracy in (0.8, 0.7)]
+    args = ([np.arange(100)] * 4, [labels] * 4, *runs)
+    first = hierarchical_paired_test(*args, n_resamples=300, seed=1)
+    assert first == hierarchical_paired_test(*args, n_resamples=300, seed=1)
+    assert first.low != hierarchical_paired_test(*args, n_resamples=300, seed=2).low
+    # 2^4 = 16 swaps fit in 300 resamples: p is the exact share of swaps as extreme
+    signs = 1 - 2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1)
+    differences = np.array(first.seed_differences)
+    exact = np.mean(np.abs(signs @ differences) >= abs(differences.sum()) - 1e-12)
+    assert first.p_permutation == pytest.approx(exact) and first.p_permutation >= 2 / 16
+
+
+def test_hierarchical_input_errors():
+    y = np.array([0, 1])
+    with pytest.raises(ValueError, match="row 1 has different labels"):
+        hierarchical_paired_test([[0, 1], [1]], [y, [0]], [y, [0]], [y, [0]])
+    with pytest.raises(ValueError, match="repeats a row id"):
+        hierarchical_paired_test([[0, 0]], [y], [y], [y])
+    with pytest.raises(ValueError, match="seed 1"):
+        hierarchical_paired_test([[0, 1], [0, 1]], [y, y], [y, y], [y, [0]])
+    with pytest.raises(ValueError, match="at least one seed"):
+        hierarchical_paired_test([], [], [], [])
+    with pytest.raises(ValueError, match="metric"):
+        hierarchical_paired_test([[0, 1]], [y], [y], [y], metric="auc")

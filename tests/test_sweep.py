@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,22 @@ def test_interrupted_run_is_rerun_from_scratch_without_checkpoint(tmp_path):
     assert counts["completed"] == 2 and not (stale / "metrics.jsonl").exists()
 
 
+def test_process_time_of_a_resumed_run_counts_every_launch(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path, {"seeds": [1]}))
+    restarted, resumed = sweep.runs
+
+    def crash_after_a_checkpoint(run, config_path, log_path, env) -> Outcome:
+        (run.dir / "checkpoints" / "step-2").mkdir(parents=True)
+        return Outcome(False, "killed by signal 9", 1.0)
+
+    execute(sweep, launch=crash_after_a_checkpoint, progress=False)
+    shutil.rmtree(restarted.dir / "checkpoints")  # nothing to resume: starts again from scratch
+    execute(sweep, retry_failed=True, launch=FakeTrainer({}), progress=False)
+    state = json.loads((tmp_path / "sweep" / "state.json").read_text())["runs"]
+    assert state[restarted.id]["process_time_s"] == 2.5
+    assert state[resumed.id]["process_time_s"] == 1.0 + 2.5
+
+
 def test_subprocess_launcher_reports_the_error_line(tmp_path):
     sweep = load_sweep(_sweep_file(tmp_path, {"seeds": [1]}))
     log = tmp_path / "run.log"
@@ -328,7 +345,7 @@ def test_seed_statistics_match_hand_computed_values(tmp_path):
     assert float(row["gap_mean"]) == pytest.approx(0.2)  # train-sample accuracy 1.0 - 0.8
     assert float(row["ece_mean"]) == pytest.approx(0.18)
     assert float(row["eval_share"]) == pytest.approx(0.25)
-    assert float(row["delta"]) == pytest.approx(0.1)  # pooled: 0.8 vs 0.7 over the same seeds
+    assert float(row["delta"]) == pytest.approx(0.1)  # mean over seeds: 0.8 vs 0.7
     assert int(row["paired_examples"]) == 5 * N_TEST
     assert _summary_row(tmp_path / "sweep", "full")["p_permutation"] == ""  # the baseline
     runs = _read_csv(tmp_path / "sweep" / "runs.csv")
@@ -337,7 +354,7 @@ def test_seed_statistics_match_hand_computed_values(tmp_path):
 
 
 def test_paired_test_detects_a_real_difference_and_not_a_null_one(tmp_path):
-    seeds = [1, 2, 3]
+    seeds = list(range(1, 9))  # the permutation test swaps whole runs: p >= 2 / 2^8 = 0.0078
     plan = {}
     for s in seeds:
         plan[("full", s)] = {"correct": _mask(0.70, s)}
@@ -345,11 +362,14 @@ def test_paired_test_detects_a_real_difference_and_not_a_null_one(tmp_path):
         plan[("same", s)] = {"correct": _mask(0.70, 200 + s)}  # same rate, other errors
     methods = {"full": None, "better": None, "same": None}
     base = {"model": {"name_or_path": "unused"}, "data": {"path": "unused"}}
-    path = _sweep_file(tmp_path, {"seeds": seeds, "methods": methods}, base)
+    # the exact test is the one Holm adjusts here (the default is the bootstrap)
+    options = {"seeds": seeds, "methods": methods, "paired_test": "permutation"}
+    path = _sweep_file(tmp_path, options, base)
     run_compare(path, [], launch=FakeTrainer(plan))
     better = _summary_row(tmp_path / "sweep", "better")
     same = _summary_row(tmp_path / "sweep", "same")
-    assert float(better["p_permutation"]) < 0.01 and float(better["p_bootstrap"]) < 0.01
+    assert float(better["p_permutation"]) == pytest.approx(2 / 2**8)  # all 8 seeds agree
+    assert float(better["p_bootstrap"]) < 0.01
     assert float(same["p_permutation"]) > 0.2 and float(same["p_bootstrap"]) > 0.2
     assert float(better["delta_ci_low"]) > 0 > float(same["delta_ci_low"])
     # Holm over the two comparisons: the smaller p doubles, the larger stays (>= the first)
@@ -357,6 +377,27 @@ def test_paired_test_detects_a_real_difference_and_not_a_null_one(tmp_path):
     assert float(same["p_holm"]) == pytest.approx(float(same["p_permutation"]))
     text = (tmp_path / "sweep" / "summary.md").read_text()
     assert "Holm-Bonferroni" in text and "2 comparisons" in text
+    assert "Δ vs full [95% CI, seeds × test rows]" in text
+
+
+def test_paired_ci_covers_the_spread_between_seeds(tmp_path):
+    # lora wins by 0.15 in two seeds and loses by 0.05 in two: pooling the 4 x 200 rows as
+    # independent pairs gives the CI [+0.006, +0.099] (p = 0.036), which excludes 0
+    seeds = [1, 2, 3, 4]
+    plan = {("full", s): {"correct": _mask(0.70, s)} for s in seeds}
+    for s, accuracy in zip(seeds, [0.85, 0.85, 0.65, 0.65]):
+        plan[("lora", s)] = {"correct": _mask(accuracy, 100 + s)}
+    run_compare(_sweep_file(tmp_path, {"seeds": seeds}), [], launch=FakeTrainer(plan))
+    row = _summary_row(tmp_path / "sweep", "lora")
+    assert float(row["delta"]) == pytest.approx(0.05)
+    assert (float(row["delta_seed_min"]), float(row["delta_seed_max"])) == pytest.approx(
+        (-0.05, 0.15)
+    )
+    assert float(row["delta_ci_low"]) < 0 < float(row["delta_ci_high"])
+    assert float(row["p_bootstrap"]) > 0.05
+    # the swaps that keep both +0.15 seeds on one side (8 of 16) are as extreme as observed
+    assert float(row["p_permutation"]) == pytest.approx(0.5)
+    assert (int(row["paired_test_rows"]), int(row["paired_examples"])) == (N_TEST, 4 * N_TEST)
 
 
 def test_failed_runs_are_flagged_and_kept_out_of_the_means(tmp_path):

@@ -7,8 +7,10 @@ LORAFIT_FORCE_REFERENCE=1 runs the numpy/torch reference instead (debugging only
 from lorafit.metrics.classification import ClassificationMetrics
 from lorafit.metrics.resampling import (
     ConfidenceInterval,
+    HierarchicalPairedTest,
     PairedTest,
     bootstrap_ci,
+    hierarchical_paired_test,
     mean_ci,
     paired_bootstrap_test,
     permutation_test,
@@ -19,10 +21,12 @@ from lorafit.metrics.token import TokenMetrics, TokenStats, token_nll, token_sta
 __all__ = [
     "ClassificationMetrics",
     "ConfidenceInterval",
+    "HierarchicalPairedTest",
     "PairedTest",
     "TokenMetrics",
     "TokenStats",
     "bootstrap_ci",
+    "hierarchical_paired_test",
     "mean_ci",
     "paired_bootstrap_test",
     "permutation_test",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -12,6 +13,11 @@ from lorafit.metrics._backend import as_labels, check_label_range, kernels
 # Columns of the resample_stats kernel output.
 _ACCURACY_A, _F1_A, _ACCURACY_B, _F1_B, _MEAN_VALUE = range(5)
 _METRIC_COLUMNS = {"accuracy": (_ACCURACY_A, _ACCURACY_B), "f1_macro": (_F1_A, _F1_B)}
+# Per-class count kinds of hierarchical_paired_test, per seed.
+_LABEL, _PRED_A, _HIT_A, _PRED_B, _HIT_B = range(5)
+_COUNT_KINDS = 5
+# Replicates are drawn in chunks of about this many weights, to bound memory.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 class ConfidenceInterval(NamedTuple):
@@ -29,6 +35,20 @@ class PairedTest(NamedTuple):
     low: float  # CI of the difference (paired percentile bootstrap)
     high: float
     p_value: float  # two-sided
+    n_resamples: int
+    level: float
+
+
+class HierarchicalPairedTest(NamedTuple):
+    """System A minus system B over several seeds (one run of each per seed) on shared test rows."""
+
+    metric: str
+    difference: float  # mean over seeds of metric(A) - metric(B)
+    low: float  # CI of the difference (two-level percentile bootstrap: seeds and test rows)
+    high: float
+    p_bootstrap: float  # two-sided
+    p_permutation: float  # two-sided, whole runs swapped per seed
+    seed_differences: tuple[float, ...]  # metric(A) - metric(B) of each seed, in input order
     n_resamples: int
     level: float
 
@@ -77,8 +97,7 @@ def paired_bootstrap_test(
     difference, deltas = _paired_deltas(
         labels, preds_a, preds_b, metric, num_classes, n_resamples, level, seed, permute=False
     )
-    extreme = np.abs(deltas - difference) >= abs(difference) - 1e-12
-    return _paired_result(metric, difference, deltas, extreme, level)
+    return _paired_result(metric, difference, deltas, _shifted_extremes(difference, deltas), level)
 
 
 def permutation_test(
@@ -104,6 +123,63 @@ def permutation_test(
     )
     extreme = np.abs(permuted) >= abs(difference) - 1e-12
     return _paired_result(metric, difference, deltas, extreme, level)
+
+
+def hierarchical_paired_test(
+    rows: Sequence,
+    labels: Sequence,
+    preds_a: Sequence,
+    preds_b: Sequence,
+    metric: str = "accuracy",
+    num_classes: int | None = None,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> HierarchicalPairedTest:
+    """Paired test of A against B over seeds, each seed one run of A and one of B.
+
+    `rows[s]`, `labels[s]`, `preds_a[s]`, `preds_b[s]` are seed s's 1-D arrays; `rows[s]` are
+    test row ids, and a row id names the same example in every seed (a seed may lack some).
+    The statistic is the mean over seeds of metric(A) - metric(B) on that seed's rows.
+
+    Two-level bootstrap: each replicate draws the seeds with replacement and, once for all
+    seeds, the test rows with replacement; a seed's metric counts each of its rows as often as
+    the row was drawn. It covers both the seeds' training luck and the test-set sampling, which
+    pooling (seed, row) pairs as independent would not. p_bootstrap is computed as in
+    `paired_bootstrap_test`. p_permutation swaps A's and B's whole runs per seed: under the null
+    that the two methods are exchangeable, either run of a seed could carry either name, while
+    rows of one run share its training and cannot be swapped one by one. It is exact over all
+    2^S swaps when they fit in n_resamples, so with S seeds it cannot go below 2 / 2^S.
+    """
+    _check_level(level)
+    if metric not in _METRIC_COLUMNS:
+        raise ValueError(f"metric must be one of {sorted(_METRIC_COLUMNS)}, got {metric!r}")
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    indicators, n_seeds = _cluster_indicators(rows, labels, preds_a, preds_b, num_classes)
+    seed_differences = _seed_differences(indicators.sum(axis=0), n_seeds, metric)
+    difference = float(seed_differences.mean())
+
+    rng = np.random.default_rng(seed)
+    n_resamples = int(n_resamples)
+    chunk = max(1, _CHUNK_ELEMENTS // max(indicators.shape))
+    sizes = [min(chunk, n_resamples - start) for start in range(0, n_resamples, chunk)]
+    deltas = np.concatenate(
+        [_hierarchical_replicates(rng, indicators, n_seeds, size, metric) for size in sizes]
+    )
+    deltas = deltas[np.isfinite(deltas)]  # replicates where no drawn seed drew any of its rows
+    low, high = _percentile_bounds(deltas, level)
+    return HierarchicalPairedTest(
+        metric=metric,
+        difference=difference,
+        low=low,
+        high=high,
+        p_bootstrap=_monte_carlo_p_value(_shifted_extremes(difference, deltas)),
+        p_permutation=_seed_swap_p_value(seed_differences, n_resamples, rng),
+        seed_differences=tuple(float(d) for d in seed_differences),
+        n_resamples=int(deltas.size),
+        level=level,
+    )
 
 
 def mean_ci(values, level: float = 0.95) -> ConfidenceInterval:
@@ -218,15 +294,42 @@ def _accuracy_f1(y: np.ndarray, preds: np.ndarray, num_classes: int) -> tuple[fl
     label_count = np.bincount(y, minlength=num_classes)
     pred_count = np.bincount(preds, minlength=num_classes)
     hits = np.bincount(y[preds == y], minlength=num_classes)
-    denominator = label_count + pred_count
-    present = denominator > 0
-    f1 = 2.0 * hits[present] / denominator[present]
-    return float(hits.sum() / y.size), float(f1.mean())
+    counts = (label_count, pred_count, hits)
+    accuracy, f1_macro = (float(_metric_from_counts(*counts, m)) for m in ("accuracy", "f1_macro"))
+    return accuracy, f1_macro
+
+
+def _metric_from_counts(label_count, pred_count, hit_count, metric: str) -> np.ndarray:
+    """Accuracy or macro F1 from per-class counts [..., classes]; NaN where there are no rows.
+
+    Macro F1 averages over the classes present in the labels or the predictions.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if metric == "accuracy":
+            return hit_count.sum(axis=-1) / label_count.sum(axis=-1)
+        denominator = label_count + pred_count
+        present = denominator > 0
+        f1 = np.where(present, 2.0 * hit_count / np.maximum(denominator, 1), 0.0)
+        return f1.sum(axis=-1) / present.sum(axis=-1)
+
+
+def _percentile_bounds(replicates: np.ndarray, level: float) -> tuple[float, float]:
+    low, high = np.quantile(replicates, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(low), float(high)
 
 
 def _percentile_ci(estimate: float, replicates: np.ndarray, level: float) -> ConfidenceInterval:
-    low, high = np.quantile(replicates, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    return ConfidenceInterval(float(estimate), float(low), float(high), level)
+    return ConfidenceInterval(float(estimate), *_percentile_bounds(replicates, level), level)
+
+
+def _shifted_extremes(difference: float, deltas: np.ndarray) -> np.ndarray:
+    """Replicates as extreme as `difference` once the bootstrap distribution is shifted to the
+    null of no difference: |delta* - difference| >= |difference|."""
+    return np.abs(deltas - difference) >= abs(difference) - 1e-12
+
+
+def _monte_carlo_p_value(extreme: np.ndarray) -> float:
+    return (1.0 + float(extreme.sum())) / (extreme.size + 1.0)
 
 
 def _paired_deltas(
@@ -243,8 +346,92 @@ def _paired_deltas(
 
 
 def _paired_result(metric, difference, deltas, extreme, level) -> PairedTest:
-    low, high = np.quantile(deltas, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    p_value = (1.0 + float(extreme.sum())) / (deltas.size + 1.0)
-    return PairedTest(
-        metric, float(difference), float(low), float(high), p_value, int(deltas.size), level
+    low, high = _percentile_bounds(deltas, level)
+    p_value = _monte_carlo_p_value(extreme)
+    return PairedTest(metric, float(difference), low, high, p_value, int(deltas.size), level)
+
+
+def _cluster_indicators(rows, labels, preds_a, preds_b, num_classes) -> tuple[np.ndarray, int]:
+    """[clusters, seeds * kinds * classes] 0/1 indicators of each test row's label, and of A's
+    and B's prediction and hit, in every seed (zero where a seed lacks the row), so that
+    multiplicities @ indicators gives every seed's class counts under any resampling of rows.
+    Returns them with the number of seeds."""
+    per_seed = list(zip(rows, labels, preds_a, preds_b, strict=True))
+    if not per_seed:
+        raise ValueError("hierarchical_paired_test needs at least one seed")
+    for s, arrays in enumerate(per_seed):
+        shapes = [list(np.shape(array)) for array in arrays]
+        if len(shapes[0]) != 1 or shapes[0] == [0] or any(shape != shapes[0] for shape in shapes):
+            raise ValueError(
+                f"seed {s}: rows, labels, preds_a and preds_b must be non-empty 1-D arrays of "
+                f"one length, got shapes {shapes}"
+            )
+    row_ids = [as_labels(seed_rows, f"rows[{s}]") for s, (seed_rows, *_) in enumerate(per_seed)]
+    for s, ids in enumerate(row_ids):
+        if np.unique(ids).size != ids.size:
+            raise ValueError(f"rows[{s}] repeats a row id")
+    seed_of = np.repeat(np.arange(len(per_seed)), [ids.size for ids in row_ids])
+    y, a, b, num_classes = _prepare(
+        *(np.concatenate([np.asarray(arrays[i]) for arrays in per_seed]) for i in (1, 2, 3)),
+        num_classes,
     )
+    clusters, cluster_of = np.unique(np.concatenate(row_ids), return_inverse=True)
+    label_of_cluster = np.empty(clusters.size, dtype=np.int64)
+    label_of_cluster[cluster_of] = y
+    mismatched = np.flatnonzero(label_of_cluster[cluster_of] != y)
+    if mismatched.size:
+        row = int(clusters[cluster_of[mismatched[0]]])
+        raise ValueError(f"test row {row} has different labels in different seeds")
+
+    indicators = np.zeros((clusters.size, len(per_seed), _COUNT_KINDS, num_classes))
+    at = (cluster_of, seed_of)
+    indicators[(*at, _LABEL, y)] = 1.0
+    indicators[(*at, _PRED_A, a)] = 1.0
+    indicators[(*at, _PRED_B, b)] = 1.0
+    indicators[(*at, _HIT_A, y)] = a == y
+    indicators[(*at, _HIT_B, y)] = b == y
+    return indicators.reshape(clusters.size, -1), len(per_seed)
+
+
+def _seed_differences(counts: np.ndarray, n_seeds: int, metric: str) -> np.ndarray:
+    """metric(A) - metric(B) per seed [..., seeds] from flattened counts [..., seeds * kinds *
+    classes]; NaN for a seed without rows."""
+    counts = counts.reshape(*counts.shape[:-1], n_seeds, _COUNT_KINDS, -1)
+    labels = counts[..., _LABEL, :]
+    metric_a = _metric_from_counts(labels, counts[..., _PRED_A, :], counts[..., _HIT_A, :], metric)
+    metric_b = _metric_from_counts(labels, counts[..., _PRED_B, :], counts[..., _HIT_B, :], metric)
+    return metric_a - metric_b
+
+
+def _multiplicities(rng: np.random.Generator, items: int, replicates: int) -> np.ndarray:
+    """[replicates, items] how often each item is drawn in `items` draws with replacement."""
+    draws = rng.integers(items, size=(replicates, items))
+    offsets = np.arange(replicates)[:, None] * items
+    return np.bincount((draws + offsets).ravel(), minlength=replicates * items).reshape(
+        replicates, items
+    )
+
+
+def _hierarchical_replicates(rng, indicators, n_seeds, replicates, metric) -> np.ndarray:
+    """[replicates] mean over resampled seeds of each seed's difference on resampled rows."""
+    seed_weights = _multiplicities(rng, n_seeds, replicates)
+    row_weights = _multiplicities(rng, indicators.shape[0], replicates).astype(np.float64)
+    differences = _seed_differences(row_weights @ indicators, n_seeds, metric)
+    # a seed that drew none of its rows has no metric in that replicate: it sits out
+    seed_weights = np.where(np.isnan(differences), 0, seed_weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (seed_weights * np.nan_to_num(differences)).sum(axis=1) / seed_weights.sum(axis=1)
+
+
+def _seed_swap_p_value(seed_differences: np.ndarray, n_resamples: int, rng) -> float:
+    """Two-sided p of the mean seed difference when A's and B's runs swap per seed (a swap
+    negates that seed's difference): exact over all 2^S swaps if they fit in n_resamples, else
+    Monte Carlo over n_resamples random swaps."""
+    n_seeds = seed_differences.size
+    exact = 2**n_seeds <= n_resamples
+    if exact:
+        signs = 1.0 - 2.0 * ((np.arange(2**n_seeds)[:, None] >> np.arange(n_seeds)) & 1)
+    else:
+        signs = rng.choice([-1.0, 1.0], size=(n_resamples, n_seeds))
+    extreme = np.abs(signs @ seed_differences) / n_seeds >= abs(seed_differences.mean()) - 1e-12
+    return float(extreme.mean()) if exact else _monte_carlo_p_value(extreme)
