@@ -19,14 +19,16 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 
 from lorafit.config import DataConfig
 from lorafit.errors import ConfigError, DataError, ModelError
@@ -52,6 +54,8 @@ TEXT_COLUMN_CANDIDATES: tuple[str, ...] = (
     "tweet",
     "utterance",
 )
+# a csv/tsv value written as a number (labels only: text stays as written)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 HUB_DEMO_DATASET = "stanfordnlp/sst2"
 IGNORE_INDEX = -100
 TASKS = ("classification", "causal_lm")
@@ -62,6 +66,7 @@ ALPACA_PREAMBLE = (
 )
 # seeds of the independent sampling stages: changing one stage's size leaves the others alone
 _CARVE_TEST, _CARVE_VALIDATION, _K_SHOT, _TRAIN_SIZE, _MAX_TEST, _HEAD_FIT = range(6)
+_TIE_STREAM = 1  # third seed word: a stage's tie-breaking stream, apart from its draws
 
 
 @dataclass
@@ -80,6 +85,7 @@ class TaskData:
 class _Split:
     dataset: Dataset
     origin: str  # the file (or hub split) named in error messages
+    untyped: bool = False  # csv/tsv: every value was read as a string
 
 
 # -- public API ----------------------------------------------------------------------------------
@@ -225,11 +231,10 @@ def _read_splits(cfg: DataConfig) -> dict[str, _Split]:
         )
     path = Path(cfg.path).expanduser()
     if path.is_file():
-        splits = {"train": _Split(_load_file(path, cfg.delimiter), str(path))}
+        splits = {"train": _file_split(path, cfg.delimiter)}
     elif path.is_dir():
         splits = {
-            role: _Split(_load_file(file, cfg.delimiter), str(file))
-            for role, file in _split_files(path, cfg).items()
+            role: _file_split(file, cfg.delimiter) for role, file in _split_files(path, cfg).items()
         }
     elif _looks_local(cfg.path):
         raise DataError(
@@ -294,15 +299,18 @@ def _split_files(folder: Path, cfg: DataConfig) -> dict[str, Path]:
 def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> Dataset:
     suffix = Path(path).suffix.lower()
     kwargs: dict[str, Any] = {}
-    if SUPPORTED_EXTENSIONS[suffix] == "csv":
-        # keep "NA"/"null" as text; TSV files carry bare quote characters, so quoting is off
-        kwargs = {
-            "delimiter": delimiter or ("\t" if suffix == ".tsv" else ","),
-            "keep_default_na": False,
-        }
-        if suffix == ".tsv":
-            kwargs["quoting"] = 3  # csv.QUOTE_NONE
     try:
+        if SUPPORTED_EXTENSIONS[suffix] == "csv":
+            # keep "NA"/"null" as text; TSV files carry bare quote characters, so quoting is off
+            kwargs = {
+                "delimiter": delimiter or ("\t" if suffix == ".tsv" else ","),
+                "keep_default_na": False,
+            }
+            if suffix == ".tsv":
+                kwargs["quoting"] = 3  # csv.QUOTE_NONE
+            # every column as text: inferring types from the first chunk breaks on later rows
+            header = pd.read_csv(path, nrows=0, **kwargs).columns
+            kwargs["features"] = Features({column: Value("string") for column in header})
         return load_dataset(SUPPORTED_EXTENSIONS[suffix], data_files=path, split="train", **kwargs)
     except Exception as e:
         if "corresponds to no data" in str(e):  # a header without rows
@@ -310,6 +318,11 @@ def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> 
         raise DataError(
             f"could not read {path}: {_root_cause(e)}; check that it is valid {suffix[1:]}"
         ) from None
+
+
+def _file_split(path: Path, delimiter: str | None) -> _Split:
+    untyped = SUPPORTED_EXTENSIONS.get(path.suffix.lower()) == "csv"
+    return _Split(_load_file(path, delimiter), str(path), untyped)
 
 
 def _load_file(path: Path, delimiter: str | None) -> Dataset:
@@ -379,13 +392,22 @@ def _require_column(split: _Split, column: str, field: str) -> str:
     )
 
 
+def _detect_column(columns: Sequence[str], name: str) -> str | None:
+    """`name`, else the only column equal to it ignoring case (auto-detection only)."""
+    if name in columns:
+        return name
+    folded = [column for column in columns if column.casefold() == name.casefold()]
+    return folded[0] if len(folded) == 1 else None
+
+
 def _text_column(split: _Split, cfg: DataConfig) -> str:
     if cfg.text != "auto":
         return _require_column(split, cfg.text, "text")
     columns = split.dataset.column_names
     for candidate in TEXT_COLUMN_CANDIDATES:
-        if candidate in columns:
-            return candidate
+        column = _detect_column(columns, candidate)
+        if column is not None:
+            return column
     raise DataError(
         f"{split.origin}: no text column found (data.text=auto looks for {', '.join(TEXT_COLUMN_CANDIDATES)}); "
         f"available columns: {', '.join(columns)}; set data.text=<column>"
@@ -417,10 +439,31 @@ def _label_key(value: Any, negative_is_missing: bool) -> int | str | None:
     return str(value).strip() or None
 
 
+def _label_column(split: _Split, cfg: DataConfig) -> str:
+    """data.label; the default ("label") also matches the only column named so in another case."""
+    if cfg.label == DataConfig.label:
+        column = _detect_column(split.dataset.column_names, cfg.label)
+        if column is not None:
+            return column
+    return _require_column(split, cfg.label, "label")
+
+
 def _label_keys(split: _Split, column: str) -> list[int | str | None]:
     # hub ClassLabel columns mark hidden labels (GLUE test) with -1; elsewhere -1 is a real label
     hidden = isinstance(split.dataset.features.get(column), ClassLabel)
-    return [_label_key(v, hidden) for v in split.dataset[column][:]]
+    values = split.dataset[column][:]
+    if split.untyped:
+        values = _numbers_if_all_numeric(values)
+    return [_label_key(v, hidden) for v in values]
+
+
+def _numbers_if_all_numeric(values: list[str | None]) -> list[Any]:
+    """csv/tsv labels: numbers when every non-empty value is one (the type a typed file would
+    have, inferred from the whole column), else the strings unchanged."""
+    stripped = [(v or "").strip() for v in values]
+    if not all(_NUMBER.fullmatch(v) for v in stripped if v):
+        return values
+    return [(int(v) if v.lstrip("+-").isdigit() else float(v)) if v else None for v in stripped]
 
 
 def _unlabelled_error(split: _Split, role: str, row: int, column: str, value: Any) -> DataError:
@@ -440,20 +483,20 @@ def _normalise_classification(
     """Map text and label columns of every split; label ids follow `cfg.labels` or sorted training values."""
     raw = dict(raw)
     keys: dict[str, list] = {}
+    label_columns: dict[str, str] = {}
     for role, split in list(raw.items()):
-        column = _require_column(split, cfg.label, "label")
-        keys[role] = _label_keys(split, column)
+        label_columns[role] = _label_column(split, cfg)
+        keys[role] = _label_keys(split, label_columns[role])
         if role == "test" and all(k is None for k in keys[role]):
             # hidden test labels (GLUE on the hub): behave as if no test split was given
             del raw[role], keys[role]
 
     train = raw["train"]
-    feature = train.dataset.features.get(cfg.label)
+    feature = train.dataset.features.get(label_columns["train"])
     train_keys = [k for k in keys["train"] if k is not None]
     if cfg.labels is not None:
         names = [str(n) for n in cfg.labels]
-        ints = all(isinstance(k, int) for k in train_keys)
-        ints_are_ids = ints and not {str(k) for k in train_keys} <= set(names)
+        ints_are_ids = _integer_labels_are_ids(train_keys, names, train, label_columns["train"])
     elif isinstance(feature, ClassLabel):
         names, ints_are_ids = list(feature.names), True
     else:
@@ -471,15 +514,38 @@ def _normalise_classification(
         columns: dict[str, list] = {"text": _texts(split, text_column)}
         if cfg.text_pair is not None:
             columns["text_pair"] = _texts(split, _require_column(split, cfg.text_pair, "text_pair"))
+        column = label_columns[role]
         ids = []
         for row, key in enumerate(keys[role]):
             if key is None:
-                raise _unlabelled_error(split, role, row, cfg.label, split.dataset[row][cfg.label])
-            ids.append(_label_id(key, label2id, ints_are_ids, split, row, cfg))
+                raise _unlabelled_error(split, role, row, column, split.dataset[row][column])
+            ids.append(_label_id(key, label2id, ints_are_ids, split, row, column, cfg))
         columns["label"] = ids
         columns["row"] = list(range(len(ids)))
         pools[role] = Dataset.from_dict(columns)
     return names, pools
+
+
+def _integer_labels_are_ids(
+    train_keys: list[int | str], names: list[str], train: _Split, column: str
+) -> bool:
+    """With data.labels: integer labels are names when every one is listed, ids when none is;
+    partly listed is ambiguous."""
+    if not all(isinstance(k, int) for k in train_keys):
+        return False
+    distinct = sorted(set(train_keys))
+    unlisted = [k for k in distinct if str(k) not in names]
+    if not unlisted:
+        return False
+    if len(unlisted) == len(distinct):
+        return True
+    as_ids = ", ".join(f"{k} -> '{names[k]}'" for k in distinct[:4] if 0 <= k < len(names))
+    raise DataError(
+        f"{train.origin} column '{column}': integer labels {distinct[:8]} are partly listed in "
+        f"data.labels={names}, so they are ambiguous: as names, {unlisted[0]} is not in data.labels; "
+        f"as ids, {as_ids or 'none is in range'}; to mean names list every label value in "
+        f"data.labels, to mean ids give data.labels names that are not integers"
+    )
 
 
 def _label_id(
@@ -488,11 +554,12 @@ def _label_id(
     ints_are_ids: bool,
     split: _Split,
     row: int,
+    column: str,
     cfg: DataConfig,
 ) -> int:
-    where = f"{split.origin} row {row} column '{cfg.label}'"
+    where = f"{split.origin} row {row} column '{column}'"
     if ints_are_ids and isinstance(key, int):
-        if key < len(label2id):
+        if 0 <= key < len(label2id):
             return key
         raise DataError(
             f"{where}: label id {key} is outside 0..{len(label2id) - 1} of data.labels; fix the row or extend data.labels"
@@ -568,14 +635,50 @@ def _strata(dataset: Dataset) -> np.ndarray:
     return np.zeros(len(dataset), dtype=np.int64)
 
 
-def _allocate(counts: dict[int, int], total: int) -> dict[int, int]:
-    """Split `total` across classes in proportion to `counts` (largest remainder), never above a count."""
+def _tie_rank(counts: dict[int, int], seed: int, stage: int) -> dict[int, int]:
+    """A random order of the classes, fixed by (seed, stage), that breaks rounding ties."""
+    order = np.random.default_rng([seed, stage, _TIE_STREAM]).permutation(len(counts))
+    return {c: int(rank) for c, rank in zip(sorted(counts), order)}
+
+
+def _allocate(
+    counts: dict[int, int],
+    total: int,
+    seed: int,
+    stage: int,
+    caps: dict[int, int] | None = None,
+) -> dict[int, int]:
+    """Split `total` across classes in proportion to `counts` by largest remainder, ties broken
+    at random by (seed, stage); never above `caps` (default `counts`): what a capped class cannot
+    take goes to the next largest remainders."""
+    caps = caps or counts
     size = sum(counts.values())
-    total = min(total, size)
+    total = min(total, sum(caps.values()))
     exact = {c: total * n / size for c, n in counts.items()}
-    share = {c: int(math.floor(x)) for c, x in exact.items()}
-    for c in sorted(counts, key=lambda c: (share[c] - exact[c], c))[: total - sum(share.values())]:
-        share[c] += 1
+    share = {c: min(int(math.floor(x)), caps[c]) for c, x in exact.items()}
+    rank = _tie_rank(counts, seed, stage)
+    order = sorted(counts, key=lambda c: (share[c] - exact[c], rank[c]))
+    short = total - sum(share.values())
+    while short > 0:
+        for c in order:
+            if short > 0 and share[c] < caps[c]:
+                share[c] += 1
+                short -= 1
+    return share
+
+
+def _allocate_every_class(
+    counts: dict[int, int], total: int, seed: int, stage: int
+) -> dict[int, int]:
+    """`_allocate`, but a class left without rows takes one from the class with the largest
+    share; when `total` is below the number of classes, every class gets one row anyway."""
+    share = _allocate(counts, total, seed, stage)
+    rank = _tie_rank(counts, seed, stage)
+    for c in [c for c, n in share.items() if n == 0]:
+        donor = max(share, key=lambda d: (share[d], rank[d]))
+        if share[donor] > 1:
+            share[donor] -= 1
+        share[c] = 1
     return share
 
 
@@ -605,16 +708,20 @@ def head_fit_sample(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     if size is None or len(dataset) <= size:
         return dataset
     strata = _strata(dataset)
-    counts = _class_counts(strata)
-    share = {c: max(n, 1) for c, n in _allocate(counts, size).items()}
+    share = _allocate_every_class(_class_counts(strata), size, seed, _HEAD_FIT)
     (rows,) = _draw(strata, [share], seed, _HEAD_FIT)
     return dataset.select(rows)
 
 
-def _split_off(dataset: Dataset, n_out: int, seed: int, stage: int) -> tuple[Dataset, Dataset]:
-    """(rest, carved): `n_out` rows carved out, stratified by class."""
+def _split_off(
+    dataset: Dataset, n_out: int, seed: int, stage: int, every_class: bool = False
+) -> tuple[Dataset, Dataset]:
+    """(rest, carved): `n_out` rows carved out, stratified by class; with `every_class`, at least
+    one row of each class when `n_out` allows."""
     strata = _strata(dataset)
-    (carved,) = _draw(strata, [_allocate(_class_counts(strata), n_out)], seed, stage)
+    counts = _class_counts(strata)
+    allocate = _allocate_every_class if every_class and n_out >= len(counts) else _allocate
+    (carved,) = _draw(strata, [allocate(counts, n_out, seed, stage)], seed, stage)
     rest = np.setdiff1d(np.arange(len(dataset)), carved)
     return dataset.select(rest), dataset.select(carved)
 
@@ -705,7 +812,7 @@ def _assign_splits(
             )
 
     if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
-        _, test = _split_off(test, cfg.max_test_examples, cfg.seed, _MAX_TEST)
+        _, test = _split_off(test, cfg.max_test_examples, cfg.seed, _MAX_TEST, every_class=True)
         notes.append(f"test: stratified sample of {len(test)} rows (max_test_examples)")
     for role, dataset in (("train", train), ("validation", validation), ("test", test)):
         if len(dataset) == 0:
@@ -748,9 +855,10 @@ def _k_shot(
                 f"the train pool has {len(pool)} rows but K-shot needs {k} (data.k_shot) + {validation_k} "
                 f"(data.validation_k) disjoint rows; lower them or add rows"
             )
-        train_sizes = _allocate(counts, k)
+        # validation in proportion to the pool like train (same tie-breaking), within what is left
+        train_sizes = _allocate(counts, k, cfg.seed, _K_SHOT)
         remaining = {c: counts[c] - train_sizes[c] for c in counts}
-        validation_sizes = _allocate(remaining, validation_k)
+        validation_sizes = _allocate(counts, validation_k, cfg.seed, _K_SHOT, caps=remaining)
     train_idx, validation_idx = _draw(strata, [train_sizes, validation_sizes], cfg.seed, _K_SHOT)
     return pool.select(train_idx), pool.select(validation_idx)
 

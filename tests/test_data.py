@@ -339,7 +339,8 @@ def test_head_fit_sample_is_stratified_fixed_and_keeps_every_class() -> None:
     assert head_fit_sample(dataset, 1000, seed=0) is dataset  # not larger than size: all rows
     assert head_fit_sample(dataset, None, seed=0) is dataset
     sample = head_fit_sample(dataset, 100, seed=0)
-    assert Counter(sample["label"][:]) == {0: 60, 1: 40, 2: 1}
+    assert Counter(sample["label"][:]) == {0: 59, 1: 40, 2: 1}  # class 2's row taken from 0
+    assert Counter(head_fit_sample(dataset, 2, seed=0)["label"][:]) == {0: 1, 1: 1, 2: 1}
     assert sample["row"][:] == head_fit_sample(dataset, 100, seed=0)["row"][:]
     assert sample["row"][:] != head_fit_sample(dataset, 100, seed=1)["row"][:]
 
@@ -720,3 +721,90 @@ def test_k_shot_ignores_a_given_validation_split(tmp_path: Path) -> None:
     td = load_task_data(DataConfig(path=str(tmp_path), k_shot=3), "classification")
     assert "given" not in td.validation["text"][:] and len(td.validation) == 6
     assert "the given validation split is unused" in td.source
+
+
+# -- regressions ----------------------------------------------------------------------------------
+
+
+def test_k_shot_total_breaks_class_ties_by_seed(tmp_path: Path) -> None:
+    # 30 equal classes and K=10 in total: which 10 classes get a row is a tie, broken by the seed
+    rows = [{"text": f"t{i} w", "label": f"class_{i % 30:02d}"} for i in range(120)]
+    path = str(_write(tmp_path / "thirty.csv", rows))
+    train_classes = []
+    for seed in (1, 2, 3):
+        cfg = DataConfig(path=path, k_shot=10, k_shot_unit="total", seed=seed)
+        td = load_task_data(cfg, "classification")
+        classes = set(td.train["label"][:])
+        assert len(td.train) == len(classes) == 10
+        assert set(td.validation["label"][:]) == classes  # allocated like train, not steered away
+        assert set(load_task_data(cfg, "classification").train["label"][:]) == classes
+        train_classes.append(classes)
+    assert train_classes[0] != train_classes[1] or train_classes[0] != train_classes[2]
+    assert train_classes[0] != set(range(10))
+
+
+def test_large_csv_is_read_as_text_and_checked_row_by_row(tmp_path: Path) -> None:
+    # pandas reads csv in chunks of ~10k rows: types must not be guessed from the first chunk
+    n = 12_000
+    texts = ["007", "1.50", "1e3"] + [str(i) for i in range(3, n)]
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(texts)]
+    rows[n - 1]["text"] = "some words"
+    rows[n - 2]["label"] = "neutral"
+    td = load_task_data(DataConfig(path=str(_write(tmp_path / "big.csv", rows))), "classification")
+    assert td.label_names == [
+        "0",
+        "1",
+        "neutral",
+    ]  # integers sort before strings, as in small files
+    by_row = {**_texts_by_row(td.train), **_texts_by_row(td.validation), **_texts_by_row(td.test)}
+    assert [by_row[r] for r in (0, 1, 2, n - 1)] == ["007", "1.50", "1e3", "some words"]
+
+    rows[n - 2]["label"] = ""
+    path = _write(tmp_path / "blank.csv", rows)
+    assert f"{path} row {n - 2} column 'label': unlabelled row (label '')" in _error(
+        DataConfig(path=str(path))
+    )
+
+
+def test_csv_integer_labels_keep_their_ids(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": [10, 2, -1][i % 3]} for i in range(30)]
+    td = load_task_data(DataConfig(path=str(_write(tmp_path / "d.tsv", rows))), "classification")
+    assert td.label_names == ["-1", "2", "10"]
+    rows = [{"text": f"t{i}", "label": [1.0, 2.0, 2.5][i % 3]} for i in range(30)]
+    td = load_task_data(DataConfig(path=str(_write(tmp_path / "f.csv", rows))), "classification")
+    assert td.label_names == ["1", "2", "2.5"]
+
+
+def test_max_test_examples_keeps_every_class(tmp_path: Path) -> None:
+    _write(tmp_path / "train.csv", _rows({"big": 10, "small": 10}))
+    _write(tmp_path / "test.csv", _rows({"big": 20, "small": 2}))
+    td = load_task_data(DataConfig(path=str(tmp_path), max_test_examples=3), "classification")
+    assert Counter(td.test["label"][:]) == {0: 2, 1: 1}  # 3 * 2/22 rounds to 0 small rows
+    td = load_task_data(DataConfig(path=str(tmp_path), max_test_examples=1), "classification")
+    assert Counter(td.test["label"][:]) == {0: 1}  # fewer rows than classes: no guarantee
+
+
+def test_integer_labels_partly_listed_in_labels_are_ambiguous(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", [{"text": f"t{i}", "label": i % 2} for i in range(20)])
+    message = _error(DataConfig(path=str(path), labels=["1", "2"]))
+    assert f"{path} column 'label'" in message
+    assert "0 is not in data.labels" in message and "0 -> '1'" in message
+    negative = _write(
+        tmp_path / "neg.csv", [{"text": f"t{i}", "label": [-1, 1][i % 2]} for i in range(9)]
+    )
+    assert "label id -1 is outside 0..1" in _error(
+        DataConfig(path=str(negative), labels=["a", "b"])
+    )
+    names = load_task_data(DataConfig(path=str(path), labels=["1", "0"]), "classification")
+    assert names.label_names == ["1", "0"]
+    assert all(lab == 1 - r % 2 for r, lab in zip(names.train["row"][:], names.train["label"][:]))
+
+
+def test_auto_columns_ignore_case_when_unambiguous(tmp_path: Path) -> None:
+    path = _write(tmp_path / "caps.csv", [{"Text": f"t{i}", "LABEL": i % 2} for i in range(20)])
+    td = load_task_data(DataConfig(path=str(path)), "classification")
+    assert td.label_names == ["0", "1"] and len(td.train) + len(td.validation) + len(td.test) == 20
+    message = _error(DataConfig(path=str(path), text="text"))  # an explicit name stays exact
+    assert "no column 'text' (data.text)" in message and "data.text=Text" in message
+    both = _write(tmp_path / "both.csv", [{"Text": "a", "TEXT": "b", "label": 1}] * 4)
+    assert "no text column found" in _error(DataConfig(path=str(both)))
