@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ from lorafit.models import (
     load_tokenizer,
     resolve_model_source,
 )
-from lorafit.recipes import resolve_pool_layers
+from lorafit.recipes import recipe_for, resolve_pool_layers
 
 BUILTIN_METHODS = ("full", "head", "lora", "qlora")
 META_FILE = "lorafit_model.json"
@@ -284,6 +284,8 @@ def _peft_config(
         for ours, theirs in (("r", "r"), ("alpha", "alpha")):
             if theirs in fields:
                 kwargs[theirs] = getattr(method_cfg, ours)
+        if name == "oft":
+            kwargs.update(_oft_block_kwargs(method_cfg))
         if "target_modules" in fields and "target_modules" not in method_cfg.peft_kwargs:
             targets = _other_method_targets(name, base, method_cfg.target_modules)
             if targets is not None:
@@ -309,6 +311,21 @@ def _peft_config(
         return config_class(**kwargs), targets
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method {method_cfg.name}: {e}") from None
+
+
+def _oft_block_kwargs(method_cfg: MethodConfig) -> dict[str, Any]:
+    """OFT's `r` is a block count, exclusive with its `oft_block_size` (peft default 32).
+
+    `method.r` resolves to the recipe's rank when unset, so only a value other than that (or
+    `method.peft_kwargs.r`) counts as the user's block count; otherwise peft's block size applies.
+    """
+    r_set = method_cfg.r != recipe_for(method_cfg.name).r or "r" in method_cfg.peft_kwargs
+    if r_set and "oft_block_size" in method_cfg.peft_kwargs:
+        raise ConfigError(
+            "method oft takes either method.r (the number of blocks) or "
+            "method.peft_kwargs.oft_block_size (their size), not both; drop one"
+        )
+    return {"oft_block_size": 0} if r_set else {"r": 0}
 
 
 def _other_method_targets(name: str, base: nn.Module, spec: str | list[str]) -> list[str] | None:
@@ -480,6 +497,38 @@ def _meta(
     }
 
 
+# -- training-time hooks --------------------------------------------------------------------------
+
+
+def for_training(method_cfg: MethodConfig, train_cfg: TrainConfig) -> MethodConfig:
+    """`method_cfg` with AdaLoRA's `total_step` (the length of its rank-budget schedule) set to
+    `train.steps`, unless `method.peft_kwargs.total_step` is set; other methods unchanged."""
+    if method_cfg.name != "adalora":
+        return method_cfg
+    if train_cfg.resume:
+        raise ConfigError(
+            "method adalora cannot train.resume: its rank-importance scores are not "
+            "checkpointed; start a new run (train.resume=false)"
+        )
+    if "total_step" in method_cfg.peft_kwargs:
+        return method_cfg
+    peft_kwargs = {**method_cfg.peft_kwargs, "total_step": train_cfg.steps}
+    return dataclasses.replace(method_cfg, peft_kwargs=peft_kwargs)
+
+
+def rank_update_hook(model: nn.Module) -> Callable[[int], None]:
+    """AdaLoRA's per-step rank allocation, `update_and_allocate(step)`; a no-op for other methods.
+
+    It scores the ranks from the gradients: call it after optimizer.step(), before zero_grad().
+    """
+    from peft import PeftModel, PeftType
+
+    body = model.encoder if isinstance(model, TextClassifier) else model
+    if isinstance(body, PeftModel) and body.peft_type == PeftType.ADALORA:
+        return body.base_model.update_and_allocate
+    return lambda step: None
+
+
 # -- optimiser groups -----------------------------------------------------------------------------
 
 _LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
@@ -619,12 +668,33 @@ def save_trained(
     body = model.encoder if isinstance(model, TextClassifier) else model
     with _staged(directory) as tmp:
         if meta["method"] != "head":  # head-only: the base is unchanged, reloaded from its source
-            body.save_pretrained(str(tmp))
+            with _adalora_at_full_rank(body):
+                body.save_pretrained(str(tmp))
         if isinstance(model, TextClassifier):
             _save_head(model, tmp / HEAD_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         write_json(tmp / META_FILE, meta)
+
+
+@contextmanager
+def _adalora_at_full_rank(body: nn.Module) -> Iterator[None]:
+    """Let an AdaLoRA adapter save at its initial rank, pruned ranks as zeros.
+
+    peft would cut it to the latest rank pattern, dropping ranks that restored weights (the best
+    step's, under train.select_best) still use; unpruned, a reload gives the same logits.
+    """
+    from peft import PeftModel, PeftType
+
+    if not (isinstance(body, PeftModel) and body.peft_type == PeftType.ADALORA):
+        yield
+        return
+    config = body.peft_config[body.active_adapter]
+    pattern, config.rank_pattern = config.rank_pattern, None
+    try:
+        yield
+    finally:
+        config.rank_pattern = pattern
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -741,7 +811,8 @@ def _load_head(model: TextClassifier, path: Path) -> None:
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
-    """Fold a LoRA-family adapter into the base weights; returns the model without PEFT layers.
+    """Fold a weight adapter (LoRA, IA3, LoHa, OFT, ...) into the base weights; returns the
+    model without PEFT layers (a `modules_to_save` pooler becomes its trained copy).
 
     classification: the TextClassifier with a plain encoder; causal_lm: the plain causal LM. Only
     float bases: merging into 4-bit weights re-quantises W + BA and changes the logits (load a
@@ -765,8 +836,26 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         raise ModelError(
             f"{method} adapters cannot be merged into the weights; export without --merge"
         )
+    _unwrap_modules_to_save(body)
     merged = body.merge_and_unload()
     if isinstance(model, TextClassifier):
         model.encoder = merged
         return model
     return merged
+
+
+def _unwrap_modules_to_save(body: nn.Module) -> None:
+    """Put each `modules_to_save` module's trained copy (a classifier's pooler) in its wrapper's place.
+
+    peft's generic unload (every tuner but LoRA) copies a `.weight` from the wrapped module,
+    which a whole module like `BertPooler` lacks.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(body.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child_name = name.rpartition(".")
+            trained = module.unload_and_optionally_merge_module(
+                merge=True, safe_merge=False, adapter_names=None
+            )
+            setattr(body.get_submodule(parent_name), child_name, trained)

@@ -185,7 +185,7 @@ class Trainer:
         # model + method (the tokenizer comes with the model: aliases resolve in one place)
         built = Meth.build_model(
             cfg.model,
-            cfg.method,
+            Meth.for_training(cfg.method, cfg.train),
             self.task,
             num_labels=self.num_classes,
             label_names=self.label_names,
@@ -253,6 +253,7 @@ class Trainer:
         if self.contrastive:
             self.head_fit_loader = acc.prepare(self.head_fit_loader)
         self.unwrapped = acc.unwrap_model(self.model)
+        self.update_ranks = Meth.rank_update_hook(self.unwrapped)
         # Names without wrapper prefixes; under ZeRO-3 / FSDP these are shards, read and written
         # through dist.read_full / dist.write_full.
         self.trainable = {
@@ -460,6 +461,7 @@ class Trainer:
                     acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
+                self.update_ranks(step)  # AdaLoRA prunes ranks from the gradients; else a no-op
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.update(self.trainable)

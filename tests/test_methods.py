@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from lorafit._optional import linear4bit_class
 from lorafit.config import MethodConfig, ModelConfig, TrainConfig
 from lorafit.errors import ConfigError, ModelError
 from lorafit.models import TextClassifier
+from tests.test_trainer import run_tiny, sentiment_dir  # noqa: F401  (fixture)
 
 IDS = torch.tensor([[2, 40, 50, 60, 70, 3], [2, 41, 42, 3, 0, 0]])  # [B=2, T=6]
 MASK = (IDS != 0).long()
@@ -30,7 +33,9 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.logits
 
 
-def _train_step(model: torch.nn.Module, lr: float = 0.05) -> None:
+def _train_step(
+    model: torch.nn.Module, lr: float = 0.05, before_zero_grad: Callable[[], None] = lambda: None
+) -> None:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     out = model(input_ids=IDS, attention_mask=MASK)
@@ -38,6 +43,7 @@ def _train_step(model: torch.nn.Module, lr: float = 0.05) -> None:
     loss = logits.float().pow(2).mean() - logits.float()[..., 0].mean()
     loss.backward()
     torch.optim.SGD(params, lr=lr).step()
+    before_zero_grad()
     model.zero_grad()
     model.eval()
 
@@ -133,6 +139,21 @@ def test_peft_kwargs_pass_through_and_are_checked(tiny_bert_path):
         _build(tiny_bert_path, name="lora", peft_kwargs={"rank": 4})
 
 
+def test_oft_trains_with_defaults_and_refuses_two_block_settings(tiny_bert_path):
+    # oft's r is a block count, exclusive with its oft_block_size: the defaults must not set both
+    built = _build(tiny_bert_path, name="oft")
+    assert built.model.encoder.peft_config["default"].r == 0
+    before = _snapshot(built.model)
+    _train_step(built.model)
+    _train_step(built.model)
+    assert any(not torch.equal(before[n], p) for n, p in built.model.named_parameters())
+    blocks = _build(tiny_bert_path, name="oft", r=4).model.encoder.peft_config["default"]
+    assert (blocks.r, blocks.oft_block_size) == (4, 0)
+    with pytest.raises(ConfigError, match=r"method.r.*method.peft_kwargs.oft_block_size") as err:
+        _build(tiny_bert_path, name="oft", r=4, peft_kwargs={"oft_block_size": 16})
+    assert "\n" not in str(err.value)
+
+
 def test_unknown_method_lists_valid_names(tiny_bert_path):
     with pytest.raises(ConfigError, match=r"'lora'.*'ia3'|'ia3'.*'lora'") as err:
         _build(tiny_bert_path, name="lorra")
@@ -189,6 +210,81 @@ def test_merged_lora_equals_unmerged(tiny_bert_path, tiny_llama_path, task):
     else:
         merged = _logits(model.merge_and_unload())
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["loha", "ia3", "lokr", "lora"])
+def test_merge_adapter_folds_the_trained_pooler_copy_in(tiny_bert_path, name):
+    # default pooling on a BERT is the pooler, which the adapter trains whole (modules_to_save)
+    model = _build(tiny_bert_path, name=name).model
+    assert model.lorafit_meta["pooling"] == "pooler"
+    _train_step(model)
+    unmerged = _logits(model)
+    merged = M.merge_adapter(model)
+    assert not any(
+        "modules_to_save" in n or "original_module" in n for n, _ in merged.named_modules()
+    )
+    torch.testing.assert_close(_logits(merged), unmerged, atol=1e-5, rtol=1e-4)
+
+
+ADALORA_SCHEDULE = {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}
+
+
+def _singular_values(model: torch.nn.Module) -> list[torch.Tensor]:
+    # one lora_E [r, 1] per adapted layer; AdaLoRA prunes a rank by zeroing its entry
+    return [p for n, p in model.named_parameters() if "lora_E" in n]
+
+
+def _kept_ranks(model: torch.nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in _singular_values(model))
+
+
+def test_adalora_prunes_ranks_and_saves_the_weights_it_evaluated(tiny_bert_path, tmp_path):
+    steps = 8
+    method = M.for_training(
+        MethodConfig(name="adalora", peft_kwargs=ADALORA_SCHEDULE), TrainConfig(steps=steps)
+    )
+    assert method.peft_kwargs["total_step"] == steps  # train.steps, left unset by the user
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(name_or_path=tiny_bert_path)
+    built = M.build_model(model_cfg, method, "classification", num_labels=3)
+    model, update_ranks = built.model, M.rank_update_hook(built.model)
+    adapted = len(_singular_values(model))
+    kept = []
+    for step in range(1, steps + 1):
+        _train_step(model, before_zero_grad=partial(update_ranks, step))
+        kept.append(_kept_ranks(model))
+        if step == 3:
+            best = M.trainable_state_dict(model)
+    assert kept[0] == adapted * ADALORA_SCHEDULE["init_r"]
+    assert kept[-1] == adapted * ADALORA_SCHEDULE["target_r"]  # the final budget
+    # the best step's weights use ranks pruned later; the saved adapter keeps them
+    M.load_trainable_state_dict(model, best)
+    expected = _logits(model)
+    M.save_trained(model, tmp_path / "saved", tokenizer=built.tokenizer)
+    reloaded, _, _ = M.load_trained(tmp_path / "saved")
+    assert all(len(p) == ADALORA_SCHEDULE["init_r"] for p in _singular_values(reloaded))
+    torch.testing.assert_close(_logits(reloaded), expected, atol=0, rtol=0)
+    torch.testing.assert_close(_logits(M.merge_adapter(reloaded)), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="train.resume"):
+        M.for_training(MethodConfig(name="adalora"), TrainConfig(resume=True))
+
+
+def test_trainer_gives_adalora_its_steps_and_prunes(tiny_bert_path, sentiment_dir, tmp_path):  # noqa: F811
+    summary = run_tiny(
+        tiny_bert_path,
+        sentiment_dir,
+        tmp_path / "run",
+        **{
+            "method.name": "adalora",
+            "method.peft_kwargs": "{init_r: 6, target_r: 2}",
+            "train.steps": 4,
+        },
+    )
+    assert summary["status"] == "completed"
+    model, _, meta = M.load_trained(tmp_path / "run" / "adapter")
+    assert meta["method_config"]["peft_kwargs"]["total_step"] == 4
+    adapted = len(_singular_values(model))
+    assert _kept_ranks(model) == adapted * 2  # pruned to target_r by the end of train.steps
 
 
 def test_disabled_adapter_gives_the_base_model(tiny_bert_path):
