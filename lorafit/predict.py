@@ -354,6 +354,16 @@ class InputColumns:
     text_pair: str | None = None
     messages: bool = True
     instruction_input: tuple[str, str] | None = (DataConfig.instruction, DataConfig.input)
+    exact: bool = False  # a column the user named: its case must match too
+
+
+def _text_column(columns: list[str], chosen: InputColumns) -> str | None:
+    """The first of `chosen.text` among `columns`; else, unless the user named the column, the
+    first that only one column equals ignoring case (as training's auto-detection does)."""
+    found = next((c for c in chosen.text if c in columns), None)
+    if found is not None or chosen.exact:
+        return found
+    return next(filter(None, (D._detect_column(columns, c) for c in chosen.text)), None)
 
 
 def input_columns(
@@ -364,10 +374,11 @@ def input_columns(
         text: tuple[str, ...] = (text_column,)
     else:
         text = ((meta["text"],) if meta.get("text") else ()) + InputColumns.text
+    given = bool(text_column)
     if meta["task"] == "causal_lm":
-        return InputColumns(text, None, messages=not text_column)
+        return InputColumns(text, None, messages=not given, exact=given)
     pair = text_pair_column or meta.get("text_pair")
-    return InputColumns(text, pair, messages=False, instruction_input=None)
+    return InputColumns(text, pair, messages=False, instruction_input=None, exact=given)
 
 
 Columns = InputColumns | Mapping[str, InputColumns]  # one for every row, or per adapter name
@@ -442,7 +453,7 @@ def _row_from_record(
     if chosen.messages and record.get("messages") is not None:
         row["input"] = _prompt_messages(record["messages"], f"{origin} column 'messages'")
         return row
-    column = next((c for c in chosen.text if c in record), None)
+    column = _text_column(list(record), chosen)
     if column is None:
         raise DataError(
             f"{origin}: no text column ({', '.join(chosen.text)}); columns: "

@@ -554,6 +554,14 @@ def test_predict_reads_a_utf8_bom_csv(work):
     assert [row["input"] for row in read_inputs(work / "bom.csv")] == ["the movie was great"]
 
 
+def test_text_column_is_found_ignoring_case_unless_named(work):
+    (work / "cased.csv").write_text("Text,Label\nthe movie was great,1\n")
+    assert [row["input"] for row in read_inputs(work / "cased.csv")] == ["the movie was great"]
+    named = InputColumns(text=("text",), exact=True)  # --text-column text: as given
+    with pytest.raises(DataError, match="no text column"):
+        read_inputs(work / "cased.csv", named)
+
+
 def test_each_row_is_read_with_the_columns_of_its_model(cls_export, pair_run, work):
     pairs = _pair_rows(4, 1)
     rows = [{"text": t, "adapter": "single"} for t in TEXTS]
