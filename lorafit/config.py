@@ -254,7 +254,9 @@ class TrainConfig:
     grad_accum: int = _f(1, "Micro-batches per optimisation step.")
     lr: float | None = _f(None, "Peak learning rate (None: the method's default, lorafit.recipes).")
     head_lr: float | None = _f(
-        None, "Learning rate of the classification head (None: the method's default, else lr)."
+        None,
+        "Learning rate of the classification head (None: the method's default, else lr); "
+        "under objective=contrastive the head is fitted, so only a pooler layer uses it.",
     )
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
     warmup: float = _f(0.1, "Warmup: a fraction of steps (<1) or a number of steps (>=1).")

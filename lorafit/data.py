@@ -574,7 +574,8 @@ def _label_id(
             f"{where}: unknown label '{key}'{hint}; data.labels is {names}: fix the row or add the label"
         )
     raise DataError(
-        f"{where}: label '{key}' does not occur in the training split{hint}; list every label in data.labels"
+        f"{where}: label '{key}' does not occur in the training split{hint}; list every label in "
+        f"data.labels to keep the row (a class without training rows is never predicted) or remove it"
     )
 
 
@@ -766,6 +767,9 @@ def _assign_splits(
                 f"no training rows have >= {cfg.min_words} words (data.min_words); lower it"
             )
 
+    if label_names is not None:
+        notes.extend(_warn(_classes_without_rows_note(pool, label_names, cfg.min_words)))
+
     given_validation = "validation" in pools and "test" in pools
     if cfg.k_shot is not None:
         train, validation = _k_shot(pool, cfg, label_names)
@@ -819,7 +823,69 @@ def _assign_splits(
             raise DataError(
                 f"the {role} split is empty after sampling; check data.k_shot, data.train_size and the data files"
             )
+    validation_in_pool = cfg.k_shot is not None or not given_validation
+    notes.extend(_warn(_leakage_note(pool, train, validation, test, validation_in_pool)))
     return train, validation, test, notes
+
+
+def _warn(note: str | None) -> list[str]:
+    """A note worth a warning: logged once, and returned for `TaskData.source`."""
+    if note is None:
+        return []
+    logger.warning(note)
+    return [note]
+
+
+def _classes_without_rows_note(
+    pool: Dataset, label_names: list[str], min_words: int | None
+) -> str | None:
+    present = set(pool["label"][:])
+    missing = [name for c, name in enumerate(label_names) if c not in present]
+    if not missing:
+        return None
+    after = f" (after data.min_words={min_words})" if min_words else ""
+    names = ", ".join(f"'{name}'" for name in missing)
+    return (
+        f"no rows in the train pool{after} for data.labels class {names}: it stays in the label "
+        f"space but is never trained on, so its test rows count as errors; add training rows for "
+        f"it or drop it from data.labels and the test file"
+    )
+
+
+def _row_keys(dataset: Dataset) -> list[str]:
+    """What makes two rows the same input: text (+ text_pair), or an SFT row's prompt messages."""
+    if "text" not in dataset.column_names:
+        return [json.dumps(messages[:-1], sort_keys=True) for messages in dataset["messages"][:]]
+    if "text_pair" not in dataset.column_names:
+        return dataset["text"][:]
+    return [f"{t}\x1f{p}" for t, p in zip(dataset["text"][:], dataset["text_pair"][:])]
+
+
+def _leakage_note(
+    pool: Dataset,
+    train: Dataset,
+    validation: Dataset,
+    test: Dataset,
+    validation_in_pool: bool,
+) -> str | None:
+    """Test rows that repeat a training input inflate test scores: count them (never removed)."""
+    drawn = set(_row_keys(train)) | set(_row_keys(validation))
+    seen = set(_row_keys(pool)) | drawn
+    test_keys = _row_keys(test)
+    n_seen = sum(key in seen for key in test_keys)
+    if not n_seen:
+        return None
+    n_drawn = sum(key in drawn for key in test_keys)
+    where = "the train pool" if validation_in_pool else "the train pool or validation file"
+    if "text_pair" in test.column_names:
+        same = "same text and text_pair"
+    else:
+        same = "same text" if "text" in test.column_names else "same prompt"
+    return (
+        f"leakage: {n_seen} of {len(test)} test rows also appear in {where} ({n_drawn} of them "
+        f"in the drawn train/validation rows; {same}); test scores may be optimistic, "
+        f"deduplicate the data files"
+    )
 
 
 def _word_counts(dataset: Dataset) -> list[int]:
@@ -831,18 +897,14 @@ def _word_counts(dataset: Dataset) -> list[int]:
 def _k_shot(
     pool: Dataset, cfg: DataConfig, label_names: list[str] | None
 ) -> tuple[Dataset, Dataset]:
-    """LM-BFF: K per class for training and a disjoint validation_k per class, from the train pool."""
+    """LM-BFF: K per class for training and a disjoint validation_k per class, from the train pool
+    (classes without pool rows get none; `_assign_splits` warns about them)."""
     k, validation_k = cfg.k_shot, cfg.validation_k or cfg.k_shot
     strata = _strata(pool)
     counts = _class_counts(strata)
     if cfg.k_shot_unit == "per_class" and label_names is not None:
         train_sizes = {c: k for c in counts}
         validation_sizes = {c: validation_k for c in counts}
-        missing = [label_names[c] for c in range(len(label_names)) if c not in counts]
-        if missing:
-            raise DataError(
-                f"class '{missing[0]}' has no rows in the train pool, so data.k_shot={k} per class is impossible; add rows or drop it from data.labels"
-            )
         for c, n in counts.items():
             if n < k + validation_k:
                 raise DataError(
@@ -882,6 +944,23 @@ def _render_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
     return (tokenizer.bos_token or "") + preamble + "".join(parts) + "### Response:\n"
 
 
+# stands in for the last prompt message when finding what the template puts after it
+_CONTENT_SENTINEL = "LORAFIT-PROMPT-CONTENT-SENTINEL"
+
+
+def _template_tail(prompt_messages: list[dict[str, str]], tokenizer: Any) -> list[int]:
+    """Tokens the template renders after the last prompt message's content (its end of turn and
+    the assistant marker, e.g. '<|im_end|>\n<|im_start|>assistant\n'); [] when not found."""
+    if not prompt_messages:
+        return []
+    stand_in = [*prompt_messages[:-1], {**prompt_messages[-1], "content": _CONTENT_SENTINEL}]
+    rendered = _render_prompt(stand_in, tokenizer)
+    if _CONTENT_SENTINEL not in rendered:
+        return []
+    tail = rendered.rsplit(_CONTENT_SENTINEL, 1)[1]
+    return tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+
+
 def _tokenize_sft(
     conversations: list[list[dict[str, str]]], tokenizer: Any, max_length: int
 ) -> dict[str, list]:
@@ -899,17 +978,24 @@ def _tokenize_sft(
         ]
         response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [eos]
         if len(prompt) + len(response) > max_length:
-            # keep the head of the prompt and at least `min_response` response tokens
+            # at least `min_response` response tokens; the prompt keeps its head and, room
+            # permitting, the template's tail, so training sees the inference format
             truncated += 1
             keep_response = min(len(response), max(max_length - len(prompt), min_response))
-            prompt, response = prompt[: max_length - keep_response], response[:keep_response]
+            prompt_budget = max_length - keep_response
+            if len(prompt) > prompt_budget:
+                tail = _template_tail(messages[:-1], tokenizer)
+                keep_tail = tail if len(tail) < prompt_budget else []
+                prompt = prompt[: prompt_budget - len(keep_tail)] + keep_tail
+            response = response[:keep_response]
         columns["input_ids"].append(prompt + response)
         columns["attention_mask"].append([1] * (len(prompt) + len(response)))
         columns["labels"].append([IGNORE_INDEX] * len(prompt) + response)
     if truncated:
         logger.warning(
-            "%d of %d SFT examples exceed max_length=%d tokens and were truncated (prompt head and "
-            "response start kept); raise model.max_length to train on full responses",
+            "%d of %d SFT examples exceed max_length=%d tokens and were truncated (prompt head, "
+            "template tail with the assistant marker, and response start kept); raise "
+            "model.max_length to train on full examples",
             truncated,
             len(conversations),
             max_length,

@@ -289,6 +289,7 @@ class Trainer:
             f"train {len(self.train_set)}, validation {len(self.validation_set)}, test {len(self.test_set)} | "
             f"trainable {self.model_info['trainable_params']:,} / {self.model_info['total_params']:,} params"
         )
+        self._print(f"data: {self.data.source}")  # where each split came from, leakage notes
 
     def _freeze_head_for_contrastive(self) -> None:
         """The pair loss trains the body only; the head is fitted (`_fit_head`), never stepped."""
@@ -647,6 +648,7 @@ class Trainer:
             # the majority-class rate of validation: a run at or below it has failed (Mosbach et al.)
             "validation_label_counts": _label_counts(self.validation_set, self.num_classes),
             "num_test": len(self.test_set),
+            "data_source": self.data.source,
             "trainable_params": self.model_info["trainable_params"],
             "total_params": self.model_info["total_params"],
             "peak_memory_mb": peak_rss_mb,

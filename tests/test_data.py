@@ -333,6 +333,62 @@ def test_max_test_examples_is_a_stratified_sample(three_class_folder: Path) -> N
     assert Counter(td.test["label"][:]) == {0: 3, 1: 3, 2: 4}  # 7/5/9 of 21 -> 3.3/2.4/4.3
 
 
+def test_test_rows_also_in_the_train_pool_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train = [
+        {"sentence": f"train text {i}", "other": f"pair {i}", "label": "ab"[i % 2]}
+        for i in range(20)
+    ]
+    test = [
+        {"sentence": "train text 3", "other": "pair 3", "label": "b"},  # in the pool
+        {"sentence": "train text 5", "other": "pair 5", "label": "b"},  # in the pool
+        {"sentence": "train text 7", "other": "another pair", "label": "b"},  # other text_pair
+        {"sentence": "fresh text", "other": "pair 0", "label": "a"},
+    ]
+    _write(tmp_path / "train.csv", train)
+    _write(tmp_path / "test.csv", test)
+    cfg = DataConfig(path=str(tmp_path), text_pair="other", k_shot=2, seed=1)
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        td = load_task_data(cfg, "classification")
+    assert len(td.test) == 4  # reported, not removed
+    drawn = {t for t in td.train["text"][:] + td.validation["text"][:]}
+    in_drawn = len(drawn & {"train text 3", "train text 5"})
+    expected = (
+        f"leakage: 2 of 4 test rows also appear in the train pool ({in_drawn} of them "
+        "in the drawn train/validation rows; same text and text_pair)"
+    )
+    assert expected in td.source
+    assert expected in caplog.text and "deduplicate" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        clean = load_task_data(
+            DataConfig(path=str(tmp_path), k_shot=2, seed=1, test_split=None), "classification"
+        )
+    assert "leakage" not in clean.source and "leakage" not in caplog.text
+
+
+def test_k_shot_per_class_keeps_a_listed_class_without_training_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(tmp_path / "train.csv", _rows({"a": 6, "b": 6}))
+    _write(tmp_path / "test.csv", [{"sentence": f"new {c}", "label": c} for c in "abc"])
+    # without data.labels the unseen test class is an error that says to list it
+    message = _error(DataConfig(path=str(tmp_path), k_shot=2))
+    assert "label 'c' does not occur in the training split" in message and "data.labels" in message
+    # listed, K-shot samples the classes that have rows and keeps the label space
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        td = load_task_data(
+            DataConfig(path=str(tmp_path), k_shot=2, labels=["a", "b", "c"]), "classification"
+        )
+    assert td.label_names == ["a", "b", "c"]
+    assert Counter(td.train["label"][:]) == {0: 2, 1: 2}
+    assert Counter(td.validation["label"][:]) == {0: 2, 1: 2}
+    assert td.test["label"][:] == [0, 1, 2]
+    note = "no rows in the train pool for data.labels class 'c': it stays in the label space"
+    assert note in td.source and caplog.text.count(note) == 1
+
+
 def test_head_fit_sample_is_stratified_fixed_and_keeps_every_class() -> None:
     labels = [0] * 600 + [1] * 399 + [2]  # class 2: one row, a 0.1-row share of 100
     dataset = datasets.Dataset.from_dict({"label": labels, "row": list(range(len(labels)))})
@@ -460,10 +516,43 @@ def test_sft_labels_mask_exactly_the_prompt(template: str | None) -> None:
         assert tokenizer.decode(response, skip_special_tokens=True) == messages[-1]["content"]
 
 
-def test_sft_truncation_keeps_prompt_head_and_some_response(
-    caplog: pytest.LogCaptureFixture,
+def _expected_sft_ids(tokenizer: PreTrainedTokenizerFast, messages: list[dict]) -> list[int]:
+    """Prompt rendered by hand (chat template or Alpaca fallback) + response + eos."""
+    if tokenizer.chat_template:
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        turns = "".join(f"### Instruction:\n{m['content']}\n\n" for m in messages[:-1])
+        prompt = f"{tokenizer.bos_token or ''}{data_module.ALPACA_PREAMBLE}{turns}### Response:\n"
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(prompt) + encode(messages[-1]["content"]) + [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("template", ["own", None], ids=["chat_template", "alpaca_fallback"])
+def test_sft_rows_that_fit_tokenise_unchanged(tiny_llama_path: str, template: str | None) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    assert tokenizer.chat_template
+    if template is None:
+        tokenizer.chat_template = None
+    dataset = data_module._normalise_sft(
+        data_module._Split(datasets.Dataset.from_list(SFT_ROWS), "mem"), DataConfig()
+    )
+    expected = [_expected_sft_ids(tokenizer, m) for m in dataset["messages"][:]]
+    longest = max(len(ids) for ids in expected)  # the longest row fits exactly
+    encoded = tokenize(dataset, tokenizer, "causal_lm", max_length=longest)
+    assert encoded["input_ids"][:] == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "marker"),
+    [(CHATML, "<|im_end|>\n<|im_start|>assistant\n"), (None, "\n\n### Response:\n")],
+    ids=["chat_template", "alpaca_fallback"],
+)
+def test_sft_truncation_keeps_prompt_head_assistant_marker_and_some_response(
+    caplog: pytest.LogCaptureFixture, template: str | None, marker: str
 ) -> None:
-    tokenizer = _bpe_tokenizer(CHATML)
+    tokenizer = _bpe_tokenizer(template)
     rows = [
         {
             "messages": [
@@ -479,16 +568,35 @@ def test_sft_truncation_keeps_prompt_head_and_some_response(
     with caplog.at_level(logging.WARNING, logger="lorafit.data"):
         cut = tokenize(dataset, tokenizer, "causal_lm", max_length=40)
     ids, labels = cut["input_ids"][0], cut["labels"][0]
-    assert (
-        len(ids) == 40
-        and ids
-        == full["input_ids"][0][:30]
-        + [i for i, lab in zip(full["input_ids"][0], full["labels"][0]) if lab != IGNORE_INDEX][:10]
-    )
-    assert (
-        sum(lab != IGNORE_INDEX for lab in labels) == 10
-    )  # max_length // 4 response tokens survive
+    tail = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    response = [i for i, lab in zip(full["input_ids"][0], full["labels"][0]) if lab != IGNORE_INDEX]
+    # the prompt keeps its head and the template's tail (the assistant marker seen at inference)
+    assert len(ids) == 40
+    assert ids == full["input_ids"][0][: 30 - len(tail)] + tail + response[:10]
+    assert labels == [IGNORE_INDEX] * 30 + response[:10]  # max_length // 4 response tokens survive
     assert "1 of 1 SFT examples exceed max_length=40" in caplog.text
+
+
+def test_sft_truncation_keeps_the_prompt_head_when_the_tail_does_not_fit() -> None:
+    tokenizer = _bpe_tokenizer(CHATML)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "give tips " * 40},
+                {"role": "assistant", "content": "eat well"},
+            ]
+        }
+    ]
+    dataset = data_module._normalise_sft(
+        data_module._Split(datasets.Dataset.from_list(rows), "mem"), DataConfig()
+    )
+    full = tokenize(dataset, tokenizer, "causal_lm", max_length=4096)
+    ids, labels = full["input_ids"][0], full["labels"][0]
+    first_response = labels.index(next(lab for lab in labels if lab != IGNORE_INDEX))
+    cut = tokenize(dataset, tokenizer, "causal_lm", max_length=3)
+    # no room for head + tail: the prompt head, and the one response token every row keeps
+    assert cut["input_ids"][0] == ids[:2] + [ids[first_response]]
+    assert cut["labels"][0] == [IGNORE_INDEX, IGNORE_INDEX, ids[first_response]]
 
 
 def test_messages_column_is_used_as_given(tmp_path: Path) -> None:

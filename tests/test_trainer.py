@@ -92,6 +92,7 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
     assert summary["status"] == "completed"
     assert summary["num_train"] == 16 and summary["num_validation"] == 16
     assert summary["num_test"] == 40
+    assert "train: 8 per class" in summary["data_source"]  # the K-shot draw, as printed
     assert summary["validation_label_counts"] == [8, 8]
     selected_row = (
         rows[-1]
