@@ -166,7 +166,9 @@ def _evaluate_causal_lm(model, dataloader, accelerator, keep):
         # Row t predicts token t+1: shift the labels, not the logits, so the reshape is a view.
         targets = torch.full_like(labels, -100)
         targets[:, :-1] = labels[:, 1:]
-        stats = M.token_stats(_to_float_logits(logits).reshape(B * T, V), targets.reshape(-1))
+        # The C++ core reads CPU memory: a GPU batch's logits come over once, [B*T, V].
+        flat_logits = _to_float_logits(logits).reshape(B * T, V).cpu()
+        stats = M.token_stats(flat_logits, targets.reshape(-1).cpu())
         nll = torch.as_tensor(stats.nll).reshape(B, T)  # float64, 0 where ignored
         mask = (targets != -100).to(torch.float64)
         per_ex = torch.stack(
@@ -220,25 +222,29 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def confidence_intervals(per_example: dict[str, np.ndarray], task: str, num_classes, eval_cfg):
-    """Bootstrap CIs over test examples: {metric: [low, high]}."""
+    """Bootstrap CIs over test examples: {metric: [low, high]}. No NLL interval when an
+    example's NLL is not finite (an overflowing logit): the metric itself is NaN then."""
     if per_example is None or len(per_example["row"]) == 0:
         return {}
+    nll = per_example["nll"] if np.isfinite(per_example["nll"]).all() else None
     if task == "classification":
         ci = M.bootstrap_ci(
             per_example["label"],
             per_example["pred"],
-            nll=per_example["nll"],
+            nll=nll,
             num_classes=num_classes,
             n_resamples=eval_cfg.bootstrap_samples,
             level=eval_cfg.ci_level,
             seed=0,
         )
-    else:  # causal LM: CI of the mean per-example NLL only
-        n = len(per_example["nll"])
+    elif nll is None:  # causal LM: CI of the mean per-example NLL only
+        return {}
+    else:
+        n = len(nll)
         ci = M.bootstrap_ci(
             np.zeros(n, np.int64),
             np.zeros(n, np.int64),
-            nll=per_example["nll"],
+            nll=nll,
             num_classes=1,
             n_resamples=eval_cfg.bootstrap_samples,
             level=eval_cfg.ci_level,

@@ -519,3 +519,34 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_an_overflowing_logit_leaves_the_nll_without_a_ci():
+    # fp16 logits can overflow to +inf: accuracy is still defined, the NLL is not, and the
+    # run must still finish (confidence_intervals used to reject the NaN per-example NLL)
+    from types import SimpleNamespace
+
+    from lorafit.config import EvalConfig
+    from lorafit.evaluate import confidence_intervals, evaluate
+
+    class Overflowing(torch.nn.Module):
+        def forward(self, input_ids, **_):
+            logits = torch.zeros(input_ids.shape[0], 3)
+            logits[0, 1] = float("inf")
+            return logits
+
+    batch = {
+        "input_ids": torch.ones(4, 5, dtype=torch.long),
+        "labels": torch.tensor([1, 1, 2, 0]),
+        "row": torch.arange(4),
+    }
+    accelerator = SimpleNamespace(
+        gather_for_metrics=lambda x: x, device=torch.device("cpu"), num_processes=1
+    )
+    cfg = EvalConfig()
+    result = evaluate(
+        Overflowing(), [batch], accelerator, "classification", cfg, 3, keep_per_example=True
+    )
+    assert np.isnan(result.metrics["nll"]) and result.metrics["accuracy"] == 0.5
+    ci = confidence_intervals(result.per_example, "classification", 3, cfg)
+    assert "nll" not in ci and ci["accuracy"][0] <= 0.5 <= ci["accuracy"][1]
