@@ -249,6 +249,7 @@ def test_empty_batch_is_a_no_op():
     assert metrics.n == 0
     metrics.update(np.eye(3, dtype=np.float32), np.arange(3))
     metrics.update(np.zeros((0, 3), np.float32), np.zeros(0, np.int64))
+    metrics.update(np.zeros((0, 3), np.float32), [])  # an empty list: float64 to numpy
     assert metrics.compute()["accuracy"] == 1.0
 
 

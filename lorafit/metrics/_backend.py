@@ -79,6 +79,8 @@ def as_labels(labels, name: str = "labels") -> np.ndarray:
     if _is_torch_tensor(labels):
         labels = labels.detach().cpu().numpy()
     array = np.asarray(labels)
+    if array.size == 0:  # an empty list is float64 to numpy: an empty batch all the same
+        array = array.astype(np.int64)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{name} must be an integer array, got dtype {array.dtype}")
     return np.ascontiguousarray(array, dtype=np.int64)
