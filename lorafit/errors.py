@@ -19,3 +19,7 @@ class ModelError(LorafitError, ValueError):
 
 class TrainingError(LorafitError, RuntimeError):
     """Training cannot continue (non-finite loss, misconfigured launch)."""
+
+
+class SetupError(LorafitError, ImportError):
+    """The installation is incomplete (the C++ evaluation core is not built)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,22 @@ def test_classification_summary_gap_is_train_minus_test(capsys):
     out = capsys.readouterr().out
     assert "train-sample accuracy minus test accuracy = +0.2500" in out
     assert "95% CI 0.600-0.800" in out
+
+
+def test_a_missing_cpp_core_is_a_one_line_error(tmp_path):
+    # lorafit._C made unimportable, as on a machine where the extension did not build
+    script = tmp_path / "without_core.py"
+    script.write_text(
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'lorafit._C':\n"
+        "            raise ImportError('not built')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from lorafit import cli\n"
+        f"cli.main(['train', 'model.name_or_path=x', 'data.path={tmp_path / 'd.csv'}'])\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "C++ evaluation core, is not built" in lines[0]

@@ -23,7 +23,9 @@ else:
     try:
         from lorafit import _C as kernels
     except ImportError as error:
-        raise ImportError(
+        from lorafit.errors import SetupError
+
+        raise SetupError(
             "lorafit._C, the C++ evaluation core, is not built. Build it from the repository "
             "root with `pip install -e .` (needs a C++17 compiler); "
             "LORAFIT_FORCE_REFERENCE=1 selects the slow reference path for debugging."
