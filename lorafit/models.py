@@ -37,6 +37,7 @@ class ModelSource:
     path: str
     gguf_file: str | None = None
     alias: str | None = None
+    revision: str | None = None  # hub names: model.revision
 
 
 def _minilm_path() -> ModelSource:
@@ -97,7 +98,7 @@ def resolve_model_source(model_cfg: ModelConfig) -> ModelSource:
         raise ModelError(
             f"model.name_or_path={name!r} does not exist; use an alias (minilm, smollm2), a folder or a hub name"
         )
-    return ModelSource(path=name)  # a hub name
+    return ModelSource(path=name, revision=model_cfg.revision)  # a hub name
 
 
 def _hub_kwargs(model_cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
@@ -164,17 +165,30 @@ def is_decoder_only(config: Any) -> bool:
     )
 
 
-def sentence_transformers_pooling(path: str | Path) -> str | None:
-    """The pooling a sentence-transformers checkpoint was trained with (mean, cls, last), else None."""
+def _checkpoint_json(path: str | Path, name: str, revision: str | None = None) -> Any:
+    """A JSON file of a checkpoint, a local folder or a hub repo (fetched like its weights);
+    None when it has no such file or it cannot be read."""
     folder = Path(path)
-    modules_file = folder / "modules.json"
-    if not modules_file.is_file():
-        return None
     try:
-        modules = json.loads(modules_file.read_text())
+        if folder.is_dir():
+            return json.loads((folder / name).read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(str(path), name, revision=revision)).read_text())
+    except Exception:  # no such file, offline, no such repo: the error types vary by hub version
+        return None
+
+
+def sentence_transformers_pooling(path: str | Path, revision: str | None = None) -> str | None:
+    """The pooling a sentence-transformers checkpoint (a folder or a hub name) was trained with
+    (mean, cls, last), from its modules.json and pooling config; else None."""
+    modules = _checkpoint_json(path, "modules.json", revision)
+    try:
         pooling_dir = next(m["path"] for m in modules if str(m.get("type", "")).endswith("Pooling"))
-        pooling_cfg = json.loads((folder / pooling_dir / "config.json").read_text())
-    except (StopIteration, OSError, KeyError, TypeError, json.JSONDecodeError):
+    except (StopIteration, KeyError, TypeError, AttributeError):
+        return None
+    pooling_cfg = _checkpoint_json(path, f"{pooling_dir}/config.json", revision)
+    if not isinstance(pooling_cfg, dict):
         return None
     modes = {
         "pooling_mode_mean_tokens": "mean",
@@ -193,7 +207,7 @@ def choose_pooling(requested: str, source: ModelSource, encoder: nn.Module) -> s
                 f"model.pooling=pooler but {source.path} has no pooler; use mean, cls or last"
             )
         return requested
-    trained_with = sentence_transformers_pooling(source.path)
+    trained_with = sentence_transformers_pooling(source.path, source.revision)
     if trained_with is not None:
         return trained_with
     if is_decoder_only(encoder.config):

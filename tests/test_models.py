@@ -123,6 +123,27 @@ def test_auto_pooling_follows_a_sentence_transformers_checkpoint(tiny_bert_path,
     assert choose_pooling("auto", source, encoder) == mode
 
 
+def test_pooling_of_a_hub_sentence_transformers_checkpoint(tiny_bert_path, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder = _st_folder(tmp_path, tiny_bert_path, "mean")
+    fetched = []
+
+    def hub_download(repo_id, filename, revision=None):  # the hub, served from a folder
+        fetched.append((repo_id, filename, revision))
+        if not (folder / filename).is_file():
+            raise huggingface_hub.errors.EntryNotFoundError(filename)
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
+    assert sentence_transformers_pooling("org/st-model", "v1") == "mean"
+    assert fetched[0] == ("org/st-model", "modules.json", "v1")
+    source = resolve_model_source(ModelConfig(name_or_path="org/st-model", revision="v1"))
+    assert source.revision == "v1"
+    (folder / "modules.json").unlink()  # a plain transformers checkpoint on the hub
+    assert sentence_transformers_pooling("org/st-model") is None
+
+
 def test_auto_pooling_falls_back_to_the_architecture(tiny_bert_path, tiny_llama_path, tmp_path):
     bert_cfg = ModelConfig(name_or_path=tiny_bert_path)
     bert = load_base_model(bert_cfg, "classification")
