@@ -219,6 +219,8 @@ SELECTION_METRICS: dict[str, tuple[str, ...]] = {
     ),
     "causal_lm": ("loss", "perplexity", "top1_accuracy", "top5_accuracy"),
 }
+# Of those, where a smaller value is better (the selection's direction; the sign of a gap)
+LOWER_IS_BETTER = frozenset({"loss", "nll", "brier", "ece", "perplexity"})
 
 
 @dataclass

@@ -392,7 +392,7 @@ def _require_column(split: _Split, column: str, field: str) -> str:
     )
 
 
-def _detect_column(columns: Sequence[str], name: str) -> str | None:
+def detect_column(columns: Sequence[str], name: str) -> str | None:
     """`name`, else the only column equal to it ignoring case (auto-detection only)."""
     if name in columns:
         return name
@@ -405,7 +405,7 @@ def _text_column(split: _Split, cfg: DataConfig) -> str:
         return _require_column(split, cfg.text, "text")
     columns = split.dataset.column_names
     for candidate in TEXT_COLUMN_CANDIDATES:
-        column = _detect_column(columns, candidate)
+        column = detect_column(columns, candidate)
         if column is not None:
             return column
     raise DataError(
@@ -442,7 +442,7 @@ def _label_key(value: Any, negative_is_missing: bool) -> int | str | None:
 def _label_column(split: _Split, cfg: DataConfig) -> str:
     """data.label; the default ("label") also matches the only column named so in another case."""
     if cfg.label == DataConfig.label:
-        column = _detect_column(split.dataset.column_names, cfg.label)
+        column = detect_column(split.dataset.column_names, cfg.label)
         if column is not None:
             return column
     return _require_column(split, cfg.label, "label")

@@ -348,7 +348,7 @@ class InputColumns:
     """Where an input row's text is: the first of `text` present, and for a model trained on
     sentence pairs, `text_pair` (required in every row). `messages`: causal-LM chat rows are read.
     `instruction_input`: (instruction, input) columns; a row read from the instruction column gets
-    its input appended as training does (lorafit.data._normalise_sft)."""
+    its input appended as training does (lorafit.data.instruction_prompt)."""
 
     text: tuple[str, ...] = D.TEXT_COLUMN_CANDIDATES + PROMPT_COLUMNS
     text_pair: str | None = None
@@ -363,7 +363,7 @@ def _text_column(columns: list[str], chosen: InputColumns) -> str | None:
     found = next((c for c in chosen.text if c in columns), None)
     if found is not None or chosen.exact:
         return found
-    return next(filter(None, (D._detect_column(columns, c) for c in chosen.text)), None)
+    return next(filter(None, (D.detect_column(columns, c) for c in chosen.text)), None)
 
 
 def input_columns(

@@ -32,7 +32,7 @@ from lorafit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lorafit.config import RunConfig, objective_for, selection_metric_for
+from lorafit.config import LOWER_IS_BETTER, RunConfig, objective_for, selection_metric_for
 from lorafit.distributed import make_accelerator
 from lorafit.errors import ConfigError, TrainingError
 from lorafit.evaluate import (
@@ -59,8 +59,6 @@ from lorafit.rundir import (
 # Test hook: SIGKILL this process after the given optimisation step (checkpoint written first),
 # so the tests can check that `resume=true` continues to the same result after a hard kill.
 FAULT_ENV = "LORAFIT_FAULT_AT_STEP"
-# Metrics where a smaller value is better (selection direction; the sign of a gap)
-LOWER_IS_BETTER = frozenset({"loss", "nll", "brier", "ece", "perplexity"})
 
 
 class StepBatchSampler:
