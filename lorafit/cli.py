@@ -7,6 +7,7 @@ here. User mistakes (LorafitError) print one line and exit 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -60,7 +61,9 @@ def _add_predict(sub) -> None:
         nargs="+",
         help="exported folder, run directory or PEFT adapter folder; several (NAME=DIR) share one base",
     )
-    p.add_argument("--input", default="-", help="csv/tsv/jsonl/txt file, or - to stream stdin")
+    p.add_argument(
+        "--input", default="-", help="csv/tsv/jsonl/json/parquet/txt file, or - to stream stdin"
+    )
     p.add_argument("--output", default="-", help="jsonl file (written atomically), or - for stdout")
     p.add_argument("--adapter", default=None, help="adapter name when several are loaded")
     p.add_argument("--text-column", default=None, help="text column of csv/tsv/jsonl input")
@@ -141,7 +144,13 @@ def _cmd_export(args) -> int:
     from lorafit.export import export_run
 
     out = export_run(args.run_dir, args.out, merge=args.merge, tolerance=args.tolerance)
-    print(f"exported {'merged model' if args.merge else 'adapter'} to {out}")
+    method = json.loads((out / "lorafit.json").read_text()).get("method")
+    whole = {"full": "full model", "head": "head-only model (base + head)"}.get(method)
+    if whole:  # no adapter: --merge has nothing to fold in
+        what = whole + (" (no adapter: --merge had nothing to merge)" if args.merge else "")
+    else:
+        what = "merged model" if args.merge else "adapter"
+    print(f"exported {what} to {out}")
     return 0
 
 
@@ -194,9 +203,10 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     metric = summary["selection_metric"] if classification else "loss"
     key = "accuracy" if classification else "loss"
     level = round(100 * test.get("ci_level", 0.95))
-    # a causal LM's CI is of the mean per-example NLL (lorafit.evaluate.confidence_intervals)
-    ci = test.get("ci", {}).get(key if classification else "nll")
-    ci_of = "" if classification else " of the mean per-example NLL"
+    intervals = test.get("ci", {})
+    # the token-weighted loss's own CI; runs written before it had only the per-example NLL's
+    ci_of = "" if key in intervals or classification else " of the mean per-example NLL"
+    ci = intervals.get(key) or (None if classification else intervals.get("nll"))
     ci_text = f" ({level}% CI{ci_of} {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
     lines = [
         "",
@@ -207,6 +217,9 @@ def _print_summary(summary: dict, run_dir: str) -> None:
         lines.append(
             f"            macro-F1 {test['f1_macro']:.4f}, ECE {test['ece']:.4f}, NLL {test['nll']:.4f}"
         )
+        majority = _majority_class(summary)
+        if majority:
+            lines.append(f"            {majority}")
     gap = summary.get("train_test_gap") or {}
     if key in gap:
         # as the trainer stores it: the loss gap is test minus train, a metric's train minus test
@@ -221,6 +234,22 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     )
     lines.append(f"plot:       {os.path.join(run_dir, 'learning_curve.png')}")
     print("\n".join(lines))
+
+
+def _majority_class(summary: dict) -> str | None:
+    """The accuracy of always predicting the test set's largest class, when the classes are
+    unequal: on an imbalanced test set a high accuracy can be worse than that constant guess."""
+    matrix = (summary.get("test_per_class") or {}).get("confusion_matrix")
+    counts = [sum(row) for row in matrix or []]
+    total = sum(counts)
+    if not total or max(counts) < 2 * min(counts):  # near-balanced: chance is ~1/C anyway
+        return None
+    names = summary.get("label_names") or [str(c) for c in range(len(counts))]
+    top = max(range(len(counts)), key=counts.__getitem__)
+    return (
+        f"always predicting the largest test class '{names[top]}' scores accuracy "
+        f"{counts[top] / total:.4f}; compare macro-F1 on imbalanced data"
+    )
 
 
 def _tested(summary: dict, metric: str) -> str:

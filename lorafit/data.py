@@ -57,6 +57,8 @@ TEXT_COLUMN_CANDIDATES: tuple[str, ...] = (
 # a csv/tsv value written as a number (labels only: text stays as written)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 HUB_DEMO_DATASET = "stanfordnlp/sst2"
+# largest / smallest class of the train pool at which K per class gets an imbalance note
+IMBALANCE_RATIO = 4
 IGNORE_INDEX = -100
 TASKS = ("classification", "causal_lm")
 # Used when a tokenizer has no chat template (base models): the Alpaca prompt format.
@@ -102,12 +104,14 @@ def load_task_data(cfg: DataConfig, task: str) -> TaskData:
             "without K-shot sampling use data.validation_fraction"
         )
     raw = _read_splits(cfg)
+    unused = _warn(_unused_files_note(cfg))
     if task == "classification":
         label_names, pools = _normalise_classification(raw, cfg)
     else:
         label_names, pools = None, {role: _normalise_sft(split, cfg) for role, split in raw.items()}
     train, validation, test, notes = _assign_splits(pools, cfg, label_names)
     origins = ", ".join(f"{role}: {raw[role].origin}" for role in pools)
+    notes = unused + notes
     return TaskData(task, train, validation, test, label_names, f"{origins}; " + "; ".join(notes))
 
 
@@ -128,6 +132,7 @@ def tokenize(dataset: Dataset, tokenizer: Any, task: str, max_length: int) -> Da
         texts = dataset["text"][:]
         pairs = dataset["text_pair"][:] if "text_pair" in dataset.column_names else None
         encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        _warn_truncated_texts(tokenizer, texts, pairs, encoded["input_ids"], max_length)
         columns = {
             name: encoded[name]
             for name in ("input_ids", "attention_mask", "token_type_ids")
@@ -141,6 +146,27 @@ def tokenize(dataset: Dataset, tokenizer: Any, task: str, max_length: int) -> Da
         raise DataError(f"task {task!r} is not valid; use one of {list(TASKS)}")
     columns["row"] = dataset["row"][:]
     return Dataset.from_dict(columns)
+
+
+def _warn_truncated_texts(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, ids: list, max_length: int
+) -> None:
+    """Log once how many classification rows lost tokens to max_length (only the start is read)."""
+    full = [i for i, row in enumerate(ids) if len(row) >= max_length]  # only these may be cut
+    if not full:
+        return
+    lengths = tokenizer(
+        [texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None
+    )["input_ids"]
+    truncated = sum(len(row) > max_length for row in lengths)
+    if truncated:
+        logger.warning(
+            "%d of %d texts exceed model.max_length=%d tokens and were truncated (the start is "
+            "kept); raise model.max_length to use more of each text",
+            truncated,
+            len(texts),
+            max_length,
+        )
 
 
 class Collator:
@@ -236,7 +262,7 @@ def _read_splits(cfg: DataConfig) -> dict[str, _Split]:
         splits = {
             role: _file_split(file, cfg.delimiter) for role, file in _split_files(path, cfg).items()
         }
-    elif _looks_local(cfg.path):
+    elif looks_local(cfg.path):
         raise DataError(
             f"data file or folder {cfg.path} not found (working directory {Path.cwd()}); check data.path"
         )
@@ -250,7 +276,7 @@ def _read_splits(cfg: DataConfig) -> dict[str, _Split]:
     return splits
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in SUPPORTED_EXTENSIONS
 
 
@@ -295,6 +321,27 @@ def _split_files(folder: Path, cfg: DataConfig) -> dict[str, Path]:
     return found
 
 
+def _unused_files_note(cfg: DataConfig) -> str | None:
+    """Data files of a folder that no split name matches (a `dev.csv`): unused, so say so."""
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_dir():
+        return None
+    used = set(_split_files(folder, cfg).values())
+    unused = sorted(
+        f.name
+        for f in folder.iterdir()
+        if f.is_file() and f.suffix.lower() in SUPPORTED_EXTENSIONS and f not in used
+    )
+    if not unused:
+        return None
+    names = ", ".join(f"{r}_split={n!r}" for r, n in _split_names(cfg).items())
+    stem = Path(unused[0]).stem
+    return (
+        f"{folder}: {', '.join(unused)} not used (no split name matches the file name: data.{names}); "
+        f"to use it, e.g. as validation, set data.validation_split={stem}"
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> Dataset:
     suffix = Path(path).suffix.lower()
@@ -302,6 +349,8 @@ def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> 
     try:
         if SUPPORTED_EXTENSIONS[suffix] == "csv":
             # keep "NA"/"null" as text; TSV files carry bare quote characters, so quoting is off
+            if delimiter == "\\t":  # data.delimiter=\t typed on the command line: a tab
+                delimiter = "\t"
             kwargs = {
                 "delimiter": delimiter or ("\t" if suffix == ".tsv" else ","),
                 "keep_default_na": False,
@@ -315,9 +364,51 @@ def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> 
     except Exception as e:
         if "corresponds to no data" in str(e):  # a header without rows
             return Dataset.from_dict({})
+        bad_line = not_utf8(path) if suffix != ".parquet" else None
+        if bad_line is None and SUPPORTED_EXTENSIONS[suffix] == "json":
+            bad_line = _bad_json_line(path)
         raise DataError(
-            f"could not read {path}: {_root_cause(e)}; check that it is valid {suffix[1:]}"
+            f"could not read {path}: {bad_line or _root_cause(e)}; check that it is valid {suffix[1:]}"
         ) from None
+
+
+def not_utf8(path: str | Path) -> str | None:
+    """'line N is not UTF-8 (...)' for the first such line of a text file, else None."""
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (
+                    f"line {n} is not UTF-8 (byte {line[e.start]:#04x}); save the file as UTF-8, "
+                    f"e.g. iconv -f latin1 -t utf-8"
+                )
+    return None
+
+
+def _bad_json_line(path: str) -> str | None:
+    """Where a json/jsonl file breaks ("line 3: not valid JSON (...)"): Arrow's own message
+    names a column and a row of its chunk, not the line. None when every line parses."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{type(e).__name__}: {e}"
+    if text.lstrip().startswith("["):  # one JSON document: a list of records
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}: not valid JSON ({e.msg})"
+        return None
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n}: not valid JSON ({e.msg}); each line must be one JSON object"
+        if not isinstance(record, dict):
+            return f"line {n}: expected a JSON object per line, got {type(record).__name__}"
+    return None
 
 
 def _file_split(path: Path, delimiter: str | None) -> _Split:
@@ -377,12 +468,15 @@ def _root_cause(error: BaseException) -> str:
 # -- columns and labels --------------------------------------------------------------------------
 
 
-def _require_column(split: _Split, column: str, field: str) -> str:
+def _require_column(split: _Split, column: str, field: str, taken: Sequence[str] = ()) -> str:
+    """`column` of the split, else a one-line error suggesting a close name not `taken` by
+    another field (an SFT file's 'input' is not its missing 'output')."""
     columns = split.dataset.column_names
     if column in columns:
         return column
-    close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
-    hint = (
+    free = [c for c in columns if c not in taken]
+    close = difflib.get_close_matches(column, free, n=1, cutoff=0.5)
+    hint = _delimiter_hint(split, columns) or (
         f"did you mean '{close[0]}'? set data.{field}={close[0]}"
         if close
         else f"set data.{field} to one of them"
@@ -390,6 +484,17 @@ def _require_column(split: _Split, column: str, field: str) -> str:
     raise DataError(
         f"{split.origin}: no column '{column}' (data.{field}); available columns: {', '.join(columns)}; {hint}"
     )
+
+
+def _delimiter_hint(split: _Split, columns: Sequence[str]) -> str | None:
+    """A csv/tsv read as one column whose name holds another separator: say which to set."""
+    if not split.untyped or len(columns) != 1:
+        return None
+    found = next((sep for sep in (";", "\t", "|", ",") if sep in columns[0]), None)
+    if found is None:
+        return None
+    shown = "\\t" if found == "\t" else found  # as typed on the command line
+    return f"its one column looks separated by '{shown}': set data.delimiter='{shown}'"
 
 
 def detect_column(columns: Sequence[str], name: str) -> str | None:
@@ -410,13 +515,20 @@ def _text_column(split: _Split, cfg: DataConfig) -> str:
             return column
     raise DataError(
         f"{split.origin}: no text column found (data.text=auto looks for {', '.join(TEXT_COLUMN_CANDIDATES)}); "
-        f"available columns: {', '.join(columns)}; set data.text=<column>"
+        f"available columns: {', '.join(columns)}; "
+        + (_delimiter_hint(split, columns) or "set data.text=<column>")
     )
 
 
-def _texts(split: _Split, column: str) -> list[str]:
+def _texts(split: _Split, column: str, field: str = "text") -> list[str]:
     values = split.dataset[column][:]
     for row, value in enumerate(values):
+        if isinstance(value, (list, dict)):  # str() would train on "['a', 'b']"
+            raise DataError(
+                f"{split.origin} row {row} column '{column}': expected a text, got a JSON "
+                f"{'list' if isinstance(value, list) else 'object'} ({str(value)[:60]}); "
+                f"join it into one string or set data.{field} to a text column"
+            )
         if value is None or not str(value).strip():
             raise DataError(
                 f"{split.origin} row {row} column '{column}': empty text; fill it in or remove the row"
@@ -445,7 +557,35 @@ def _label_column(split: _Split, cfg: DataConfig) -> str:
         column = detect_column(split.dataset.column_names, cfg.label)
         if column is not None:
             return column
+    columns = split.dataset.column_names
+    if cfg.label not in columns and _sft_hint(columns, cfg):
+        raise DataError(
+            f"{split.origin}: no column '{cfg.label}' (data.label) for classification; "
+            f"available columns: {', '.join(columns)}; {_sft_hint(columns, cfg)}"
+        )
     return _require_column(split, cfg.label, "label")
+
+
+# column names that mark prompt/response data (instruction tuning), not classification
+_PROMPT_NAMES = ("prompt", "question", "query", "instruction")
+_RESPONSE_NAMES = ("response", "answer", "completion", "output", "target")
+
+
+def _sft_hint(columns: Sequence[str], cfg: DataConfig) -> str | None:
+    """For data that looks like instruction tuning but lacks lorafit's SFT columns: what to set."""
+    lowered = {c.lower(): c for c in columns}
+    prompt = cfg.instruction if cfg.instruction in columns else None
+    prompt = prompt or next((lowered[n] for n in _PROMPT_NAMES if n in lowered), None)
+    response = cfg.output if cfg.output in columns else None
+    response = response or next((lowered[n] for n in _RESPONSE_NAMES if n in lowered), None)
+    if prompt is None:
+        return None
+    if response is None:
+        return (
+            f"for instruction tuning '{prompt}' needs a response column: add one, or set "
+            f"data.instruction={prompt} data.output=<response column>"
+        )
+    return f"for instruction tuning set data.instruction={prompt} data.output={response}"
 
 
 def _label_keys(split: _Split, column: str) -> list[int | str | None]:
@@ -454,6 +594,13 @@ def _label_keys(split: _Split, column: str) -> list[int | str | None]:
     values = split.dataset[column][:]
     if split.untyped:
         values = _numbers_if_all_numeric(values)
+    for row, value in enumerate(values):
+        if isinstance(value, (list, dict)):  # multi-label rows are not one class
+            raise DataError(
+                f"{split.origin} row {row} column '{column}': expected one label (a string or "
+                f"integer), got a JSON {'list' if isinstance(value, list) else 'object'} "
+                f"({str(value)[:60]}); lorafit trains single-label classification: give each row one label"
+            )
     return [_label_key(v, hidden) for v in values]
 
 
@@ -513,7 +660,9 @@ def _normalise_classification(
         text_column = _text_column(split, cfg)
         columns: dict[str, list] = {"text": _texts(split, text_column)}
         if cfg.text_pair is not None:
-            columns["text_pair"] = _texts(split, _require_column(split, cfg.text_pair, "text_pair"))
+            columns["text_pair"] = _texts(
+                split, _require_column(split, cfg.text_pair, "text_pair"), "text_pair"
+            )
         column = label_columns[role]
         ids = []
         for row, key in enumerate(keys[role]):
@@ -538,6 +687,12 @@ def _integer_labels_are_ids(
     if not unlisted:
         return False
     if len(unlisted) == len(distinct):
+        if distinct[0] >= 1 and distinct[-1] == len(names):  # e.g. 1..4 for 4 names
+            raise DataError(
+                f"{train.origin} column '{column}': integer labels {distinct[0]}..{distinct[-1]} "
+                f"look 1-based, but with data.labels={names} they are ids 0..{len(names) - 1}; "
+                f"renumber the labels from 0 in the file, or list the label values in data.labels"
+            )
         return True
     as_ids = ", ".join(f"{k} -> '{names[k]}'" for k in distinct[:4] if 0 <= k < len(names))
     raise DataError(
@@ -594,8 +749,9 @@ def _normalise_sft(split: _Split, cfg: DataConfig) -> Dataset:
         ]
     else:
         instruction = _require_column(split, cfg.instruction, "instruction")
-        output = _require_column(split, cfg.output, "output")
-        instructions, outputs = _texts(split, instruction), _texts(split, output)
+        output = _require_column(split, cfg.output, "output", taken=(instruction, cfg.input))
+        instructions = _texts(split, instruction, "instruction")
+        outputs = _texts(split, output, "output")
         inputs = split.dataset[cfg.input][:] if cfg.input in columns else [None] * len(instructions)
         conversations = []
         for text, extra, response in zip(instructions, inputs, outputs):
@@ -773,6 +929,10 @@ def _assign_splits(
     given_validation = "validation" in pools and "test" in pools
     if cfg.k_shot is not None:
         train, validation = _k_shot(pool, cfg, label_names)
+        if cfg.k_shot_unit == "per_class" and label_names is not None:
+            notes.extend(_warn(_imbalance_note(pool, label_names)))
+        elif label_names is not None:
+            notes.extend(_warn(_classes_left_out_note(pool, train, label_names, cfg.k_shot)))
         unit = (
             "per class"
             if cfg.k_shot_unit == "per_class" and label_names is not None
@@ -849,6 +1009,36 @@ def _classes_without_rows_note(
         f"no rows in the train pool{after} for data.labels class {names}: it stays in the label "
         f"space but is never trained on, so its test rows count as errors; add training rows for "
         f"it or drop it from data.labels and the test file"
+    )
+
+
+def _classes_left_out_note(
+    pool: Dataset, train: Dataset, label_names: list[str], k: int
+) -> str | None:
+    """K in total, in proportion to the pool, can leave a small class with no training row."""
+    left_out = sorted(set(pool["label"][:]) - set(train["label"][:]))
+    if not left_out:
+        return None
+    names = ", ".join(f"'{label_names[c]}'" for c in left_out[:5])
+    return (
+        f"train: no rows of class {names}{', ...' if len(left_out) > 5 else ''} (data.k_shot={k} in "
+        f"total, shared in proportion to the pool): the model never predicts it; raise data.k_shot "
+        f"or set data.k_shot_unit=per_class"
+    )
+
+
+def _imbalance_note(pool: Dataset, label_names: list[str]) -> str | None:
+    """K per class balances an imbalanced pool: the model's class priors are not the data's."""
+    counts = _class_counts(_strata(pool))
+    if len(counts) < 2 or max(counts.values()) < IMBALANCE_RATIO * min(counts.values()):
+        return None
+    shares = ", ".join(
+        f"'{label_names[c]}' {n}" for c, n in sorted(counts.items(), key=lambda x: -x[1])[:4]
+    )
+    return (
+        f"imbalanced train pool ({shares}{', ...' if len(counts) > 4 else ''} rows): K per class "
+        f"trains on balanced classes, so on a test set with these proportions accuracy can fall "
+        f"below the majority-class rate; read macro-F1, or set data.k_shot_unit=total to keep them"
     )
 
 

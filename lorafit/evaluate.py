@@ -206,6 +206,8 @@ def _evaluate_causal_lm(model, dataloader, accelerator, keep):
             "nll_sum": arr["nll_sum"],
             "n_tokens": arr["n_tokens"].astype(np.int64),
             "nll": arr["nll_sum"] / np.maximum(arr["n_tokens"], 1.0),
+            "top1": arr["top1"],
+            "top5": arr["top5"],
         }
     return EvalResult(metrics=scalars, per_example=per_example)
 
@@ -223,7 +225,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def confidence_intervals(per_example: dict[str, np.ndarray], task: str, num_classes, eval_cfg):
     """Bootstrap CIs over test examples: {metric: [low, high]}. No NLL interval when an
-    example's NLL is not finite (an overflowing logit): the metric itself is NaN then."""
+    example's NLL is not finite (an overflowing logit): the metric itself is NaN then.
+
+    Causal LM: `loss`, `perplexity`, `top1_accuracy`, `top5_accuracy` (token-weighted, as
+    reported) and `nll` (the mean of per-example mean NLLs, another statistic)."""
     if per_example is None or len(per_example["row"]) == 0:
         return {}
     nll = per_example["nll"] if np.isfinite(per_example["nll"]).all() else None
@@ -237,7 +242,7 @@ def confidence_intervals(per_example: dict[str, np.ndarray], task: str, num_clas
             level=eval_cfg.ci_level,
             seed=0,
         )
-    elif nll is None:  # causal LM: CI of the mean per-example NLL only
+    elif nll is None or per_example["n_tokens"].sum() == 0:
         return {}
     else:
         n = len(nll)
@@ -250,5 +255,16 @@ def confidence_intervals(per_example: dict[str, np.ndarray], task: str, num_clas
             level=eval_cfg.ci_level,
             seed=0,
         )
-        ci = {"nll": ci["nll"]}
+        ci = {
+            "nll": ci["nll"],
+            **M.token_bootstrap_ci(
+                per_example["nll_sum"],
+                per_example["n_tokens"],
+                per_example.get("top1"),
+                per_example.get("top5"),
+                n_resamples=eval_cfg.bootstrap_samples,
+                level=eval_cfg.ci_level,
+                seed=0,
+            ),
+        }
     return {k: [float(v.low), float(v.high)] for k, v in ci.items()}

@@ -263,9 +263,12 @@ def load_base_model(
             plain_cfg = ModelConfig(
                 **{**model_cfg.__dict__, "name_or_path": tmp, "gguf_file": None}
             )
-            return load_base_model(
+            model = load_base_model(
                 plain_cfg, task, ModelSource(path=tmp), quantization_config, device_map
             )
+        # the temporary folder is gone: saved configs (PEFT's base_model_name_or_path) name the source
+        model.name_or_path = model.config._name_or_path = source.path
+        return model
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = device_map or {"": _quantization_device()}

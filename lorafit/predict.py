@@ -32,7 +32,7 @@ from lorafit.models import TextClassifier
 
 logger = logging.getLogger(__name__)
 
-INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
+INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
 PROMPT_COLUMNS = ("prompt", "instruction", "input", "question")
 MESSAGES_SHAPE = (
     "a list of {'role': ..., 'content': '...'} objects whose last is from the 'user' (a trailing "
@@ -245,6 +245,18 @@ def _length_order(lengths: list[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
+def _generation_batches(lengths: list[int], batch_size: int, same_length: bool) -> list[list[int]]:
+    """Row indices per batch, longest first; with `same_length`, a batch never mixes lengths."""
+    batches: list[list[int]] = []
+    for i in _length_order(lengths):
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and not (same_length and lengths[last[0]] != lengths[i]):
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def _classify(
     chosen: _Adapter,
@@ -314,10 +326,13 @@ def _generate(
         else {"do_sample": False}
     )
     results: list[dict[str, Any]] = [{} for _ in encoded]
-    order = _length_order([len(ids) for ids in encoded])
+    # Prompt-learning adapters put virtual tokens at fixed positions, before any left padding:
+    # padding would shift the prompt away from them, so only equal lengths share a batch.
+    peft_config = getattr(chosen.model, "active_peft_config", None)
+    same_length = bool(getattr(peft_config, "is_prompt_learning", False))
+    batches = _generation_batches([len(ids) for ids in encoded], batch_size, same_length)
     with tqdm(total=len(encoded), unit="ex", desc="generate", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in batches:
             longest = max(len(encoded[i]) for i in rows)
             # generation continues at the right edge, so prompts are padded on the left
             input_ids = torch.tensor(
@@ -394,6 +409,8 @@ def _is_pair(value: Any) -> bool:
 
 
 def _text(value: Any, where: str) -> str:
+    if isinstance(value, (list, dict)):  # str() would predict on "['a', 'b']"
+        raise DataError(f"{where}: expected a text, got {type(value).__name__}: {str(value)[:60]}")
     if value is None or not str(value).strip():
         raise DataError(f"{where}: empty text; fill it in or remove the row")
     return value if isinstance(value, str) else str(value)
@@ -477,7 +494,7 @@ def _row_from_record(
 def read_inputs(
     path: str | Path, columns: Columns = InputColumns(), adapter: str | None = None
 ) -> list[dict[str, Any]]:
-    """Rows of a csv/tsv/jsonl/txt file: {"input", "origin", optional "id" and "adapter"}.
+    """Rows of a csv/tsv/jsonl/json/parquet/txt file: {"input", "origin", optional "id", "adapter"}.
 
     columns: one InputColumns for every row, or {adapter name: InputColumns}: each row is read
     with those of the adapter it names (else `adapter`, else the only one)."""
@@ -489,33 +506,75 @@ def read_inputs(
         )
     if not path.is_file():
         raise DataError(f"input file {path} not found")
-    rows = []
+    try:
+        rows = [
+            _row_from_record(record, origin, columns, adapter)
+            for record, origin in _records(path, suffix)
+        ]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: {D.not_utf8(path) or 'not UTF-8'}") from None
+    if not rows:
+        raise DataError(f"{path} has no input rows; nothing to predict")
+    return rows
+
+
+def _records(path: Path, suffix: str) -> Iterable[tuple[Any, str]]:
+    """(record, origin) of each input in the file: a text, a JSON value or a table row."""
+    if suffix == ".parquet":  # the training formats: parquet, and .json as one list
+        for n, record in enumerate(_parquet_records(path)):
+            yield record, f"{path} row {n}"
+        return
+    if suffix == ".json" and _is_json_list(path):
+        try:
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+        for n, record in enumerate(records):
+            yield record, f"{path} item {n}"
+        return
     with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" BOM
         if suffix == ".txt":
             for n, line in enumerate(fh, start=1):
                 if line.strip():
-                    rows.append(
-                        _row_from_record(line.rstrip("\r\n"), f"{path} line {n}", columns, adapter)
-                    )
-        elif suffix == ".jsonl":
+                    yield line.rstrip("\r\n"), f"{path} line {n}"
+        elif suffix in (".jsonl", ".json"):  # a .json that is not one list: JSON lines
             for n, line in enumerate(fh, start=1):
                 if line.strip():
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-                    rows.append(_row_from_record(record, f"{path} line {n}", columns, adapter))
+                    yield record, f"{path} line {n}"
         else:  # TSV files carry bare quote characters, so quoting is off (as in lorafit.data)
             reader = csv.DictReader(
                 fh,
                 delimiter="\t" if suffix == ".tsv" else ",",
                 quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
             )
-            for n, record in enumerate(reader, start=2):
-                rows.append(_row_from_record(record, f"{path} row {n}", columns, adapter))
-    if not rows:
-        raise DataError(f"{path} has no input rows; nothing to predict")
-    return rows
+            # "line N" of the file, as for jsonl/txt ("row N" would read as the output's 0-based row)
+            for record in reader:
+                yield record, f"{path} line {reader.line_num}"
+
+
+def _parquet_records(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:
+        raise DataError(
+            f"could not read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            "; check that it is valid parquet"
+        ) from None
+
+
+def _is_json_list(path: Path) -> bool:
+    """A .json file holding one list of records (else it is read as JSON lines, as in training)."""
+    with open(path, encoding="utf-8-sig") as fh:
+        for chunk in iter(lambda: fh.read(4096), ""):
+            if chunk.strip():
+                return chunk.lstrip().startswith("[")
+    return False
 
 
 def _output_record(index: int, row: dict[str, Any], result: dict[str, Any], named: bool) -> dict:

@@ -80,7 +80,7 @@ def seed_stats(values: list[float], level: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------- run collection
 def collect_runs(sweep: Sweep) -> list[dict[str, Any]]:
     """One row per run: settings, status, validation and test metrics, gap, cost."""
-    from lorafit.sweep import SweepState, hp_label, run_status
+    from lorafit.sweep import SweepState, causal_lm_error, hp_label, run_status
 
     state = SweepState(sweep.dir / "state.json")
     metric = sweep.config.metric
@@ -89,6 +89,8 @@ def collect_runs(sweep: Sweep) -> list[dict[str, Any]]:
     for run in sweep.runs:
         status = run_status(run, state)  # refuses a finished run made with another config
         summary = read_summary(run.dir)
+        if status == "completed" and summary.get("task") == "causal_lm":
+            raise causal_lm_error(sweep, run.id)
         launched = state.get(run)
         row: dict[str, Any] = {
             "run_id": run.id,

@@ -563,6 +563,8 @@ def run_compare(
         if int(os.environ.get("RANK", "0")) != 0:
             return CompareResult(sweep.dir / "report.md", [])
         sweep.config.workers = max(sweep.config.workers, world)
+    if not report_only:
+        _refuse_causal_lm(sweep)
     state = SweepState(sweep.dir / "state.json")
     for run in sweep.runs:
         run_status(run, state)  # refuses finished runs made with other settings: before any write
@@ -580,6 +582,31 @@ def run_compare(
     state = SweepState(sweep.dir / "state.json")  # as execute left it
     crashed = [run.id for run in sweep.runs if run_status(run, state) == "crashed"]
     return CompareResult(path, crashed)
+
+
+def _refuse_causal_lm(sweep: Sweep) -> None:
+    """The report ranks methods by a classification metric: refuse SFT runs before training
+    (data that is local; a hub dataset's task is known once its runs finish: the report refuses)."""
+    from lorafit.data import infer_task, looks_local
+
+    checked = set()
+    for run in sweep.runs:
+        task, data = run.config.model.task, run.config.data
+        if (task, repr(data)) in checked:
+            continue
+        checked.add((task, repr(data)))
+        if task == "auto" and data.path is not None and looks_local(data.path):
+            task = infer_task(data)
+        if task == "causal_lm":
+            raise causal_lm_error(sweep, run.id)
+
+
+def causal_lm_error(sweep: Sweep, run_id: str) -> ConfigError:
+    return ConfigError(
+        f"lorafit compare reports classification metrics (sweep.metric={sweep.config.metric}), "
+        f"but {run_id} is causal-LM instruction tuning; run each method with `lorafit train` "
+        "and compare their test loss and its CI in summary.json"
+    )
 
 
 def _plain(cfg: SweepConfig) -> dict:

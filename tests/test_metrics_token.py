@@ -159,3 +159,36 @@ def test_non_contiguous_and_reference_path(monkeypatch):
     slow = token_stats(strided.contiguous(), labels)
     np.testing.assert_allclose(fast.nll, slow.nll, rtol=1e-6)
     np.testing.assert_array_equal(fast.top5, slow.top5)
+
+
+def test_token_bootstrap_ci_is_of_the_token_weighted_loss():
+    from types import SimpleNamespace
+
+    from lorafit.evaluate import confidence_intervals
+    from lorafit.metrics import token_bootstrap_ci
+
+    # 30 long, easy responses and 30 one-token, hard ones: the token-weighted loss (what runs
+    # report) is near 0.1, the mean of per-example means near 2.5
+    n_tokens = np.array([100] * 30 + [1] * 30, dtype=np.float64)
+    nll_sum = np.concatenate([np.full(30, 10.0), np.full(30, 5.0)])
+    top1 = np.concatenate([np.full(30, 90.0), np.zeros(30)])
+    loss = nll_sum.sum() / n_tokens.sum()
+    ci = token_bootstrap_ci(nll_sum, n_tokens, top1, n_resamples=500, seed=0)
+    assert ci["loss"].estimate == pytest.approx(loss)
+    assert ci["loss"].low <= loss <= ci["loss"].high < 0.5
+    assert ci["perplexity"].low == pytest.approx(np.exp(ci["loss"].low))
+    assert ci["top1_accuracy"].low <= top1.sum() / n_tokens.sum() <= ci["top1_accuracy"].high
+
+    per_example = {
+        "row": np.arange(60),
+        "nll_sum": nll_sum,
+        "n_tokens": n_tokens.astype(np.int64),
+        "nll": nll_sum / n_tokens,
+        "top1": top1,
+        "top5": top1,
+    }
+    cfg = SimpleNamespace(bootstrap_samples=500, ci_level=0.95)
+    intervals = confidence_intervals(per_example, "causal_lm", None, cfg)
+    assert intervals["loss"][0] <= loss <= intervals["loss"][1]
+    assert intervals["nll"][0] > 1.0  # the other statistic, kept under its own name
+    assert set(intervals) == {"nll", "loss", "perplexity", "top1_accuracy", "top5_accuracy"}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from lorafit.config import ModelConfig
+from lorafit.config import MethodConfig, ModelConfig
 from lorafit.errors import ModelError
 from lorafit.models import (
     TextClassifier,
@@ -251,3 +251,16 @@ def test_real_smollm2_gguf_loads_dequantised_and_trainable():
     batch = tokenizer(["Hello"], return_tensors="pt")
     with torch.no_grad():
         assert model(**batch).logits.shape[-1] == model.config.vocab_size
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_in_4bit_names_its_source_not_a_temporary_folder():
+    from lorafit.methods import bnb_4bit_config
+    from lorafit.models import resolve_model_source
+
+    cfg = ModelConfig(name_or_path="smollm2")
+    quant = bnb_4bit_config(MethodConfig(name="qlora"), ["lm_head"])
+    model = load_base_model(cfg, "causal_lm", quantization_config=quant)
+    source = resolve_model_source(cfg).path
+    # PEFT writes this into adapter_config.json as base_model_name_or_path
+    assert model.name_or_path == source and model.config._name_or_path == source

@@ -649,3 +649,25 @@ def test_launched_sweep_runs_once_on_the_main_process(tmp_path, monkeypatch):
     # each run is its own single-process job: no inherited process group
     assert all("WORLD_SIZE" not in e and "MASTER_PORT" not in e for e in envs)
     assert all(e.get("OMP_NUM_THREADS") for e in envs)  # 2 CPU workers share the cores
+
+
+def test_causal_lm_sweeps_are_refused_before_training(tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    base = {"model": {"name_or_path": "unused"}, "data": {"path": str(data)}}
+    path = _sweep_file(tmp_path, {"seeds": [1]}, base=base)
+    launcher = FakeTrainer({})
+    with pytest.raises(ConfigError, match=r"full/k8/seed1 is causal-LM instruction tuning"):
+        run_compare(path, [], launch=launcher)
+    assert launcher.calls == [] and not (tmp_path / "sweep" / "sweep.yaml").exists()
+
+
+def test_report_refuses_finished_causal_lm_runs(tmp_path):
+    # a hub dataset's task is only known from its runs' summaries
+    path = _sweep_file(tmp_path, {"seeds": [1]})
+    run_compare(path, [], launch=FakeTrainer({}))
+    sweep = load_sweep(path)
+    summary = json.loads((sweep.runs[0].dir / "summary.json").read_text())
+    write_json(sweep.runs[0].dir / "summary.json", {**summary, "task": "causal_lm"})
+    with pytest.raises(ConfigError, match="causal-LM instruction tuning"):
+        run_compare(path, [], report_only=True)

@@ -244,35 +244,40 @@ def test_regularisers_change_training_under_cross_entropy(
     assert switched["test"]["loss"] != pytest.approx(plain["test"]["loss"], abs=1e-7)
 
 
+def _tiny_sft_run(tiny_llama_path, tmp_path, records: list[dict], *overrides: str) -> dict:
+    """A short LoRA SFT run of the tiny llama on `records` (written as a json list)."""
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps(records))
+    common = [
+        f"model.name_or_path={tiny_llama_path}",
+        "model.max_length=48",
+        f"data.path={path}",
+        "method.name=lora",
+        "method.r=4",
+        "train.batch_size=4",
+        "train.lr=5e-3",
+        f"output.dir={tmp_path / 'run'}",
+        "output.report_to=[]",
+    ]
+    return train(load_config(None, [*common, *overrides]))
+
+
 def test_causal_lm_sft_run(tiny_llama_path, tmp_path):
     records = [
         {"instruction": f"say the word number {i}", "input": "", "output": f"word {i % 5} done"}
         for i in range(40)
     ]
-    path = tmp_path / "sft.json"
-    path.write_text(json.dumps(records))
-    out = tmp_path / "run"
-    summary = train(
-        load_config(
-            None,
-            [
-                f"model.name_or_path={tiny_llama_path}",
-                "model.max_length=48",
-                f"data.path={path}",
-                "data.train_size=20",
-                "method.name=lora",
-                "method.r=4",
-                "train.steps=6",
-                "train.batch_size=4",
-                "train.lr=5e-3",
-                "train.eval_every=3",
-                "eval.batch_size=8",
-                "eval.bootstrap_samples=100",
-                f"output.dir={out}",
-                "output.report_to=[]",
-            ],
-        )
+    summary = _tiny_sft_run(
+        tiny_llama_path,
+        tmp_path,
+        records,
+        "data.train_size=20",
+        "train.steps=6",
+        "train.eval_every=3",
+        "eval.batch_size=8",
+        "eval.bootstrap_samples=100",
     )
+    out = tmp_path / "run"
     assert summary["task"] == "causal_lm"
     assert summary["selection_metric"] == "loss"
     test = summary["test"]
@@ -285,6 +290,30 @@ def test_causal_lm_sft_run(tiny_llama_path, tmp_path):
     assert (out / "adapter" / "adapter_config.json").is_file()
     for row in read_jsonl(out / "metrics.jsonl"):
         assert set(row["validation"]) >= set(SELECTION_METRICS["causal_lm"])
+
+
+def test_causal_lm_perplexity_gap_grows_and_ci_covers_the_loss(tiny_llama_path, tmp_path):
+    records = [
+        {"instruction": f"say the word number {i}", "output": " ".join(["word"] * (1 + i % 7))}
+        for i in range(40)
+    ]
+    summary = _tiny_sft_run(
+        tiny_llama_path,
+        tmp_path,
+        records,
+        "train.steps=4",
+        "train.eval_every=2",
+        "train.early_stopping.metric=perplexity",
+        "eval.bootstrap_samples=200",
+    )
+    for row in read_jsonl(tmp_path / "run" / "metrics.jsonl"):
+        # lower is better: validation minus train, positive when memorising
+        expected = row["validation"]["perplexity"] - row["train"]["perplexity"]
+        assert row["gap"]["perplexity"] == pytest.approx(expected)
+    test = summary["test"]
+    for metric in ("loss", "perplexity", "top1_accuracy"):
+        low, high = test["ci"][metric]
+        assert low <= test[metric] <= high, metric
 
 
 def test_accumulated_causal_lm_step_equals_one_big_batch(tiny_llama_path, tmp_path):

@@ -15,6 +15,7 @@ from lorafit.metrics.resampling import (
     paired_bootstrap_test,
     permutation_test,
     student_t_quantile,
+    token_bootstrap_ci,
 )
 from lorafit.metrics.token import TokenMetrics, TokenStats, token_nll, token_stats
 
@@ -31,6 +32,7 @@ __all__ = [
     "paired_bootstrap_test",
     "permutation_test",
     "student_t_quantile",
+    "token_bootstrap_ci",
     "token_nll",
     "token_stats",
 ]

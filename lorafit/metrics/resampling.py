@@ -182,6 +182,56 @@ def hierarchical_paired_test(
     )
 
 
+def token_bootstrap_ci(
+    nll_sum,
+    n_tokens,
+    top1=None,
+    top5=None,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, ConfidenceInterval]:
+    """Percentile bootstrap CIs of causal-LM token metrics, resampling examples (not tokens).
+
+    Each replicate is a ratio of sums over resampled examples, as the point estimates are:
+    loss = sum(nll_sum) / sum(n_tokens), perplexity = exp(loss), topk_accuracy = hits / tokens.
+    """
+    _check_level(level)
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    tokens = np.asarray(n_tokens, dtype=np.float64).reshape(-1)
+    n = tokens.size
+    if n == 0 or tokens.sum() <= 0:
+        raise ValueError("token_bootstrap_ci needs at least one example with scored tokens")
+    columns = {"loss": _values(nll_sum, n)}
+    for name, hits in (("top1_accuracy", top1), ("top5_accuracy", top5)):
+        if hits is not None:
+            columns[name] = _values(hits, n)
+    rng = np.random.default_rng(int(seed))
+    per_chunk = max(1, _CHUNK_ELEMENTS // n)
+    replicates = {name: [] for name in columns}
+    for start in range(0, int(n_resamples), per_chunk):
+        rows = rng.integers(0, n, size=(min(per_chunk, int(n_resamples) - start), n))
+        # a replicate whose examples hold no tokens has no ratio: NaN, then dropped
+        denominator = tokens[rows].sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for name, values in columns.items():
+                replicates[name].append(values[rows].sum(1) / denominator)
+    result = {}
+    total = tokens.sum()
+    for name, values in columns.items():
+        draws = np.concatenate(replicates[name])
+        draws = draws[~np.isnan(draws)]
+        bounds = _percentile_bounds(draws, level) if draws.size else (math.nan, math.nan)
+        result[name] = ConfidenceInterval(float(values.sum() / total), *bounds, level)
+    loss = result["loss"]
+    with np.errstate(over="ignore"):
+        result["perplexity"] = ConfidenceInterval(
+            *(float(np.exp(v)) for v in (loss.estimate, loss.low, loss.high)), level
+        )
+    return result
+
+
 def mean_ci(values, level: float = 0.95) -> ConfidenceInterval:
     """Mean with a Student-t interval (e.g. over seeds); low/high are NaN for one value."""
     x = np.asarray(values, dtype=np.float64).reshape(-1)
