@@ -26,6 +26,21 @@ void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }
 
+// Every label (and prediction) indexes memory in the kernels: one outside [0, limit) would
+// read or write out of bounds. `skip` (token ignore_index) is allowed as well.
+void require_ids(const Array<int64_t>& ids, int64_t limit, const char* what,
+                 std::optional<int64_t> skip = std::nullopt) {
+  const int64_t* data = ids.data();
+  for (int64_t i = 0; i < ids.size(); ++i) {
+    const int64_t id = data[i];
+    if ((id < 0 || id >= limit) && !(skip && id == *skip)) {
+      throw std::invalid_argument(std::string(what) + "[" + std::to_string(i) + "] = " +
+                                  std::to_string(id) + " is outside 0.." +
+                                  std::to_string(limit - 1));
+    }
+  }
+}
+
 DType logits_dtype(const py::array& logits, int code) {
   require(code >= 0 && code <= 3, "dtype code must be 0..3");
   const DType dtype = static_cast<DType>(code);
@@ -40,6 +55,7 @@ py::tuple token_stats(const py::array& logits, int dtype_code, const Array<int64
   const DType dtype = logits_dtype(logits, dtype_code);
   const int64_t rows = logits.shape(0), vocab = logits.shape(1);
   require(labels.ndim() == 1 && labels.shape(0) == rows, "labels must be [rows]");
+  require_ids(labels, vocab, "labels", ignore_index);
   Array<double> nll(rows);
   Array<int64_t> rank(rows);
   int64_t first_nan_row;
@@ -60,6 +76,7 @@ int64_t classification_update(const py::array& logits, int dtype_code,
   const int64_t rows = logits.shape(0), num_classes = logits.shape(1);
   const int64_t bins = ece_count.size();
   require(labels.ndim() == 1 && labels.shape(0) == rows, "labels must be [rows]");
+  require_ids(labels, num_classes, "labels");
   require(confusion.size() == num_classes * num_classes, "confusion must be [C, C]");
   require(bins > 0 && ece_conf_sum.size() == bins && ece_correct.size() == bins,
           "ECE arrays must share one length");
@@ -106,6 +123,9 @@ Array<double> resample_stats(const Array<int64_t>& labels, const Array<int64_t>&
   require(!preds_b || preds_b->size() == rows, "preds_b must match labels");
   require(!values || values->size() == rows, "values must match labels");
   require(replicates > 0 && num_classes > 0, "replicates and num_classes must be positive");
+  require_ids(labels, num_classes, "labels");
+  require_ids(preds_a, num_classes, "preds_a");
+  if (preds_b) require_ids(*preds_b, num_classes, "preds_b");
   Array<double> out({replicates, int64_t(5)});
   const int64_t* b = preds_b ? preds_b->data() : nullptr;
   const double* v = values ? values->data() : nullptr;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -173,3 +175,20 @@ def test_resample_stats_matches_reference(
     np.testing.assert_allclose(
         _C.resample_stats(*args), _reference.resample_stats(*args), rtol=1e-12, equal_nan=True
     )
+
+
+def test_ids_outside_the_class_or_vocab_range_are_refused_by_the_bindings():
+    # the kernels index memory by label and prediction: the bindings check them, not only the API
+    buffer = np.zeros((3, 4), np.float32)
+    code = DTYPE_CODES["float32"]
+    for labels, name in (([0, 1, 4], "labels[2] = 4"), ([0, -2, 1], "labels[1] = -2")):
+        with pytest.raises(ValueError, match=rf"{re.escape(name)} is outside 0..3"):
+            _C.token_stats(buffer, code, np.array(labels, np.int64), -100)
+        with pytest.raises(ValueError, match=rf"{re.escape(name)} is outside 0..3"):
+            _run_classification(_C, buffer, code, np.array(labels, np.int64), 4, 5)
+    _C.token_stats(buffer, code, np.array([0, -100, 3], np.int64), -100)  # ignore_index is fine
+    ok, bad = np.array([0, 1, 1], np.int64), np.array([0, 2, 1], np.int64)
+    for args, name in (((bad, ok, None), "labels[1]"), ((ok, bad, None), "preds_a[1]"),
+                       ((ok, ok, bad), "preds_b[1]")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"{re.escape(name)} = 2 is outside 0..1"):
+            _C.resample_stats(*args, None, 2, 10, 0, False)
