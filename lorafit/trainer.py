@@ -288,6 +288,9 @@ class Trainer:
             f"trainable {self.model_info['trainable_params']:,} / {self.model_info['total_params']:,} params"
         )
         self._print(f"data: {self.data.source}")  # where each split came from, leakage notes
+        note = budget_note(cfg.train, acc.num_processes, len(self.train_set), self.task)
+        if note:
+            self._print(note)
 
     def _freeze_head_for_contrastive(self) -> None:
         """The pair loss trains the body only; the head is fitted (`_fit_head`), never stepped."""
@@ -698,6 +701,24 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------------------- helpers
+
+# Passes over the training set under which the fixed step budget is outside the evidence: the
+# classification defaults were chosen at 6-50 passes (K=64 x 4 classes to K=16 x 2).
+FEW_SHOT_MIN_PASSES = 5
+
+
+def budget_note(train_cfg, world: int, num_train: int, task: str) -> str | None:
+    """A line when train.steps covers few passes over a classification training set."""
+    seen = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum * world
+    passes = seen / max(num_train, 1)
+    if task != "classification" or passes >= FEW_SHOT_MIN_PASSES:
+        return None
+    return (
+        f"budget: train.steps={train_cfg.steps} is {passes:.1f} passes over the {num_train} "
+        f"training rows; the few-shot defaults were chosen at 6-50 passes (docs/recipes.md): "
+        f"for a training set this large raise train.steps"
+    )
+
 def train(cfg: RunConfig) -> dict:
     """Run one training job and return its summary (also written to summary.json)."""
     trainer = Trainer(cfg)

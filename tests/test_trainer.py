@@ -579,3 +579,16 @@ def test_an_overflowing_logit_leaves_the_nll_without_a_ci():
     assert np.isnan(result.metrics["nll"]) and result.metrics["accuracy"] == 0.5
     ci = confidence_intervals(result.per_example, "classification", 3, cfg)
     assert "nll" not in ci and ci["accuracy"][0] <= 0.5 <= ci["accuracy"][1]
+
+
+def test_budget_note_names_the_passes_over_a_large_training_set():
+    from lorafit.config import TrainConfig
+    from lorafit.trainer import budget_note
+
+    cfg = TrainConfig(steps=200, batch_size=8)
+    assert budget_note(cfg, 1, 32, "classification") is None  # K=16 x 2: 50 passes
+    assert budget_note(cfg, 1, 256, "classification") is None  # K=64 x 4: 6.25 passes
+    note = budget_note(cfg, 1, 1232, "classification")  # K=16 x 77 classes
+    assert note.startswith("budget: train.steps=200 is 1.3 passes over the 1232 training rows")
+    assert budget_note(cfg, 4, 1232, "classification") is None  # 4 processes: 5.2 passes
+    assert budget_note(cfg, 1, 1232, "causal_lm") is None
