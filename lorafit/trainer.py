@@ -719,6 +719,7 @@ def budget_note(train_cfg, world: int, num_train: int, task: str) -> str | None:
         f"for a training set this large raise train.steps"
     )
 
+
 def train(cfg: RunConfig) -> dict:
     """Run one training job and return its summary (also written to summary.json)."""
     trainer = Trainer(cfg)
