@@ -985,6 +985,7 @@ def _assign_splits(
             )
     validation_in_pool = cfg.k_shot is not None or not given_validation
     notes.extend(_warn(_leakage_note(pool, train, validation, test, validation_in_pool)))
+    notes.extend(_warn(_validation_overlap_note(train, validation)))
     return train, validation, test, notes
 
 
@@ -1075,6 +1076,20 @@ def _leakage_note(
         f"leakage: {n_seen} of {len(test)} test rows also appear in {where} ({n_drawn} of them "
         f"in the drawn train/validation rows; {same}); test scores may be optimistic, "
         f"deduplicate the data files"
+    )
+
+
+def _validation_overlap_note(train: Dataset, validation: Dataset) -> str | None:
+    """Validation rows that repeat a training input (duplicated rows in the data) make the
+    validation curve, the gap and model selection look better than they are."""
+    seen = set(_row_keys(train))
+    n = sum(key in seen for key in _row_keys(validation))
+    if not n:
+        return None
+    return (
+        f"leakage: {n} of {len(validation)} validation rows repeat a training input: validation "
+        f"scores, the train/validation gap and model selection may be optimistic; deduplicate "
+        f"the data files"
     )
 
 

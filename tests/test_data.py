@@ -368,6 +368,20 @@ def test_test_rows_also_in_the_train_pool_are_reported(
     assert "leakage" not in clean.source and "leakage" not in caplog.text
 
 
+def test_validation_rows_repeating_a_training_input_are_reported(tmp_path: Path) -> None:
+    # duplicated rows in the pool: the K-shot draw can put copies in train and in validation
+    rows = [{"text": f"text {i % 4}", "label": "ab"[i % 2]} for i in range(40)]
+    _write(tmp_path / "train.csv", rows)
+    td = load_task_data(DataConfig(path=str(tmp_path), k_shot=4, seed=0), "classification")
+    repeated = sum(t in set(td.train["text"][:]) for t in td.validation["text"][:])
+    assert repeated > 0
+    assert f"leakage: {repeated} of 8 validation rows repeat a training input" in td.source
+    fresh = [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(40)]
+    _write(tmp_path / "train.csv", fresh)
+    td = load_task_data(DataConfig(path=str(tmp_path), k_shot=4, seed=0), "classification")
+    assert "validation rows repeat" not in td.source
+
+
 def test_k_shot_per_class_keeps_a_listed_class_without_training_rows(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
