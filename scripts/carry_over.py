@@ -1,0 +1,145 @@
+"""Carry-over check: lorafit's defaults on a task they were not chosen on.
+
+    python scripts/carry_over.py                      # build the task, run what is missing, report
+    python scripts/carry_over.py --seeds 13 21 --report-only
+
+The task ("mixed6") mixes two datasets into six classes with unicode and punctuation in the
+label names, in parquet: the four AG News topics and the two MR polarities. Train pool: the
+first 400 rows per class of the AG News train slice and of MR's first 8,000 rows (MR shuffled
+with seed 0); test: the first 150 rows per class of the AG News test file and of MR's other
+2,662 rows (900 rows). Each run is one `lorafit train` with only the data, K=16, the seed
+(data.seed = train.seed) and the method set, plus `train.objective=ce` for the second LoRA row;
+the `baseline-*` rows are the issue's plain Trainer script (scripts/baseline_trainer.py) on the
+same K-shot splits.
+The defaults were never selected on this task, and nothing here feeds back into them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+SETTINGS = {
+    "lora": ["method.name=lora"],
+    "lora-ce": ["method.name=lora", "train.objective=ce"],
+    "head": ["method.name=head"],
+}
+AG_NAMES = {
+    "World": "World news 🌍",
+    "Sports": "Sports & Games",
+    "Business": "Business, finance",
+    "Sci/Tech": "Sci/Tech",
+}
+MR_NAMES = {"pos": "positive review ✓", "neg": "négative critique"}
+# the issue's plain transformers Trainer + peft settings (scripts/baseline_trainer.py)
+BASELINES = {"baseline-lora": "lora", "baseline-head": "head", "baseline-full": "full"}
+
+
+def build(folder: Path) -> Path:
+    """Write <folder>/train.parquet and test.parquet (once)."""
+    import pandas as pd
+
+    if (folder / "train.parquet").exists() and (folder / "test.parquet").exists():
+        return folder
+    read_tsv = lambda name: pd.read_csv(  # noqa: E731
+        DATA / "ag_news" / name, sep="\t", quoting=3, keep_default_na=False
+    )
+    ag_train, ag_test = read_tsv("train.tsv"), read_tsv("test.tsv")
+    mr = pd.read_json(DATA / "mr" / "mr.jsonl", lines=True)
+    mr = mr.sample(frac=1, random_state=0).reset_index(drop=True)
+    mr_train, mr_test = mr.iloc[:8000], mr.iloc[8000:]
+
+    def mix(ag, reviews, n_ag: int, n_mr: int):
+        topics = ag.groupby("label").head(n_ag).copy()
+        topics["label"] = topics.label.map(AG_NAMES)
+        polar = reviews.groupby("label").head(n_mr).copy()
+        polar["label"] = polar.label.map(MR_NAMES)
+        mixed = pd.concat([topics, polar]).sample(frac=1, random_state=1)
+        return mixed.reset_index(drop=True)[["text", "label"]]
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame in (
+        ("train", mix(ag_train, mr_train, 400, 400)),
+        ("test", mix(ag_test, mr_test, 150, 150)),
+    ):
+        tmp = folder / f".{name}.parquet.tmp"
+        frame.to_parquet(tmp)
+        tmp.rename(folder / f"{name}.parquet")
+    return folder
+
+
+def run(data: Path, out: Path, setting: str, seed: int) -> None:
+    if (out / "summary.json").exists():
+        return
+    data_overrides = ["model.name_or_path=minilm", f"data.path={data}"]
+    if setting in BASELINES:  # the same K-shot split: data.seed = seed, K=16 + 16 per class
+        command = [str(ROOT / "scripts" / "baseline_trainer.py"), "--method", BASELINES[setting]]
+        command += ["--dataset", "mixed6", "--k", "16", "--seed", str(seed), "--out", str(out)]
+        command += ["--data-overrides", *data_overrides]
+    else:
+        command = ["-m", "lorafit", "train", *data_overrides, "data.k_shot=16"]
+        command += [f"data.seed={seed}", f"train.seed={seed}", *SETTINGS[setting]]
+        command += [f"output.dir={out}", "output.overwrite=true"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{setting} seed {seed}", flush=True)
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        subprocess.run(
+            [sys.executable, *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+            check=True,
+        )
+
+
+def report(runs: Path, seeds: list[int]) -> str:
+    lines = [
+        "| setting | seeds | accuracy | macro-F1 | per seed (accuracy) |",
+        "|---|---|---|---|---|",
+    ]
+    for setting in [*SETTINGS, *BASELINES]:
+        tests = {}
+        for seed in seeds:
+            path = runs / f"{setting}-seed{seed}" / "summary.json"
+            if path.exists():
+                tests[seed] = json.loads(path.read_text())["test"]
+        if not tests:
+            continue
+        cells = []
+        for metric in ("accuracy", "f1_macro"):
+            values = [100 * t[metric] for t in tests.values()]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        each = " / ".join(f"{100 * t['accuracy']:.1f}" for t in tests.values())
+        lines.append(
+            f"| {setting} | {','.join(map(str, tests))} | {cells[0]} | {cells[1]} | {each} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "runs" / "carry"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[13, 21, 42, 87])
+    choices = [*SETTINGS, *BASELINES]
+    p.add_argument("--settings", nargs="+", default=choices, choices=choices)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    data = build(out / "data" / "mixed6")
+    if not args.report_only:
+        for seed in args.seeds:
+            for setting in args.settings:
+                run(data, out / "runs" / f"{setting}-seed{seed}", setting, seed)
+    print(report(out / "runs", args.seeds))
+
+
+if __name__ == "__main__":
+    main()
