@@ -386,6 +386,16 @@ def not_utf8(path: str | Path) -> str | None:
     return None
 
 
+def is_json_list(path: str | Path) -> bool:
+    """A .json file holding one JSON list (of records), else JSON lines: what its first
+    non-blank character says."""
+    with open(path, encoding="utf-8-sig") as fh:
+        for chunk in iter(lambda: fh.read(4096), ""):
+            if chunk.strip():
+                return chunk.lstrip().startswith("[")
+    return False
+
+
 def _bad_json_line(path: str) -> str | None:
     """Where a json/jsonl file breaks ("line 3: not valid JSON (...)"): Arrow's own message
     names a column and a row of its chunk, not the line. None when every line parses."""
@@ -393,7 +403,7 @@ def _bad_json_line(path: str) -> str | None:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         return f"{type(e).__name__}: {e}"
-    if text.lstrip().startswith("["):  # one JSON document: a list of records
+    if is_json_list(path):  # one JSON document: a list of records
         try:
             json.loads(text)
         except json.JSONDecodeError as e:
@@ -558,10 +568,11 @@ def _label_column(split: _Split, cfg: DataConfig) -> str:
         if column is not None:
             return column
     columns = split.dataset.column_names
-    if cfg.label not in columns and _sft_hint(columns, cfg):
+    hint = _sft_hint(columns, cfg) if cfg.label not in columns else None
+    if hint:
         raise DataError(
             f"{split.origin}: no column '{cfg.label}' (data.label) for classification; "
-            f"available columns: {', '.join(columns)}; {_sft_hint(columns, cfg)}"
+            f"available columns: {', '.join(columns)}; {hint}"
         )
     return _require_column(split, cfg.label, "label")
 
@@ -984,8 +995,9 @@ def _assign_splits(
                 f"the {role} split is empty after sampling; check data.k_shot, data.train_size and the data files"
             )
     validation_in_pool = cfg.k_shot is not None or not given_validation
-    notes.extend(_warn(_leakage_note(pool, train, validation, test, validation_in_pool)))
-    notes.extend(_warn(_validation_overlap_note(train, validation)))
+    keys = {name: _row_keys(d) for name, d in (("train", train), ("validation", validation))}
+    notes.extend(_warn(_leakage_note(pool, keys, test, validation_in_pool)))
+    notes.extend(_warn(_validation_overlap_note(keys)))
     return train, validation, test, notes
 
 
@@ -1053,14 +1065,11 @@ def _row_keys(dataset: Dataset) -> list[str]:
 
 
 def _leakage_note(
-    pool: Dataset,
-    train: Dataset,
-    validation: Dataset,
-    test: Dataset,
-    validation_in_pool: bool,
+    pool: Dataset, keys: dict[str, list[str]], test: Dataset, validation_in_pool: bool
 ) -> str | None:
-    """Test rows that repeat a training input inflate test scores: count them (never removed)."""
-    drawn = set(_row_keys(train)) | set(_row_keys(validation))
+    """Test rows that repeat a training input inflate test scores: count them (never removed).
+    `keys`: the `_row_keys` of the drawn train and validation rows."""
+    drawn = set(keys["train"]) | set(keys["validation"])
     seen = set(_row_keys(pool)) | drawn
     test_keys = _row_keys(test)
     n_seen = sum(key in seen for key in test_keys)
@@ -1079,15 +1088,15 @@ def _leakage_note(
     )
 
 
-def _validation_overlap_note(train: Dataset, validation: Dataset) -> str | None:
+def _validation_overlap_note(keys: dict[str, list[str]]) -> str | None:
     """Validation rows that repeat a training input (duplicated rows in the data) make the
     validation curve, the gap and model selection look better than they are."""
-    seen = set(_row_keys(train))
-    n = sum(key in seen for key in _row_keys(validation))
+    seen = set(keys["train"])
+    n = sum(key in seen for key in keys["validation"])
     if not n:
         return None
     return (
-        f"leakage: {n} of {len(validation)} validation rows repeat a training input: validation "
+        f"leakage: {n} of {len(keys['validation'])} validation rows repeat a training input: validation "
         f"scores, the train/validation gap and model selection may be optimistic; deduplicate "
         f"the data files"
     )

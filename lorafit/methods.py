@@ -521,12 +521,16 @@ def rank_update_hook(model: nn.Module) -> Callable[[int], None]:
 
     It scores the ranks from the gradients: call it after optimizer.step(), before zero_grad().
     """
-    from peft import PeftModel, PeftType
-
     body = model.encoder if isinstance(model, TextClassifier) else model
-    if isinstance(body, PeftModel) and body.peft_type == PeftType.ADALORA:
+    if _is_adalora(body):
         return body.base_model.update_and_allocate
     return lambda step: None
+
+
+def _is_adalora(body: nn.Module) -> bool:
+    from peft import PeftModel, PeftType
+
+    return isinstance(body, PeftModel) and body.peft_type == PeftType.ADALORA
 
 
 # -- optimiser groups -----------------------------------------------------------------------------
@@ -684,9 +688,7 @@ def _adalora_at_full_rank(body: nn.Module) -> Iterator[None]:
     peft would cut it to the latest rank pattern, dropping ranks that restored weights (the best
     step's, under train.select_best) still use; unpruned, a reload gives the same logits.
     """
-    from peft import PeftModel, PeftType
-
-    if not (isinstance(body, PeftModel) and body.peft_type == PeftType.ADALORA):
+    if not _is_adalora(body):
         yield
         return
     config = body.peft_config[body.active_adapter]

@@ -524,7 +524,7 @@ def _records(path: Path, suffix: str) -> Iterable[tuple[Any, str]]:
         for n, record in enumerate(_parquet_records(path)):
             yield record, f"{path} row {n}"
         return
-    if suffix == ".json" and _is_json_list(path):
+    if suffix == ".json" and D.is_json_list(path):
         try:
             records = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
@@ -566,15 +566,6 @@ def _parquet_records(path: Path) -> list[dict[str, Any]]:
             f"could not read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             "; check that it is valid parquet"
         ) from None
-
-
-def _is_json_list(path: Path) -> bool:
-    """A .json file holding one list of records (else it is read as JSON lines, as in training)."""
-    with open(path, encoding="utf-8-sig") as fh:
-        for chunk in iter(lambda: fh.read(4096), ""):
-            if chunk.strip():
-                return chunk.lstrip().startswith("[")
-    return False
 
 
 def _output_record(index: int, row: dict[str, Any], result: dict[str, Any], named: bool) -> dict:

@@ -592,9 +592,12 @@ def _refuse_causal_lm(sweep: Sweep) -> None:
     checked = set()
     for run in sweep.runs:
         task, data = run.config.model.task, run.config.data
-        if (task, repr(data)) in checked:
+        # what infer_task reads; the grid's K and seeds do not change it
+        decides = (task, data.path, data.name, data.delimiter, data.train_split)
+        decides += (data.messages, data.instruction, data.output)
+        if decides in checked:
             continue
-        checked.add((task, repr(data)))
+        checked.add(decides)
         if task == "auto" and data.path is not None and looks_local(data.path):
             task = infer_task(data)
         if task == "causal_lm":

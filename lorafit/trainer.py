@@ -523,21 +523,13 @@ class Trainer:
         train_eval = self._evaluate(self.train_sample_loader).metrics
         val = self._evaluate(self.validation_loader).metrics
         metric = self.selection.metric
-        gap = {"loss": val["loss"] - train_eval["loss"]}
-        if metric in val and metric != "loss":
-            # as documented: grows when memorising, for lower-is-better metrics too
-            difference = train_eval[metric] - val[metric]
-            gap[metric] = -difference if metric in LOWER_IS_BETTER else difference
+        gap = _metric_gap(train_eval, val, metric)
         improved = self.selection.update(step, val[metric], val["loss"])
         if improved:
             self.best_weights = self._snapshot()
         row = {
             "step": step,
-            "epoch": step
-            * tc.batch_size
-            * tc.grad_accum
-            * self.accelerator.num_processes
-            / max(len(self.train_set), 1),
+            "epoch": passes(tc, self.accelerator.num_processes, len(self.train_set), step),
             "lr": lr,
             "elapsed_s": self.elapsed_before + elapsed,
             "train": train_eval,
@@ -707,14 +699,18 @@ class Trainer:
 FEW_SHOT_MIN_PASSES = 5
 
 
+def passes(train_cfg, world: int, num_train: int, steps: int) -> float:
+    """Epochs that `steps` optimisation steps make over `num_train` rows on `world` processes."""
+    return steps * train_cfg.batch_size * train_cfg.grad_accum * world / max(num_train, 1)
+
+
 def budget_note(train_cfg, world: int, num_train: int, task: str) -> str | None:
     """A line when train.steps covers few passes over a classification training set."""
-    seen = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum * world
-    passes = seen / max(num_train, 1)
-    if task != "classification" or passes >= FEW_SHOT_MIN_PASSES:
+    covered = passes(train_cfg, world, num_train, train_cfg.steps)
+    if task != "classification" or covered >= FEW_SHOT_MIN_PASSES:
         return None
     return (
-        f"budget: train.steps={train_cfg.steps} is {passes:.1f} passes over the {num_train} "
+        f"budget: train.steps={train_cfg.steps} is {covered:.1f} passes over the {num_train} "
         f"training rows; the few-shot defaults were chosen at 6-50 passes (docs/recipes.md): "
         f"for a training set this large raise train.steps"
     )
@@ -777,13 +773,20 @@ def _response_tokens(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum()
 
 
-def _gap(train_metrics: dict, test_metrics: dict, metric: str) -> dict:
-    """How much better the training sample scores than test: positive when memorising, for
-    metrics where higher is better (train - test) and where lower is (test - train) alike."""
-    gap = {"loss": test_metrics["loss"] - train_metrics["loss"]}
-    if metric != "loss" and metric in test_metrics:
-        difference = train_metrics[metric] - test_metrics[metric]
+def _metric_gap(train_metrics: dict, other_metrics: dict, metric: str) -> dict:
+    """How much better the training sample scores than `other` (validation or test) on the loss
+    and `metric`: positive when memorising, for metrics where higher is better (train - other)
+    and where lower is (other - train) alike."""
+    gap = {"loss": other_metrics["loss"] - train_metrics["loss"]}
+    if metric != "loss" and metric in other_metrics:
+        difference = train_metrics[metric] - other_metrics[metric]
         gap[metric] = -difference if metric in LOWER_IS_BETTER else difference
+    return gap
+
+
+def _gap(train_metrics: dict, test_metrics: dict, metric: str) -> dict:
+    """`_metric_gap` against test, plus the accuracy gap whenever there is one."""
+    gap = _metric_gap(train_metrics, test_metrics, metric)
     if "accuracy" in test_metrics:
         gap["accuracy"] = train_metrics["accuracy"] - test_metrics["accuracy"]
     return gap
