@@ -217,6 +217,13 @@ def _print_summary(summary: dict, run_dir: str) -> None:
         lines.append(
             f"            macro-F1 {test['f1_macro']:.4f}, ECE {test['ece']:.4f}, NLL {test['nll']:.4f}"
         )
+        calibration = summary.get("calibration")
+        if calibration and "test_before" in calibration:
+            lines.append(
+                f"            calibrated by temperature {calibration['temperature']:.3g} "
+                f"(fitted on validation): test ECE {calibration['test_before']['ece']:.4f} "
+                f"before, NLL {calibration['test_before']['nll']:.4f} before"
+            )
         majority = _majority_class(summary)
         if majority:
             lines.append(f"            {majority}")

@@ -287,6 +287,11 @@ class TrainConfig:
         "Contrastive objective: fit the head on a fixed class-stratified sample of this many "
         "training examples (all when fewer; None: all).",
     )
+    calibration: str = _f(
+        "auto",
+        "After training, fit a temperature on the validation split and fold it into the head "
+        "(predictions unchanged): temperature | none | auto (temperature for classification).",
+    )
     label_smoothing: float = _f(0.0, "Label smoothing of the classification loss.")
     layer_lr_decay: float = _f(1.0, "Layer-wise LR decay factor per layer below the top (1: off).")
     rdrop: float = _f(0.0, "R-Drop weight: symmetric KL between two dropout passes (0: off).")
@@ -313,6 +318,7 @@ class TrainConfig:
         _check_positive("train", "max_grad_norm", self.max_grad_norm)
         if self.objective is not None:
             _check_choice("train", "objective", self.objective, ("auto", "ce", "contrastive"))
+        _check_choice("train", "calibration", self.calibration, ("auto", "temperature", "none"))
         _check_choice("train", "schedule", self.schedule, ("linear", "cosine", "constant"))
         _check_choice("train", "optimizer", self.optimizer, ("adamw", "adamw_8bit"))
         _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
@@ -353,6 +359,19 @@ def objective_for(train_cfg: TrainConfig, task: str) -> str:
                 f"set train.{name}={'null' if off is None else off} or train.objective=ce"
             )
     return objective
+
+
+def calibration_for(train_cfg: TrainConfig, task: str) -> str:
+    """What `train.calibration` means for `task` (auto: temperature for classification, else
+    none); the config itself keeps `auto`."""
+    if train_cfg.calibration == "auto":
+        return "temperature" if task == "classification" else "none"
+    if train_cfg.calibration == "temperature" and task != "classification":
+        raise ConfigError(
+            "train.calibration=temperature scales a classification head; "
+            "use train.calibration=none for causal LMs"
+        )
+    return train_cfg.calibration
 
 
 def selection_metric_for(train_cfg: TrainConfig, task: str) -> str:

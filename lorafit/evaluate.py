@@ -28,7 +28,7 @@ class EvalResult:
     metrics: dict[str, float]
     """Scalar metrics (loss, accuracy, ...) for logging."""
     per_example: dict[str, np.ndarray] | None = None
-    """Per-example arrays (row, label, pred, prob, nll / nll_sum, n_tokens) when requested."""
+    """Per-example arrays (row, label, logits, pred, prob, nll / nll_sum, n_tokens) when requested."""
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     """Non-scalar metrics: per-class precision/recall/f1, confusion matrix."""
     seconds: float = 0.0
@@ -146,6 +146,7 @@ def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_class
         per_example = {
             "row": _concat(kept["row"], (0,), np.int64),
             "label": labels_all,
+            "logits": logits_all,
             "pred": logits_all.argmax(-1) if len(logits_all) else np.zeros(0, np.int64),
             "prob": np.exp(log_probs),
             "nll": -log_probs[np.arange(len(labels_all)), labels_all],

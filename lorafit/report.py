@@ -498,7 +498,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         f"**Per-run bootstrap CI**: the mean of {bootstrap_note} over its test "
         "examples (test-set noise only; the level is the runs' eval.ci_level).",
         "- **gap**: train-sample metric minus test metric with the selected weights; "
-        "**ECE**: top-label expected calibration error on test.",
+        "**ECE**: top-label expected calibration error on test (after the run's "
+        "validation temperature, train.calibration).",
         f"- **Δ and p**: paired comparison of the method with {cfg.baseline} at the same K, "
         "over the seeds where both runs are ok, on the test rows both predicted. Δ is the mean "
         "over those seeds of the per-seed difference. Its 95% CI and the bootstrap p-value "

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from lorafit import data as D
 from lorafit import distributed as dist
 from lorafit import methods as Meth
+from lorafit import metrics as M
+from lorafit.calibration import fit_temperature
 from lorafit.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -32,7 +34,13 @@ from lorafit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lorafit.config import LOWER_IS_BETTER, RunConfig, objective_for, selection_metric_for
+from lorafit.config import (
+    LOWER_IS_BETTER,
+    RunConfig,
+    calibration_for,
+    objective_for,
+    selection_metric_for,
+)
 from lorafit.distributed import make_accelerator
 from lorafit.errors import ConfigError, TrainingError
 from lorafit.evaluate import (
@@ -175,6 +183,7 @@ class Trainer:
         self.task = cfg.model.task if cfg.model.task != "auto" else D.infer_task(cfg.data)
         # auto settings are known once the task is; both refuse mixes that cannot work
         self.objective = objective_for(cfg.train, self.task)
+        self.calibration = calibration_for(cfg.train, self.task)
         selection_metric = selection_metric_for(cfg.train, self.task)
         self.data = D.load_task_data(cfg.data, self.task)
         self.label_names = self.data.label_names
@@ -311,6 +320,37 @@ class Trainer:
         dist.write_full(
             self.accelerator, self.model, head, {"head.weight": weight, "head.bias": bias}
         )
+
+    def _calibrate(self) -> dict | None:
+        """Fit a temperature on validation and fold it into the head: logits / T everywhere on.
+
+        Predictions do not change (T > 0 keeps every argmax); probabilities, NLL, Brier and ECE
+        of the final evaluations, the saved model and its exports do."""
+        if self.calibration != "temperature":
+            return None
+        val = self._evaluate(self.validation_loader, keep=True).per_example
+        logits, labels = val["logits"], val["label"]  # [N, C], [N]: gathered on every rank
+        temperature = fit_temperature(logits, labels)
+        head = {f"head.{n}": p for n, p in self.unwrapped.head.named_parameters()}
+        current = dist.read_full(self.accelerator, self.model, head)
+        with torch.no_grad():  # a cross-entropy head is a trainable leaf
+            dist.write_full(
+                self.accelerator, self.model, head, {k: v / temperature for k, v in current.items()}
+            )
+        before, after = (
+            _calibration_metrics(z, labels, self.num_classes, self.cfg.eval.ece_bins)
+            for z in (logits, logits / temperature)
+        )
+        self._print(
+            f"calibration: temperature {temperature:.3g} fitted on {len(labels)} validation "
+            f"examples (validation ECE {before['ece']:.3f} -> {after['ece']:.3f})"
+        )
+        return {
+            "method": "temperature",
+            "temperature": temperature,
+            "validation_before": before,
+            "validation_after": after,
+        }
 
     def _resume(self) -> None:
         checkpoints = list_checkpoints(self.run.checkpoints)
@@ -601,10 +641,18 @@ class Trainer:
             _copy_into(self.trainable, self.ema.shadow)
         self.ema = None  # the chosen weights are now in the model itself
         self._fit_head()  # (contrastive) the head of the chosen body
+        calibration = self._calibrate()
         metric = self.selection.metric
         final_train = self._evaluate(self.train_sample_loader).metrics
         test = self._evaluate(self.test_loader, keep=True)
         ci = confidence_intervals(test.per_example, self.task, self.num_classes, cfg.eval)
+        if calibration:  # what calibration changed on test: the same logits before the scaling
+            calibration["test_before"] = _calibration_metrics(
+                test.per_example["logits"] * calibration["temperature"],
+                test.per_example["label"],
+                self.num_classes,
+                cfg.eval.ece_bins,
+            )
 
         rows = read_jsonl(self.run.metrics) if self.is_main else []
         best_row = next((r for r in rows if r["step"] == self.selection.best_step), None)
@@ -617,6 +665,7 @@ class Trainer:
             "task": self.task,
             "method": cfg.method.name,
             "objective": self.objective,
+            "calibration": calibration,
             "model": cfg.model.name_or_path,
             "pooling": self.model_info.get("pooling"),
             "pool_layers": self.model_info.get("pool_layers"),
@@ -790,6 +839,15 @@ def _gap(train_metrics: dict, test_metrics: dict, metric: str) -> dict:
     if "accuracy" in test_metrics:
         gap["accuracy"] = train_metrics["accuracy"] - test_metrics["accuracy"]
     return gap
+
+
+def _calibration_metrics(logits, labels, num_classes: int, ece_bins: int) -> dict[str, float]:
+    """NLL, Brier and ECE of logits [N, C] (what a temperature changes; accuracy it does not)."""
+    acc = M.ClassificationMetrics(num_classes=num_classes, ece_bins=ece_bins)
+    if len(labels):
+        acc.update(np.ascontiguousarray(logits, dtype=np.float32), labels)
+    out = acc.compute()
+    return {k: float(out[k]) for k in ("nll", "brier", "ece")}
 
 
 def _write_predictions(path, per_example: dict | None, label_names) -> None:

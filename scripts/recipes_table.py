@@ -250,12 +250,12 @@ def run_all(args) -> None:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _stat(values: list[float], scale: float = 100.0) -> str:
+def _stat(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if not values:
         return "not run"
     mean = statistics.fmean(values) * scale
     std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 BASELINE_LABEL = {
@@ -325,6 +325,7 @@ def report(args) -> str:
                         f"{_stat(ece)} |"
                     )
             lines += _per_seed(cells, dataset, k, columns)
+            lines += _calibration(cells, dataset, k, columns)
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
@@ -351,6 +352,34 @@ def _per_seed(cells: dict, dataset: str, k: int, columns: list[tuple[str, str]])
             cells_.append(f"{r['test']['accuracy'] * 100:.1f} ({train_acc:.0f})")
         lines.append(f"| {seed} | " + " | ".join(cells_) + " |")
     return lines
+
+
+def _calibration(cells: dict, dataset: str, k: int, columns: list[tuple[str, str]]) -> list[str]:
+    """Runs calibrated by a validation temperature (train.calibration): test ECE and NLL
+    before (`calibration.test_before`, the same run's raw head) and after."""
+    lines = []
+    for system, method in columns:
+        runs = [r for r in cells[(dataset, k, system, method)] if r.get("calibration")]
+        if not runs:
+            continue
+        temperatures = [r["calibration"]["temperature"] for r in runs]
+        before = [r["calibration"]["test_before"] for r in runs]
+        lines.append(
+            f"| {system}-{method} | {len(runs)} | {statistics.fmean(temperatures):.2f} "
+            f"({min(temperatures):.2f}–{max(temperatures):.2f}) | "
+            f"{_stat([b['ece'] for b in before])} → {_stat([r['test']['ece'] for r in runs])} | "
+            f"{_stat([b['nll'] for b in before], 1, 3)} → "
+            f"{_stat([r['test']['nll'] for r in runs], 1, 3)} |"
+        )
+    if not lines:
+        return []
+    head = [
+        "",
+        "| calibrated runs | seeds | temperature, mean (range) | test ECE ×100 before → after "
+        "| test NLL before → after |",
+        "|---|---|---|---|---|",
+    ]
+    return head + lines
 
 
 def main() -> None:

@@ -121,6 +121,15 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ["method.reinit_layers=1"],
         ["train.layer_lr_decay=0.8"],
     ),
+    # post-hoc temperature scaling on the validation split (train.calibration, on by default
+    # since these runs); the override only names the runs apart from the earlier default runs
+    **{
+        f"calibration_{dataset}": [
+            (dataset, method, ["train.calibration=temperature"])
+            for method in ("lora", "head", "full")
+        ]
+        for dataset in DATASETS
+    },
     **per_dataset(
         "contrastive_longer",
         "lora",
@@ -303,6 +312,7 @@ def run_one(out: Path, folders: dict, dataset: str, method: str, overrides: list
             "overrides": overrides,
             "seed": seed,
             "curve": rows,
+            "calibration": summary.get("calibration"),
         }
         fh.write(json.dumps(record) + "\n")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -350,6 +360,7 @@ def report(out: Path) -> str:
             f"| {name} | {seeds} | {_ms(last)} | {_ms(best)} | {_ms(best100)} | {_ms(train)} |"
         )
     lines += _objective_table(records)
+    lines += _calibration_table(records, out)
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
@@ -384,6 +395,53 @@ def _objective_table(records: list[dict]) -> list[str]:
         lines.append(
             f"| all | {method} | {len(d)} pairs | | | mean {100 * statistics.fmean(d):+.1f}, "
             f"contrastive ahead in {wins} |"
+        )
+    return lines
+
+
+def _calibration_table(records: list[dict], out: Path) -> list[str]:
+    """The calibration_* groups: the fitted temperature and dev (this script's test set) ECE and
+    NLL before and after it, per run; the means per method over datasets and seeds."""
+    lines = [
+        "",
+        "| dataset | method | data seed | temperature | dev ECE ×100 before → after "
+        "| dev NLL before → after | validation ECE ×100 before → after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    means: dict[str, list[tuple[float, float, float, float]]] = {}
+    for r in sorted(records, key=lambda r: (r["dataset"], r["method"], r["seed"])):
+        cal = r.get("calibration")
+        if not cal or "test_before" not in cal:
+            continue
+        after = json.loads(
+            (out / "runs" / r["name"] / f"seed{r['seed']}" / "summary.json").read_text()
+        )
+        before, after = cal["test_before"], after["test"]
+        val_b, val_a = cal["validation_before"], cal["validation_after"]
+        # softening only (T >= 1): a fitted T under 1 is not applied, the run stays as before
+        soft = after if cal["temperature"] >= 1 else before
+        means.setdefault(r["method"], []).append(
+            (before["ece"], after["ece"], soft["ece"], before["nll"], after["nll"], soft["nll"])
+        )
+        lines.append(
+            f"| {r['dataset']} | {r['method']} | {r['seed']} | {cal['temperature']:.2f} | "
+            f"{100 * before['ece']:.1f} → {100 * after['ece']:.1f} | "
+            f"{before['nll']:.3f} → {after['nll']:.3f} | "
+            f"{100 * val_b['ece']:.1f} → {100 * val_a['ece']:.1f} |"
+        )
+    lines += [
+        "",
+        "| method | runs | dev ECE ×100: none / fitted T / T ≥ 1 only | dev NLL: none / fitted T "
+        "/ T ≥ 1 only | fitted T lowered ECE / NLL in |",
+        "|---|---|---|---|---|",
+    ]
+    for method, rows in means.items():
+        ece_b, ece_a, ece_s, nll_b, nll_a, nll_s = (statistics.fmean(c) for c in zip(*rows))
+        lower_ece = sum(row[1] < row[0] for row in rows)
+        lower_nll = sum(row[4] < row[3] for row in rows)
+        lines.append(
+            f"| {method} | {len(rows)} | {100 * ece_b:.1f} / {100 * ece_a:.1f} / {100 * ece_s:.1f} "
+            f"| {nll_b:.3f} / {nll_a:.3f} / {nll_s:.3f} | {lower_ece} / {lower_nll} |"
         )
     return lines
 

@@ -161,6 +161,12 @@ def test_classification_summary_gap_is_train_minus_test(capsys):
     out = capsys.readouterr().out
     assert "train-sample accuracy minus test accuracy = +0.2500" in out
     assert "95% CI 0.600-0.800" in out
+    assert "calibrated" not in out  # train.calibration=none
+    calibration = {"temperature": 2.5, "test_before": {"ece": 0.21, "nll": 0.93, "brier": 0.4}}
+    cli._print_summary({**summary, "calibration": calibration}, "runs/x")
+    out = capsys.readouterr().out
+    assert "ECE 0.1000, NLL 0.6000" in out  # the calibrated test metrics, as before
+    assert "temperature 2.5 (fitted on validation): test ECE 0.2100 before, NLL 0.9300" in out
 
 
 def test_a_missing_cpp_core_is_a_one_line_error(tmp_path):

@@ -135,3 +135,15 @@ def test_early_stopping_metric_is_checked_against_the_task():
     auto = RunConfig().train  # auto: accuracy for classification, else loss
     assert selection_metric_for(auto, "classification") == "accuracy"
     assert selection_metric_for(auto, "causal_lm") == "loss"
+
+
+def test_calibration_means_temperature_for_classification_only():
+    from lorafit.config import TrainConfig, calibration_for
+
+    assert calibration_for(TrainConfig(), "classification") == "temperature"
+    assert calibration_for(TrainConfig(), "causal_lm") == "none"
+    assert calibration_for(TrainConfig(calibration="none"), "classification") == "none"
+    with pytest.raises(ConfigError, match="train.calibration=none for causal LMs"):
+        calibration_for(TrainConfig(calibration="temperature"), "causal_lm")
+    with pytest.raises(ConfigError, match="train.calibration"):
+        TrainConfig(calibration="platt")

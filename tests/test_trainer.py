@@ -136,6 +136,46 @@ def test_saved_adapter_reproduces_test_predictions(tiny_bert_path, sentiment_dir
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "head"])  # a fitted head; a trained (leaf) head
+def test_temperature_changes_probabilities_not_predictions(
+    method, tiny_bert_path, sentiment_dir, tmp_path, monkeypatch
+):
+    # The plumbing, with a fixed T (the fit itself: tests/test_calibration.py). A tiny model
+    # separates its validation set, where the fit stays at T = 1 and would test nothing.
+    fitted = []
+    monkeypatch.setattr(
+        "lorafit.trainer.fit_temperature", lambda logits, labels: fitted.append(len(labels)) or 2.5
+    )
+    runs = {
+        c: run_tiny(
+            tiny_bert_path,
+            sentiment_dir,
+            tmp_path / c,
+            **{"method.name": method, "train.calibration": c, "train.steps": 4},
+        )
+        for c in ("none", "temperature")
+    }
+    assert runs["none"]["calibration"] is None
+    assert fitted == [runs["temperature"]["num_validation"]]  # fitted once, on validation
+    calibration = runs["temperature"]["calibration"]
+    temperature = calibration["temperature"]
+    assert temperature == 2.5
+    # the same training either way: test before calibration is the uncalibrated run's test
+    for key in ("nll", "brier", "ece"):
+        assert calibration["test_before"][key] == pytest.approx(runs["none"]["test"][key], abs=1e-5)
+    assert runs["temperature"]["test"]["accuracy"] == runs["none"]["test"]["accuracy"]
+    rows = {
+        c: sorted(read_jsonl(tmp_path / c / "predictions" / "test.jsonl"), key=lambda r: r["row"])
+        for c in runs
+    }
+    assert [r["pred"] for r in rows["none"]] == [r["pred"] for r in rows["temperature"]]
+    plain = np.log(np.array([r["prob"] for r in rows["none"]]) + 1e-12) / temperature
+    expected = np.exp(plain - plain.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    calibrated = np.array([r["prob"] for r in rows["temperature"]])
+    np.testing.assert_allclose(calibrated, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["full", "head", "qlora", "ia3"])
 def test_each_method_trains(method, tiny_bert_path, sentiment_dir, tmp_path):
     summary = run_tiny(
@@ -198,6 +238,9 @@ def test_contrastive_objective_fits_the_head_on_the_trained_body(
     else:
         assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     weight, bias = fit_logistic_head(embeddings, labels, 2)
+    # then the validation temperature (train.calibration=auto) is folded in: logits / T
+    temperature = summary["calibration"]["temperature"]
+    weight, bias = weight / temperature, bias / temperature
     torch.testing.assert_close(head.weight.detach(), weight, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(head.bias.detach(), bias, atol=1e-5, rtol=1e-4)
     saved = load_file(tmp_path / "contrastive" / "adapter" / "head.safetensors")
