@@ -101,25 +101,34 @@ def run(data: Path, out: Path, setting: str, seed: int) -> None:
 
 def report(runs: Path, seeds: list[int]) -> str:
     lines = [
-        "| setting | seeds | accuracy | macro-F1 | per seed (accuracy) |",
-        "|---|---|---|---|---|",
+        "| setting | seeds | accuracy | macro-F1 | ECE ×100 (calibrated runs: raw → calibrated) "
+        "| per seed (accuracy) |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def mean_std(values: list[float]) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
     for setting in [*SETTINGS, *BASELINES]:
-        tests = {}
+        summaries = {}
         for seed in seeds:
             path = runs / f"{setting}-seed{seed}" / "summary.json"
             if path.exists():
-                tests[seed] = json.loads(path.read_text())["test"]
-        if not tests:
+                summaries[seed] = json.loads(path.read_text())
+        if not summaries:
             continue
-        cells = []
-        for metric in ("accuracy", "f1_macro"):
-            values = [100 * t[metric] for t in tests.values()]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
-        each = " / ".join(f"{100 * t['accuracy']:.1f}" for t in tests.values())
+        tests = [s["test"] for s in summaries.values()]
+        cells = [mean_std([100 * t[metric] for t in tests]) for metric in ("accuracy", "f1_macro")]
+        ece = mean_std([100 * t["ece"] for t in tests])
+        # train.calibration: the same run's raw head is in calibration.test_before
+        raw = [(s.get("calibration") or {}).get("test_before") for s in summaries.values()]
+        if all(raw):
+            ece = f"{mean_std([100 * r['ece'] for r in raw])} → {ece}"
+        each = " / ".join(f"{100 * t['accuracy']:.1f}" for t in tests)
         lines.append(
-            f"| {setting} | {','.join(map(str, tests))} | {cells[0]} | {cells[1]} | {each} |"
+            f"| {setting} | {','.join(map(str, summaries))} | {cells[0]} | {cells[1]} | {ece} "
+            f"| {each} |"
         )
     return "\n".join(lines)
 
