@@ -316,10 +316,16 @@ class Trainer:
             return
         embeddings, labels = embed_dataset(self.model, self.head_fit_loader, self.accelerator)
         weight, bias = fit_logistic_head(embeddings, labels, self.num_classes)  # [C, H], [C]
-        head = {f"head.{n}": p for n, p in self.unwrapped.head.named_parameters()}
         dist.write_full(
-            self.accelerator, self.model, head, {"head.weight": weight, "head.bias": bias}
+            self.accelerator,
+            self.model,
+            self._head_params(),
+            {"head.weight": weight, "head.bias": bias},
         )
+
+    def _head_params(self) -> dict[str, torch.nn.Parameter]:
+        """The linear head's parameters by their names in the model ("head.weight", "head.bias")."""
+        return {f"head.{n}": p for n, p in self.unwrapped.head.named_parameters()}
 
     def _calibrate(self) -> dict | None:
         """Fit a temperature on validation and fold it into the head: logits / T everywhere on.
@@ -328,18 +334,19 @@ class Trainer:
         of the final evaluations, the saved model and its exports do."""
         if self.calibration != "temperature":
             return None
-        val = self._evaluate(self.validation_loader, keep=True).per_example
-        logits, labels = val["logits"], val["label"]  # [N, C], [N]: gathered on every rank
+        val = self._evaluate(self.validation_loader, keep=True)
+        # [N, C], [N]: gathered on every rank
+        logits, labels = val.per_example["logits"], val.per_example["label"]
         temperature = fit_temperature(logits, labels)
-        head = {f"head.{n}": p for n, p in self.unwrapped.head.named_parameters()}
+        head = self._head_params()
         current = dist.read_full(self.accelerator, self.model, head)
         with torch.no_grad():  # a cross-entropy head is a trainable leaf
             dist.write_full(
                 self.accelerator, self.model, head, {k: v / temperature for k, v in current.items()}
             )
-        before, after = (
-            _calibration_metrics(z, labels, self.num_classes, self.cfg.eval.ece_bins)
-            for z in (logits, logits / temperature)
+        before = {k: val.metrics[k] for k in CALIBRATION_METRICS}  # the raw head's evaluation
+        after = _calibration_metrics(
+            logits / temperature, labels, self.num_classes, self.cfg.eval.ece_bins
         )
         self._print(
             f"calibration: temperature {temperature:.3g} fitted on {len(labels)} validation "
@@ -841,13 +848,17 @@ def _gap(train_metrics: dict, test_metrics: dict, metric: str) -> dict:
     return gap
 
 
+# What a temperature changes (accuracy and every other argmax metric it does not).
+CALIBRATION_METRICS = ("nll", "brier", "ece")
+
+
 def _calibration_metrics(logits, labels, num_classes: int, ece_bins: int) -> dict[str, float]:
-    """NLL, Brier and ECE of logits [N, C] (what a temperature changes; accuracy it does not)."""
+    """NLL, Brier and ECE of logits [N, C]."""
     acc = M.ClassificationMetrics(num_classes=num_classes, ece_bins=ece_bins)
     if len(labels):
         acc.update(np.ascontiguousarray(logits, dtype=np.float32), labels)
     out = acc.compute()
-    return {k: float(out[k]) for k in ("nll", "brier", "ece")}
+    return {k: float(out[k]) for k in CALIBRATION_METRICS}
 
 
 def _write_predictions(path, per_example: dict | None, label_names) -> None:
