@@ -448,7 +448,6 @@ def _build(
     # heads stay in float: 4-bit layers cannot train, and the pooler is part of the classifier
     quant_cfg = bnb_4bit_config(method_cfg, ["pooler", "lm_head"]) if quantized else None
     base = load_base_model(model_cfg, task, source, quant_cfg, device_map=device_map)
-    check_max_length(model_cfg, base.config)
     if base.config.pad_token_id is None and tokenizer is not None:
         base.config.pad_token_id = tokenizer.pad_token_id
     if quantized:
@@ -457,18 +456,24 @@ def _build(
         disable_cpu_weight_repacking(base)
         # gradient checkpointing is the trainer's switch (train.gradient_checkpointing)
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    if task == "classification":
-        pooling = choose_pooling(model_cfg.pooling, source, base)
-        encoder, targets = _apply_method(method_cfg, base, task, pooling)
-        depth = getattr(base.config, "num_hidden_layers", None)
-        pool_layers = resolve_pool_layers(model_cfg.pool_layers, method_cfg.name, pooling, depth)
-        model = TextClassifier(encoder, num_labels, pooling, pool_layers=pool_layers)
-        model.head.to(
-            next(p.device for p in encoder.parameters())
-        )  # a 4-bit base sits on its device
-        return model, pooling, targets
-    model, targets = _apply_method(method_cfg, base, task, None)
-    return model, None, targets
+    pooling = choose_pooling(model_cfg.pooling, source, base) if task == "classification" else None
+    body, targets = _apply_method(method_cfg, base, task, pooling)
+    check_max_length(model_cfg, base.config, virtual_tokens(body))
+    if task != "classification":
+        return body, None, targets
+    depth = getattr(base.config, "num_hidden_layers", None)
+    pool_layers = resolve_pool_layers(model_cfg.pool_layers, method_cfg.name, pooling, depth)
+    model = TextClassifier(body, num_labels, pooling, pool_layers=pool_layers)
+    model.head.to(next(p.device for p in body.parameters()))  # a 4-bit base sits on its device
+    return model, pooling, targets
+
+
+def virtual_tokens(model: nn.Module) -> int:
+    """Positions a prompt-learning adapter puts before the input (0 for every other method)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is None or not peft_config.is_prompt_learning:
+        return 0
+    return peft_config.num_virtual_tokens
 
 
 def _meta(

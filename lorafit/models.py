@@ -305,14 +305,23 @@ def position_limit(config: Any) -> int | None:
     return limit
 
 
-def check_max_length(model_cfg: ModelConfig, config: Any) -> None:
-    """Refuse model.max_length beyond the model's positions: training would crash on a long batch."""
+def check_max_length(model_cfg: ModelConfig, config: Any, virtual_tokens: int = 0) -> None:
+    """Refuse model.max_length beyond the model's positions: training would crash on a long batch.
+
+    `virtual_tokens`: positions a prompt-learning adapter takes in front of every input."""
     limit = position_limit(config)
-    if limit is not None and model_cfg.max_length > limit:
+    if limit is None or model_cfg.max_length + virtual_tokens <= limit:
+        return
+    if virtual_tokens:
         raise ConfigError(
-            f"model.max_length={model_cfg.max_length} is longer than {model_cfg.name_or_path} "
-            f"allows ({limit} positions); set model.max_length={limit} or less"
+            f"model.max_length={model_cfg.max_length} plus the adapter's {virtual_tokens} virtual "
+            f"tokens is longer than {model_cfg.name_or_path} allows ({limit} positions); set "
+            f"model.max_length={limit - virtual_tokens} or less"
         )
+    raise ConfigError(
+        f"model.max_length={model_cfg.max_length} is longer than {model_cfg.name_or_path} "
+        f"allows ({limit} positions); set model.max_length={limit} or less"
+    )
 
 
 def _quantization_device() -> str:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 _STATUSES = ("ok", "failed", "crashed", "pending")
 _UNFINISHED = ("crashed", "pending")
-# Valid range of the sweep metrics (accuracy, f1_macro): plotted intervals are clipped to it
+# Valid range of the sweep metrics (accuracy, f1_macro): intervals across seeds are clipped to it
 METRIC_RANGE = (0.0, 1.0)
 PLOTS = {
     "metric_vs_k": "test {metric} vs K (mean and CI across seeds)",
@@ -66,7 +66,10 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def seed_stats(values: list[float], level: float) -> dict[str, float]:
-    """Mean, sample std and Student-t CI across seeds (NaN where undefined)."""
+    """Mean, sample std and Student-t CI across seeds (NaN where undefined).
+
+    The CI is clipped to METRIC_RANGE: a 2-seed t-interval can span [-0.3, 1.9], and an accuracy
+    above 1 is not a plausible value."""
     from lorafit.metrics import mean_ci
 
     nan = float("nan")
@@ -74,7 +77,8 @@ def seed_stats(values: list[float], level: float) -> dict[str, float]:
         return {"mean": nan, "std": nan, "ci_low": nan, "ci_high": nan}
     ci = mean_ci(values, level=level)
     std = float(np.std(values, ddof=1)) if len(values) > 1 else nan
-    return {"mean": ci.estimate, "std": std, "ci_low": ci.low, "ci_high": ci.high}
+    low, high = np.clip([ci.low, ci.high], *METRIC_RANGE)  # NaN stays NaN
+    return {"mean": ci.estimate, "std": std, "ci_low": float(low), "ci_high": float(high)}
 
 
 # ------------------------------------------------------------------------------- run collection
@@ -635,7 +639,8 @@ def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, 
         cells = [e for e in table if e["method"] == method]
         x = [e["k_shot"] for e in cells]
         mean = [e[f"{metric}_mean"] for e in cells]
-        low, high = zip(*(_plotted_ci(e, metric) for e in cells))
+        low = [e[f"{metric}_ci_low"] for e in cells]
+        high = [e[f"{metric}_ci_high"] for e in cells]
         if len(ks) == 1:
             ax.errorbar(
                 [k * dodge(i) for k in x],
@@ -687,7 +692,7 @@ def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, 
     for method in cfg.methods:
         cells = [e for e in table if e["method"] == method and not math.isnan(e[f"{metric}_mean"])]
         for e in cells:
-            low, high = _plotted_ci(e, metric)
+            low, high = e[f"{metric}_ci_low"], e[f"{metric}_ci_high"]
             ax.errorbar(
                 e["trainable_params"],
                 e[f"{metric}_mean"],
@@ -714,13 +719,6 @@ def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, 
         ax.legend(fontsize=8)
     save(fig, "params_vs_metric")
     return paths
-
-
-def _plotted_ci(e: dict, metric: str) -> tuple[float, float]:
-    """The CI across seeds clipped to the metric's range (a 2-seed t-interval can span [-0.3,
-    1.9]); NaN stays NaN."""
-    low, high = np.clip([e[f"{metric}_ci_low"], e[f"{metric}_ci_high"]], *METRIC_RANGE)
-    return float(low), float(high)
 
 
 def _error_bar_lengths(mean, low, high) -> np.ndarray:

@@ -174,6 +174,9 @@ def test_ddp_contrastive_fits_the_same_head_on_both_ranks(trained):
     assert ranks[0]["num_processes"] == 2
     assert ranks[0]["hash"] == ranks[1]["hash"]  # the body, kept identical by DDP
     assert ranks[0]["head_hash"] == ranks[1]["head_hash"]  # fitted from gathered embeddings
+    # one temperature, fitted on the gathered validation logits, then folded into that head
+    assert ranks[0]["calibration"]["method"] == "temperature"
+    assert ranks[0]["calibration"] == ranks[1]["calibration"]
     summary = json.loads((trained["runs"]["contrastive"] / "summary.json").read_text())
     assert summary["objective"] == "contrastive"
     assert summary["train_sample_at_selected"]["accuracy"] >= 0.9

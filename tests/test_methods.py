@@ -23,7 +23,9 @@ MASK = (IDS != 0).long()
 
 def _build(path: str, task: str = "classification", **method: object) -> M.Built:
     torch.manual_seed(0)
-    return M.build_model(ModelConfig(name_or_path=path), MethodConfig(**method), task, num_labels=3)
+    # 64 leaves room for prompt-learning's 20 virtual tokens within the tiny BERT's 128 positions
+    model_cfg = ModelConfig(name_or_path=path, max_length=64)
+    return M.build_model(model_cfg, MethodConfig(**method), task, num_labels=3)
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -178,6 +180,21 @@ def test_max_length_beyond_the_position_limit_is_refused(
     assert "\n" not in message
     model_cfg.max_length = limit  # the limit itself is fine
     M.build_model(model_cfg, MethodConfig(name="lora"), task, num_labels=2)
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning"])
+def test_max_length_counts_the_virtual_tokens(tiny_bert_path, name):
+    # 128 positions; 4 virtual tokens in front of a 128-token input would crash the forward
+    method_cfg = MethodConfig(name=name, peft_kwargs={"num_virtual_tokens": 4})
+    model_cfg = ModelConfig(name_or_path=tiny_bert_path, max_length=128)
+    with pytest.raises(ConfigError) as err:
+        M.build_model(model_cfg, method_cfg, "classification", num_labels=2)
+    message = str(err.value)
+    assert "4 virtual tokens" in message and "model.max_length=124 or less" in message
+    model_cfg.max_length = 124
+    model = M.build_model(model_cfg, method_cfg, "classification", num_labels=2).model
+    ids = torch.randint(5, 100, (2, 124))
+    assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).shape == (2, 2)
 
 
 def test_reinit_top_layers(tiny_bert_path):

@@ -20,7 +20,7 @@ import yaml
 
 from lorafit.errors import ConfigError
 from lorafit.io import write_json
-from lorafit.report import holm
+from lorafit.report import holm, seed_stats
 from lorafit.sweep import Outcome, execute, launch_subprocess, load_sweep, run_compare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,6 +353,16 @@ def test_seed_statistics_match_hand_computed_values(tmp_path):
     assert {"cfg.method.name", "cfg.train.lr", "cfg.method.r", "wall_time_s"} <= set(runs[0])
 
 
+def test_seed_interval_is_clipped_to_the_metric_range():
+    # 2 seeds: t(0.975, 1) = 12.706, so the raw interval is 0.9 +- 0.635 = [0.265, 1.535]
+    stats = seed_stats([0.95, 0.85], 0.95)
+    assert stats["mean"] == pytest.approx(0.9)
+    assert stats["ci_low"] == pytest.approx(0.9 - 12.7062 * 0.05, abs=1e-3)
+    assert stats["ci_high"] == 1.0
+    assert seed_stats([0.05, 0.15], 0.95)["ci_low"] == 0.0
+    assert math.isnan(seed_stats([0.9], 0.95)["ci_high"])  # one seed: no interval
+
+
 def test_paired_test_detects_a_real_difference_and_not_a_null_one(tmp_path):
     seeds = list(range(1, 9))  # the permutation test swaps whole runs: p >= 2 / 2^8 = 0.0078
     plan = {}
@@ -511,12 +521,13 @@ def test_single_k_plot_draws_the_ci_as_error_bars_within_the_metric_range(tmp_pa
     plan = {("lora", 1): {"correct": _mask(0.6, 1)}, ("lora", 2): {"correct": _mask(0.9, 2)}}
     run_compare(_sweep_file(tmp_path, {"seeds": [1, 2]}), [], launch=FakeTrainer(plan))
     lora = _summary_row(tmp_path / "sweep", "lora")
-    assert float(lora["accuracy_ci_low"]) < 0 and float(lora["accuracy_ci_high"]) > 1
+    # the raw t-interval is 0.75 +- 12.7 * 0.15 = [-1.16, 2.66]: clipped to [0, 1] in the table
+    assert (float(lora["accuracy_ci_low"]), float(lora["accuracy_ci_high"])) == (0.0, 1.0)
     ax = axes["metric_vs_k"]
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 2  # one per method: a band over a single K would be invisible
     low, high = ax.get_ylim()
-    assert -0.1 < low and high < 1.1  # the t-interval is clipped to [0, 1]
+    assert -0.1 < low and high < 1.1  # and in the plot
 
 
 def test_compare_exits_1_when_runs_crashed_but_not_when_they_failed(tmp_path, monkeypatch, capsys):

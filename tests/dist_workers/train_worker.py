@@ -104,6 +104,7 @@ def main() -> None:
             # the head too: under train.objective=contrastive it is fitted, not trained
             "head_hash": weights_hash(dict(trainer.unwrapped.head.named_parameters())),
             "test": {k: v for k, v in summary.get("test", {}).items() if isinstance(v, float)},
+            "calibration": summary.get("calibration"),
             "summary_num_processes": summary.get("num_processes"),
         }
         with _real_open(os.path.join(out, f"{job['name']}.rank{RANK}.json"), "w") as fh:
