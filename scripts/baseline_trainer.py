@@ -79,8 +79,14 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model, source)
 
     def tok(ds):
+        pair = "text_pair" in ds.column_names  # sentence-pair tasks: one [SEP]-joined input
         enc = ds.map(
-            lambda b: tokenizer(b["text"], truncation=True, max_length=cfg.model.max_length),
+            lambda b: tokenizer(
+                b["text"],
+                b["text_pair"] if pair else None,
+                truncation=True,
+                max_length=cfg.model.max_length,
+            ),
             batched=True,
         )
         return enc.select_columns(["input_ids", "attention_mask", "label"])

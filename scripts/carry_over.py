@@ -1,17 +1,25 @@
-"""Carry-over check: lorafit's defaults on a task they were not chosen on.
+"""Carry-over check: lorafit's defaults on tasks they were not chosen on.
 
     python scripts/carry_over.py                      # build the task, run what is missing, report
     python scripts/carry_over.py --seeds 13 21 --report-only
+    python scripts/carry_over.py --task topic_pairs   # the sentence-pair task (runs/carry_topic_pairs)
 
-The task ("mixed6") mixes two datasets into six classes with unicode and punctuation in the
-label names, in parquet: the four AG News topics and the two MR polarities. Train pool: the
-first 400 rows per class of the AG News train slice and of MR's first 8,000 rows (MR shuffled
-with seed 0); test: the first 150 rows per class of the AG News test file and of MR's other
-2,662 rows (900 rows). Each run is one `lorafit train` with only the data, K=16, the seed
-(data.seed = train.seed) and the method set, plus `train.objective=ce` for the second LoRA row;
-the `baseline-*` rows are the issue's plain Trainer script (scripts/baseline_trainer.py) on the
-same K-shot splits.
-The defaults were never selected on this task, and nothing here feeds back into them.
+"mixed6" mixes two datasets into six classes with unicode and punctuation in the label names,
+in parquet: the four AG News topics and the two MR polarities. Train pool: the first 400 rows
+per class of the AG News train slice and of MR's first 8,000 rows (MR shuffled with seed 0);
+test: the first 150 rows per class of the AG News test file and of MR's other 2,662 rows (900
+rows).
+
+"topic_pairs" is a sentence-pair task in JSON Lines: two AG News texts (columns `first` and
+`second`, set as data.text / data.text_pair), labelled `same topic` or `different topic`.
+Train pool: 800 pairs per label drawn (seed 0) from the AG News train slice; test: 450 per label
+from the AG News test file (900 rows). Same-topic pairs pick the topic uniformly; different-topic
+pairs pick two distinct topics uniformly.
+
+Each run is one `lorafit train` with only the data, K=16, the seed (data.seed = train.seed) and
+the method set, plus `train.objective=ce` for the second LoRA row; the `baseline-*` rows are the
+issue's plain Trainer script (scripts/baseline_trainer.py) on the same K-shot splits.
+The defaults were never selected on these tasks, and nothing here feeds back into them.
 """
 
 from __future__ import annotations
@@ -42,16 +50,29 @@ MR_NAMES = {"pos": "positive review ✓", "neg": "négative critique"}
 BASELINES = {"baseline-lora": "lora", "baseline-head": "head", "baseline-full": "full"}
 
 
-def build(folder: Path) -> Path:
-    """Write <folder>/train.parquet and test.parquet (once)."""
+def _read_ag(name: str):
     import pandas as pd
 
+    return pd.read_csv(DATA / "ag_news" / name, sep="\t", quoting=3, keep_default_na=False)
+
+
+def _write_atomic(frame, path: Path) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    if path.suffix == ".parquet":
+        frame.to_parquet(tmp)
+    else:
+        frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    tmp.rename(path)
+
+
+def build_mixed6(folder: Path) -> list[str]:
+    """Write <folder>/train.parquet and test.parquet (once); returns the data overrides."""
+    import pandas as pd
+
+    overrides = [f"data.path={folder}"]
     if (folder / "train.parquet").exists() and (folder / "test.parquet").exists():
-        return folder
-    read_tsv = lambda name: pd.read_csv(  # noqa: E731
-        DATA / "ag_news" / name, sep="\t", quoting=3, keep_default_na=False
-    )
-    ag_train, ag_test = read_tsv("train.tsv"), read_tsv("test.tsv")
+        return overrides
+    ag_train, ag_test = _read_ag("train.tsv"), _read_ag("test.tsv")
     mr = pd.read_json(DATA / "mr" / "mr.jsonl", lines=True)
     mr = mr.sample(frac=1, random_state=0).reset_index(drop=True)
     mr_train, mr_test = mr.iloc[:8000], mr.iloc[8000:]
@@ -65,23 +86,54 @@ def build(folder: Path) -> Path:
         return mixed.reset_index(drop=True)[["text", "label"]]
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name, frame in (
-        ("train", mix(ag_train, mr_train, 400, 400)),
-        ("test", mix(ag_test, mr_test, 150, 150)),
-    ):
-        tmp = folder / f".{name}.parquet.tmp"
-        frame.to_parquet(tmp)
-        tmp.rename(folder / f"{name}.parquet")
-    return folder
+    _write_atomic(mix(ag_train, mr_train, 400, 400), folder / "train.parquet")
+    _write_atomic(mix(ag_test, mr_test, 150, 150), folder / "test.parquet")
+    return overrides
 
 
-def run(data: Path, out: Path, setting: str, seed: int) -> None:
+def build_topic_pairs(folder: Path) -> list[str]:
+    """Write <folder>/train.jsonl and test.jsonl (once); returns the data overrides."""
+    import numpy as np
+    import pandas as pd
+
+    overrides = [f"data.path={folder}", "data.text=first", "data.text_pair=second"]
+    if (folder / "train.jsonl").exists() and (folder / "test.jsonl").exists():
+        return overrides
+
+    def pairs(ag, per_label: int, seed: int):
+        rng = np.random.default_rng(seed)
+        by_topic = {t: rows.text.tolist() for t, rows in ag.groupby("label")}
+        topics = sorted(by_topic)
+        rows = []
+        for label in ("same topic", "different topic"):
+            for _ in range(per_label):
+                if label == "same topic":
+                    a = b = topics[rng.integers(len(topics))]
+                else:
+                    a, b = (topics[i] for i in rng.choice(len(topics), 2, replace=False))
+                first = by_topic[a][rng.integers(len(by_topic[a]))]
+                second = by_topic[b][rng.integers(len(by_topic[b]))]
+                if first != second:
+                    rows.append({"first": first, "second": second, "label": label})
+        frame = pd.DataFrame(rows).drop_duplicates(["first", "second"])
+        return frame.sample(frac=1, random_state=seed).reset_index(drop=True)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(pairs(_read_ag("train.tsv"), 800, 0), folder / "train.jsonl")
+    _write_atomic(pairs(_read_ag("test.tsv"), 450, 1), folder / "test.jsonl")
+    return overrides
+
+
+TASKS = {"mixed6": build_mixed6, "topic_pairs": build_topic_pairs}
+
+
+def run(task: str, data_overrides: list[str], out: Path, setting: str, seed: int) -> None:
     if (out / "summary.json").exists():
         return
-    data_overrides = ["model.name_or_path=minilm", f"data.path={data}"]
+    data_overrides = ["model.name_or_path=minilm", *data_overrides]
     if setting in BASELINES:  # the same K-shot split: data.seed = seed, K=16 + 16 per class
         command = [str(ROOT / "scripts" / "baseline_trainer.py"), "--method", BASELINES[setting]]
-        command += ["--dataset", "mixed6", "--k", "16", "--seed", str(seed), "--out", str(out)]
+        command += ["--dataset", task, "--k", "16", "--seed", str(seed), "--out", str(out)]
         command += ["--data-overrides", *data_overrides]
     else:
         command = ["-m", "lorafit", "train", *data_overrides, "data.k_shot=16"]
@@ -135,18 +187,22 @@ def report(runs: Path, seeds: list[int]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "runs" / "carry"))
+    p.add_argument("--task", default="mixed6", choices=sorted(TASKS))
+    p.add_argument("--out", default=None, help="default runs/carry (mixed6), runs/carry_<task>")
     p.add_argument("--seeds", nargs="+", type=int, default=[13, 21, 42, 87])
     choices = [*SETTINGS, *BASELINES]
     p.add_argument("--settings", nargs="+", default=choices, choices=choices)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
-    out = Path(args.out)
-    data = build(out / "data" / "mixed6")
+    folder = "carry" if args.task == "mixed6" else f"carry_{args.task}"
+    out = Path(args.out or ROOT / "runs" / folder)
+    data_overrides = TASKS[args.task](out / "data" / args.task)
     if not args.report_only:
         for seed in args.seeds:
             for setting in args.settings:
-                run(data, out / "runs" / f"{setting}-seed{seed}", setting, seed)
+                run(
+                    args.task, data_overrides, out / "runs" / f"{setting}-seed{seed}", setting, seed
+                )
     print(report(out / "runs", args.seeds))
 
 
