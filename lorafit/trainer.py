@@ -300,6 +300,10 @@ class Trainer:
         note = budget_note(cfg.train, acc.num_processes, len(self.train_set), self.task)
         if note:
             self._print(note)
+        if self.contrastive:
+            note = pairs_note(cfg.train.batch_size, _label_counts(self.train_set, self.num_classes))
+            if note:
+                self._print(note)
 
     def _freeze_head_for_contrastive(self) -> None:
         """The pair loss trains the body only; the head is fitted (`_fit_head`), never stepped."""
@@ -769,6 +773,33 @@ def budget_note(train_cfg, world: int, num_train: int, task: str) -> str | None:
         f"budget: train.steps={train_cfg.steps} is {covered:.1f} passes over the {num_train} "
         f"training rows; the few-shot defaults were chosen at 6-50 passes (docs/recipes.md): "
         f"for a training set this large raise train.steps"
+    )
+
+
+# Same-label pairs per micro-batch under which the contrastive objective is outside the evidence:
+# chosen at 13.5 (K=16 x 2 classes) and 6.7 (x 4), carried over at 4.4 (x 6) with batch 8.
+FEW_SHOT_MIN_SAME_LABEL_PAIRS = 4.0
+
+
+def same_label_pairs(label_counts: list[int], batch_size: int) -> float:
+    """Expected same-label pairs in a batch drawn without replacement from these class counts."""
+    n = sum(label_counts)
+    if n < 2:
+        return 0.0
+    share = sum(c * (c - 1) for c in label_counts) / (n * (n - 1))  # P(a random pair agrees)
+    return batch_size * (batch_size - 1) / 2 * share
+
+
+def pairs_note(batch_size: int, label_counts: list[int]) -> str | None:
+    """A line when the pair loss sees few same-label pairs per batch (many classes)."""
+    pairs = same_label_pairs(label_counts, batch_size)
+    if pairs >= FEW_SHOT_MIN_SAME_LABEL_PAIRS:
+        return None
+    return (
+        f"pairs: a batch of {batch_size} holds {pairs:.1f} same-label pairs on average over "
+        f"{len(label_counts)} classes; the contrastive objective pulls them together and was "
+        f"chosen and checked at 4.4-13.5 (docs/recipes.md): raise train.batch_size or set "
+        f"train.objective=ce"
     )
 
 

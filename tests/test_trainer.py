@@ -635,3 +635,17 @@ def test_budget_note_names_the_passes_over_a_large_training_set():
     assert note.startswith("budget: train.steps=200 is 1.3 passes over the 1232 training rows")
     assert budget_note(cfg, 4, 1232, "classification") is None  # 4 processes: 5.2 passes
     assert budget_note(cfg, 1, 1232, "causal_lm") is None
+
+
+def test_pairs_note_names_the_same_label_pairs_per_batch():
+    from lorafit.trainer import pairs_note, same_label_pairs
+
+    # 2 x 16: 28 pairs, P(agree) = 2 * 16 * 15 / (32 * 31) = 0.484 -> 13.5
+    assert same_label_pairs([16, 16], 8) == pytest.approx(28 * 480 / 992)
+    assert same_label_pairs([16] * 6, 8) == pytest.approx(28 * 6 * 240 / (96 * 95))  # 4.4
+    assert same_label_pairs([1, 1], 8) == 0.0 and same_label_pairs([1], 8) == 0.0
+    assert pairs_note(8, [16] * 2) is None and pairs_note(8, [16] * 6) is None
+    note = pairs_note(8, [16] * 77)  # P(agree) = 77 * 240 / (1232 * 1231)
+    assert note.startswith("pairs: a batch of 8 holds 0.3 same-label pairs on average over 77")
+    assert "train.batch_size" in note and "train.objective=ce" in note
+    assert pairs_note(32, [16] * 77) is None  # 496 pairs: 6.0
