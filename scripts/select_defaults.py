@@ -136,6 +136,14 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ["train.steps=400"],
         ["train.batch_size=16", "train.steps=200"],
     ),
+    # full FT in the regime of the SetFit prototype (docs/recipes.md): 32 sentences per step
+    # (every K=16 binary example, 496 pairs) for 80 steps, at its lr 2e-5 and at the default
+    **per_dataset(
+        "contrastive_full_wide",
+        "full",
+        ["train.batch_size=32", "train.steps=80", "train.lr=2e-5"],
+        ["train.batch_size=32", "train.steps=80"],
+    ),
 }
 
 
