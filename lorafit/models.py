@@ -312,15 +312,11 @@ def check_max_length(model_cfg: ModelConfig, config: Any, virtual_tokens: int = 
     limit = position_limit(config)
     if limit is None or model_cfg.max_length + virtual_tokens <= limit:
         return
-    if virtual_tokens:
-        raise ConfigError(
-            f"model.max_length={model_cfg.max_length} plus the adapter's {virtual_tokens} virtual "
-            f"tokens is longer than {model_cfg.name_or_path} allows ({limit} positions); set "
-            f"model.max_length={limit - virtual_tokens} or less"
-        )
+    virtual = f" plus the adapter's {virtual_tokens} virtual tokens" if virtual_tokens else ""
     raise ConfigError(
-        f"model.max_length={model_cfg.max_length} is longer than {model_cfg.name_or_path} "
-        f"allows ({limit} positions); set model.max_length={limit} or less"
+        f"model.max_length={model_cfg.max_length}{virtual} is longer than "
+        f"{model_cfg.name_or_path} allows ({limit} positions); set "
+        f"model.max_length={limit - virtual_tokens} or less"
     )
 
 

@@ -30,7 +30,10 @@ import os
 import statistics
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
+
+from lorafit.io import write_with
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -56,15 +59,6 @@ def _read_ag(name: str):
     return pd.read_csv(DATA / "ag_news" / name, sep="\t", quoting=3, keep_default_na=False)
 
 
-def _write_atomic(frame, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    if path.suffix == ".parquet":
-        frame.to_parquet(tmp)
-    else:
-        frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
-    tmp.rename(path)
-
-
 def build_mixed6(folder: Path) -> list[str]:
     """Write <folder>/train.parquet and test.parquet (once); returns the data overrides."""
     import pandas as pd
@@ -85,9 +79,8 @@ def build_mixed6(folder: Path) -> list[str]:
         mixed = pd.concat([topics, polar]).sample(frac=1, random_state=1)
         return mixed.reset_index(drop=True)[["text", "label"]]
 
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(mix(ag_train, mr_train, 400, 400), folder / "train.parquet")
-    _write_atomic(mix(ag_test, mr_test, 150, 150), folder / "test.parquet")
+    write_with(folder / "train.parquet", mix(ag_train, mr_train, 400, 400).to_parquet)
+    write_with(folder / "test.parquet", mix(ag_test, mr_test, 150, 150).to_parquet)
     return overrides
 
 
@@ -118,9 +111,10 @@ def build_topic_pairs(folder: Path) -> list[str]:
         frame = pd.DataFrame(rows).drop_duplicates(["first", "second"])
         return frame.sample(frac=1, random_state=seed).reset_index(drop=True)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(pairs(_read_ag("train.tsv"), 800, 0), folder / "train.jsonl")
-    _write_atomic(pairs(_read_ag("test.tsv"), 450, 1), folder / "test.jsonl")
+    train, test = pairs(_read_ag("train.tsv"), 800, 0), pairs(_read_ag("test.tsv"), 450, 1)
+    as_jsonl = {"orient": "records", "lines": True, "force_ascii": False}
+    write_with(folder / "train.jsonl", partial(train.to_json, **as_jsonl))
+    write_with(folder / "test.jsonl", partial(test.to_json, **as_jsonl))
     return overrides
 
 

@@ -416,7 +416,7 @@ def _calibration_table(records: list[dict], out: Path) -> list[str]:
         "| dev NLL before → after | validation ECE ×100 before → after |",
         "|---|---|---|---|---|---|---|",
     ]
-    means: dict[str, list[tuple[float, float, float, float]]] = {}
+    means: dict[str, list[tuple[float, ...]]] = {}
     for r in sorted(records, key=lambda r: (r["dataset"], r["method"], r["seed"])):
         cal = r.get("calibration")
         if not cal or "test_before" not in cal:
