@@ -3,6 +3,7 @@
     python scripts/carry_over.py                      # build the task, run what is missing, report
     python scripts/carry_over.py --seeds 13 21 --report-only
     python scripts/carry_over.py --task topic_pairs   # the sentence-pair task (runs/carry_topic_pairs)
+    python scripts/carry_over.py --task answer_pairs --split dev --settings lora lora-ce head
 
 "mixed6" mixes two datasets into six classes with unicode and punctuation in the label names,
 in parquet: the four AG News topics and the two MR polarities. Train pool: the first 400 rows
@@ -16,8 +17,20 @@ Train pool: 800 pairs per label drawn (seed 0) from the AG News train slice; tes
 from the AG News test file (900 rows). Same-topic pairs pick the topic uniformly; different-topic
 pairs pick two distinct topics uniformly.
 
+"answer_pairs" is a second sentence-pair task, one that a small encoder can learn: does the
+response answer the instruction? Built from the Alpaca demo set (instruction + input as `prompt`,
+output as `response`), labelled `answers` or `does not answer`. Rows are shuffled (seed 0) into a
+train pool of 400, a dev set of 200 and a test set of 399 instructions; each instruction gives one
+pair with its own response and one with the response of the other instruction of its part that
+shares the most words with it (a hard negative: "Describe a cat" meets the answer to "Describe a
+dog", not one about tax law).
+
+Both pair tasks also write `dev.jsonl`, pairs from train-pool rows that no train pair uses:
+`--split dev` evaluates on it instead of the test file (`data.test_split=dev`), which is how a
+default is chosen on these tasks without looking at their test sets.
+
 Each run is one `lorafit train` with only the data, K=16, the seed (data.seed = train.seed) and
-the method set, plus `train.objective=ce` for the second LoRA row; the `baseline-*` rows are the
+the method set, plus `train.objective=ce` for the `*-ce` rows; the `baseline-*` rows are the
 issue's plain Trainer script (scripts/baseline_trainer.py) on the same K-shot splits.
 The defaults were never selected on these tasks, and nothing here feeds back into them.
 """
@@ -40,6 +53,8 @@ DATA = ROOT.parent / "shared" / "data"
 SETTINGS = {
     "lora": ["method.name=lora"],
     "lora-ce": ["method.name=lora", "train.objective=ce"],
+    "full": ["method.name=full"],
+    "full-ce": ["method.name=full", "train.objective=ce"],
     "head": ["method.name=head"],
 }
 AG_NAMES = {
@@ -90,7 +105,7 @@ def build_topic_pairs(folder: Path) -> list[str]:
     import pandas as pd
 
     overrides = [f"data.path={folder}", "data.text=first", "data.text_pair=second"]
-    if (folder / "train.jsonl").exists() and (folder / "test.jsonl").exists():
+    if all((folder / f"{name}.jsonl").exists() for name in ("train", "dev", "test")):
         return overrides
 
     def pairs(ag, per_label: int, seed: int):
@@ -111,14 +126,55 @@ def build_topic_pairs(folder: Path) -> list[str]:
         frame = pd.DataFrame(rows).drop_duplicates(["first", "second"])
         return frame.sample(frac=1, random_state=seed).reset_index(drop=True)
 
-    train, test = pairs(_read_ag("train.tsv"), 800, 0), pairs(_read_ag("test.tsv"), 450, 1)
+    ag_train = _read_ag("train.tsv")
+    train, test = pairs(ag_train, 800, 0), pairs(_read_ag("test.tsv"), 450, 1)
+    unused = ag_train[~ag_train.text.isin(set(train["first"]) | set(train["second"]))]
+    dev = pairs(unused, 150, 2)  # train-slice texts that no train pair uses
     as_jsonl = {"orient": "records", "lines": True, "force_ascii": False}
-    write_with(folder / "train.jsonl", partial(train.to_json, **as_jsonl))
-    write_with(folder / "test.jsonl", partial(test.to_json, **as_jsonl))
+    for name, frame in (("train", train), ("dev", dev), ("test", test)):
+        write_with(folder / f"{name}.jsonl", partial(frame.to_json, **as_jsonl))
     return overrides
 
 
-TASKS = {"mixed6": build_mixed6, "topic_pairs": build_topic_pairs}
+def build_answer_pairs(folder: Path) -> list[str]:
+    """Write <folder>/train.jsonl, dev.jsonl and test.jsonl (once); returns the data overrides."""
+    import re
+
+    import numpy as np
+    import pandas as pd
+
+    overrides = [f"data.path={folder}", "data.text=prompt", "data.text_pair=response"]
+    if all((folder / f"{name}.jsonl").exists() for name in ("train", "dev", "test")):
+        return overrides
+    rows = json.loads((DATA / "alpaca_en_demo" / "alpaca_en_demo.json").read_text())
+    prompts = [" ".join(filter(None, (r["instruction"], r["input"]))) for r in rows]
+    order = np.random.default_rng(0).permutation(len(rows))
+
+    def pairs(part: np.ndarray) -> pd.DataFrame:
+        words = [set(re.findall(r"[a-z]{4,}", prompts[i].lower())) for i in part]
+        out = []
+        for a, i in enumerate(part):
+            # the hard negative: the other instruction of this part sharing the most words
+            overlap = [len(words[a] & w) / (len(words[a] | w) or 1) for w in words]
+            overlap[a] = -1.0
+            j = part[int(np.argmax(overlap))]
+            out.append({"prompt": prompts[i], "response": rows[i]["output"], "label": "answers"})
+            out.append(
+                {"prompt": prompts[i], "response": rows[j]["output"], "label": "does not answer"}
+            )
+        return pd.DataFrame(out).sample(frac=1, random_state=0).reset_index(drop=True)
+
+    as_jsonl = {"orient": "records", "lines": True, "force_ascii": False}
+    for name, part in (("train", order[:400]), ("dev", order[400:600]), ("test", order[600:])):
+        write_with(folder / f"{name}.jsonl", partial(pairs(part).to_json, **as_jsonl))
+    return overrides
+
+
+TASKS = {
+    "mixed6": build_mixed6,
+    "topic_pairs": build_topic_pairs,
+    "answer_pairs": build_answer_pairs,
+}
 
 
 def run(task: str, data_overrides: list[str], out: Path, setting: str, seed: int) -> None:
@@ -185,19 +241,29 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default runs/carry (mixed6), runs/carry_<task>")
     p.add_argument("--seeds", nargs="+", type=int, default=[13, 21, 42, 87])
     choices = [*SETTINGS, *BASELINES]
-    p.add_argument("--settings", nargs="+", default=choices, choices=choices)
+    default = ["lora", "lora-ce", "head", *BASELINES]
+    p.add_argument("--settings", nargs="+", default=default, choices=choices)
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "dev"),
+        help="dev: evaluate on the pair tasks' dev.jsonl (train-pool rows), runs in runs_dev/",
+    )
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     folder = "carry" if args.task == "mixed6" else f"carry_{args.task}"
     out = Path(args.out or ROOT / "runs" / folder)
     data_overrides = TASKS[args.task](out / "data" / args.task)
+    runs = out / "runs"
+    if args.split == "dev":
+        if args.task == "mixed6":
+            p.error("--split dev: mixed6 has no dev set; use a pair task")
+        data_overrides, runs = [*data_overrides, "data.test_split=dev"], out / "runs_dev"
     if not args.report_only:
         for seed in args.seeds:
             for setting in args.settings:
-                run(
-                    args.task, data_overrides, out / "runs" / f"{setting}-seed{seed}", setting, seed
-                )
-    print(report(out / "runs", args.seeds))
+                run(args.task, data_overrides, runs / f"{setting}-seed{seed}", setting, seed)
+    print(report(runs, args.seeds))
 
 
 if __name__ == "__main__":
