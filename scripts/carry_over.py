@@ -74,6 +74,20 @@ def _read_ag(name: str):
     return pd.read_csv(DATA / "ag_news" / name, sep="\t", quoting=3, keep_default_na=False)
 
 
+PAIR_SPLITS = ("train", "dev", "test")
+
+
+def _pair_splits_built(folder: Path) -> bool:
+    return all((folder / f"{name}.jsonl").exists() for name in PAIR_SPLITS)
+
+
+def _write_jsonl(folder: Path, frames: dict) -> None:
+    """Each frame to <folder>/<split>.jsonl, atomically (JSON Lines, unicode kept)."""
+    for name, frame in frames.items():
+        to_jsonl = partial(frame.to_json, orient="records", lines=True, force_ascii=False)
+        write_with(folder / f"{name}.jsonl", to_jsonl)
+
+
 def build_mixed6(folder: Path) -> list[str]:
     """Write <folder>/train.parquet and test.parquet (once); returns the data overrides."""
     import pandas as pd
@@ -105,7 +119,7 @@ def build_topic_pairs(folder: Path) -> list[str]:
     import pandas as pd
 
     overrides = [f"data.path={folder}", "data.text=first", "data.text_pair=second"]
-    if all((folder / f"{name}.jsonl").exists() for name in ("train", "dev", "test")):
+    if _pair_splits_built(folder):
         return overrides
 
     def pairs(ag, per_label: int, seed: int):
@@ -130,9 +144,7 @@ def build_topic_pairs(folder: Path) -> list[str]:
     train, test = pairs(ag_train, 800, 0), pairs(_read_ag("test.tsv"), 450, 1)
     unused = ag_train[~ag_train.text.isin(set(train["first"]) | set(train["second"]))]
     dev = pairs(unused, 150, 2)  # train-slice texts that no train pair uses
-    as_jsonl = {"orient": "records", "lines": True, "force_ascii": False}
-    for name, frame in (("train", train), ("dev", dev), ("test", test)):
-        write_with(folder / f"{name}.jsonl", partial(frame.to_json, **as_jsonl))
+    _write_jsonl(folder, {"train": train, "dev": dev, "test": test})
     return overrides
 
 
@@ -144,7 +156,7 @@ def build_answer_pairs(folder: Path) -> list[str]:
     import pandas as pd
 
     overrides = [f"data.path={folder}", "data.text=prompt", "data.text_pair=response"]
-    if all((folder / f"{name}.jsonl").exists() for name in ("train", "dev", "test")):
+    if _pair_splits_built(folder):
         return overrides
     rows = json.loads((DATA / "alpaca_en_demo" / "alpaca_en_demo.json").read_text())
     prompts = [" ".join(filter(None, (r["instruction"], r["input"]))) for r in rows]
@@ -164,9 +176,8 @@ def build_answer_pairs(folder: Path) -> list[str]:
             )
         return pd.DataFrame(out).sample(frac=1, random_state=0).reset_index(drop=True)
 
-    as_jsonl = {"orient": "records", "lines": True, "force_ascii": False}
-    for name, part in (("train", order[:400]), ("dev", order[400:600]), ("test", order[600:])):
-        write_with(folder / f"{name}.jsonl", partial(pairs(part).to_json, **as_jsonl))
+    parts = {"train": order[:400], "dev": order[400:600], "test": order[600:]}
+    _write_jsonl(folder, {name: pairs(part) for name, part in parts.items()})
     return overrides
 
 
@@ -251,13 +262,13 @@ def main() -> None:
     )
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    if args.split == "dev" and args.task == "mixed6":
+        p.error("--split dev: mixed6 has no dev set; use a pair task")
     folder = "carry" if args.task == "mixed6" else f"carry_{args.task}"
     out = Path(args.out or ROOT / "runs" / folder)
     data_overrides = TASKS[args.task](out / "data" / args.task)
     runs = out / "runs"
     if args.split == "dev":
-        if args.task == "mixed6":
-            p.error("--split dev: mixed6 has no dev set; use a pair task")
         data_overrides, runs = [*data_overrides, "data.test_split=dev"], out / "runs_dev"
     if not args.report_only:
         for seed in args.seeds:
