@@ -154,6 +154,7 @@ class DataConfig:
 
 
 PEFT_METHODS_WITH_DEFAULTS = ("full", "head", "lora", "qlora")
+BATCH_SAMPLINGS = ("auto", "random", "class_pairs")
 
 
 @dataclass
@@ -282,6 +283,12 @@ class TrainConfig:
         "logistic regression) | auto (contrastive for classification, ce for causal LMs); "
         "None: the method's default.",
     )
+    batch_sampling: str = _f(
+        "auto",
+        "Training batches: random | class_pairs (batch_size/2 classes, two examples of each) | "
+        "auto (class_pairs under the contrastive objective when a random batch would hold "
+        "under 4 same-label pairs, i.e. many classes; else random).",
+    )
     head_fit_size: int | None = _f(
         8192,
         "Contrastive objective: fit the head on a fixed class-stratified sample of this many "
@@ -319,6 +326,7 @@ class TrainConfig:
         if self.objective is not None:
             _check_choice("train", "objective", self.objective, ("auto", "ce", "contrastive"))
         _check_choice("train", "calibration", self.calibration, ("auto", "temperature", "none"))
+        _check_choice("train", "batch_sampling", self.batch_sampling, BATCH_SAMPLINGS)
         _check_choice("train", "schedule", self.schedule, ("linear", "cosine", "constant"))
         _check_choice("train", "optimizer", self.optimizer, ("adamw", "adamw_8bit"))
         _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))

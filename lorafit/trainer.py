@@ -37,6 +37,7 @@ from lorafit.checkpoint import (
 from lorafit.config import (
     LOWER_IS_BETTER,
     RunConfig,
+    TrainConfig,
     calibration_for,
     objective_for,
     selection_metric_for,
@@ -100,6 +101,49 @@ class StepBatchSampler:
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+class ClassPairBatchSampler(StepBatchSampler):
+    """Micro-batches of ceil(batch_size / 2) same-class pairs (for an odd size, the last pair
+    gives one example).
+
+    For the contrastive objective with many classes, where a random batch of 8 from 14 classes
+    holds 1.5 same-label pairs on average, so most steps teach only "apart". Each epoch shuffles
+    every class and cuts it into pairs (an odd class leaves one example out, another each
+    epoch), shuffles the pairs and deals them out in order; still a pure function of (seed,
+    batch number), so resuming and rank sharding work as above.
+    """
+
+    def __init__(self, labels, batch_size: int, seed: int, start: int, stop: int, rank=0, world=1):
+        super().__init__(len(labels), batch_size, seed, start, stop, rank, world)
+        labels = np.asarray(labels)
+        self.classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        self.pairs_per_batch = _pairs_per_batch(batch_size)
+        pairs_per_epoch = sum(len(members) // 2 for members in self.classes)
+        if pairs_per_epoch < self.pairs_per_batch:
+            raise ConfigError(
+                f"train.batch_sampling=class_pairs: the training set makes {pairs_per_epoch} "
+                f"same-class pairs, fewer than one batch needs ({self.pairs_per_batch}); "
+                "set train.batch_sampling=random"
+            )
+        self.batches_per_epoch = pairs_per_epoch // self.pairs_per_batch
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def _epoch_pairs(self, epoch: int) -> list[np.ndarray]:
+        if self._cache is None or self._cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            pairs = []
+            for members in self.classes:
+                shuffled = rng.permutation(members)
+                pairs += [shuffled[i : i + 2] for i in range(0, len(shuffled) - 1, 2)]
+            self._cache = (epoch, [pairs[i] for i in rng.permutation(len(pairs))])
+        return self._cache[1]
+
+    def batch(self, global_batch: int) -> list[int]:
+        epoch, position = divmod(global_batch, self.batches_per_epoch)
+        first = position * self.pairs_per_batch
+        dealt = self._epoch_pairs(epoch)[first : first + self.pairs_per_batch]
+        return [int(i) for pair in dealt for i in pair][: self.batch_size]
 
 
 @dataclass
@@ -300,10 +344,11 @@ class Trainer:
         note = budget_note(cfg.train, acc.num_processes, len(self.train_set), self.task)
         if note:
             self._print(note)
-        if self.contrastive:
-            note = pairs_note(cfg.train.batch_size, _label_counts(self.train_set, self.num_classes))
-            if note:
-                self._print(note)
+        label_counts = _label_counts(self.train_set, self.num_classes)
+        self.batch_sampling = batch_sampling_for(cfg.train, self.contrastive, label_counts)
+        note = pairs_note(cfg.train, self.contrastive, self.batch_sampling, label_counts)
+        if note:
+            self._print(note)
 
     def _freeze_head_for_contrastive(self) -> None:
         """The pair loss trains the body only; the head is fitted (`_fit_head`), never stepped."""
@@ -461,15 +506,17 @@ class Trainer:
     def train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         tc = cfg.train
-        sampler = StepBatchSampler(
-            len(self.train_set),
-            tc.batch_size,
-            tc.seed,
+        window = dict(
             start=self.start_step * tc.grad_accum,
             stop=tc.steps * tc.grad_accum,
             rank=acc.process_index,
             world=acc.num_processes,
         )
+        if self.batch_sampling == "class_pairs":
+            labels = self.train_set["labels"]
+            sampler = ClassPairBatchSampler(labels, tc.batch_size, tc.seed, **window)
+        else:
+            sampler = StepBatchSampler(len(self.train_set), tc.batch_size, tc.seed, **window)
         # Not passed through accelerate.prepare: the sampler already shards by rank.
         loader = torch.utils.data.DataLoader(
             self.train_set,
@@ -676,6 +723,7 @@ class Trainer:
             "task": self.task,
             "method": cfg.method.name,
             "objective": self.objective,
+            "batch_sampling": self.batch_sampling,
             "calibration": calibration,
             "model": cfg.model.name_or_path,
             "pooling": self.model_info.get("pooling"),
@@ -790,17 +838,60 @@ def same_label_pairs(label_counts: list[int], batch_size: int) -> float:
     return batch_size * (batch_size - 1) / 2 * share
 
 
-def pairs_note(batch_size: int, label_counts: list[int]) -> str | None:
-    """A line when the pair loss sees few same-label pairs per batch (many classes)."""
-    pairs = same_label_pairs(label_counts, batch_size)
+def _pairs_per_batch(batch_size: int) -> int:
+    return -(-batch_size // 2)
+
+
+def _makes_a_batch_of_pairs(label_counts: list[int], batch_size: int) -> bool:
+    return sum(c // 2 for c in label_counts) >= _pairs_per_batch(batch_size)
+
+
+def batch_sampling_for(
+    train_cfg: TrainConfig, contrastive: bool, label_counts: list[int] | None
+) -> str:
+    """The batch draw `train.batch_sampling` means here: auto is class_pairs when the contrastive
+    objective would see few same-label pairs in a random batch and the classes make a batch of
+    pairs, else random."""
+    choice = train_cfg.batch_sampling
+    if choice == "class_pairs" and label_counts is None:
+        raise ConfigError(
+            "train.batch_sampling=class_pairs needs a classification task; "
+            "set train.batch_sampling=random"
+        )
+    if choice != "auto":
+        return choice
+    if not contrastive or label_counts is None:
+        return "random"
+    few = same_label_pairs(label_counts, train_cfg.batch_size) < FEW_SHOT_MIN_SAME_LABEL_PAIRS
+    fits = _makes_a_batch_of_pairs(label_counts, train_cfg.batch_size)
+    return "class_pairs" if few and fits else "random"
+
+
+def pairs_note(
+    train_cfg: TrainConfig, contrastive: bool, batch_sampling: str, label_counts: list[int] | None
+) -> str | None:
+    """A line when a random batch would hold few same-label pairs for the pair loss."""
+    if not contrastive or label_counts is None:
+        return None
+    size = train_cfg.batch_size
+    pairs = same_label_pairs(label_counts, size)
     if pairs >= FEW_SHOT_MIN_SAME_LABEL_PAIRS:
         return None
-    return (
-        f"pairs: a batch of {batch_size} holds {pairs:.1f} same-label pairs on average over "
-        f"{len(label_counts)} classes; the contrastive objective pulls them together and was "
-        f"chosen and checked at 4.4-13.5 (docs/recipes.md): raise train.batch_size or set "
-        f"train.objective=ce"
+    random_batch = (
+        f"a random batch of {size} holds {pairs:.1f} same-label pairs on average over "
+        f"{len(label_counts)} classes"
     )
+    if batch_sampling == "class_pairs":
+        return (
+            f"pairs: {random_batch}, so each batch is {_pairs_per_batch(size)} same-class pairs "
+            f"instead (train.batch_sampling={train_cfg.batch_sampling}; docs/recipes.md)"
+        )
+    if not _makes_a_batch_of_pairs(label_counts, size):
+        return (
+            f"pairs: {random_batch}, and too few classes have two examples to fill a batch with "
+            "same-class pairs: more labels per class (data.k_shot) give the pair loss more to learn from"
+        )
+    return f"pairs: {random_batch}: set train.batch_sampling=class_pairs (docs/recipes.md)"
 
 
 def train(cfg: RunConfig) -> dict:

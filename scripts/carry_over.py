@@ -4,6 +4,7 @@
     python scripts/carry_over.py --seeds 13 21 --report-only
     python scripts/carry_over.py --task topic_pairs   # the sentence-pair task (runs/carry_topic_pairs)
     python scripts/carry_over.py --task answer_pairs --split dev --settings lora lora-ce head
+    python scripts/carry_over.py --task request_kinds --split dev --settings lora lora-random lora-ce head
 
 "mixed6" mixes two datasets into six classes with unicode and punctuation in the label names,
 in parquet: the four AG News topics and the two MR polarities. Train pool: the first 400 rows
@@ -25,13 +26,22 @@ pair with its own response and one with the response of the other instruction of
 shares the most words with it (a hard negative: "Describe a cat" meets the answer to "Describe a
 dog", not one about tax law).
 
-Both pair tasks also write `dev.jsonl`, pairs from train-pool rows that no train pair uses:
-`--split dev` evaluates on it instead of the test file (`data.test_split=dev`), which is how a
-default is chosen on these tasks without looking at their test sets.
+"request_kinds" has many classes: which kind of request an Alpaca demo instruction is, read from
+the instruction without its first word (plus its input), the first word being the label
+("generate", "describe", "what", "given", ...; the 14 words that start 20 or more
+instructions). Shuffled (seed 0): 12 rows per kind in the train pool, then a third of the rest
+as a dev set and two thirds as the test set (142 and 282 rows, as unbalanced as the data).
+K=4 per class (4 to train, 4 to validate), so a random batch of 8 holds 1.5 same-label pairs.
 
-Each run is one `lorafit train` with only the data, K=16, the seed (data.seed = train.seed) and
-the method set, plus `train.objective=ce` for the `*-ce` rows; the `baseline-*` rows are the
-issue's plain Trainer script (scripts/baseline_trainer.py) on the same K-shot splits.
+The pair tasks and request_kinds also write `dev.jsonl` (for the pair tasks, pairs from
+train-pool rows that no train pair uses): `--split dev` evaluates on it instead of the test file
+(`data.test_split=dev`), which is how a default is chosen on these tasks without looking at
+their test sets.
+
+Each run is one `lorafit train` with only the data, K (16; request_kinds 4), the seed (data.seed
+= train.seed) and the method set, plus `train.objective=ce` for the `*-ce` rows and
+`train.batch_sampling=random` for the `*-random` rows; the `baseline-*` rows are the issue's
+plain Trainer script (scripts/baseline_trainer.py) on the same K-shot splits.
 The defaults were never selected on these tasks, and nothing here feeds back into them.
 """
 
@@ -53,9 +63,12 @@ DATA = ROOT.parent / "shared" / "data"
 SETTINGS = {
     "lora": ["method.name=lora"],
     "lora-ce": ["method.name=lora", "train.objective=ce"],
+    "lora-random": ["method.name=lora", "train.batch_sampling=random"],
     "full": ["method.name=full"],
     "full-ce": ["method.name=full", "train.objective=ce"],
+    "full-random": ["method.name=full", "train.batch_sampling=random"],
     "head": ["method.name=head"],
+    "qlora": ["method.name=qlora"],
 }
 AG_NAMES = {
     "World": "World news 🌍",
@@ -74,11 +87,11 @@ def _read_ag(name: str):
     return pd.read_csv(DATA / "ag_news" / name, sep="\t", quoting=3, keep_default_na=False)
 
 
-PAIR_SPLITS = ("train", "dev", "test")
+JSONL_SPLITS = ("train", "dev", "test")
 
 
-def _pair_splits_built(folder: Path) -> bool:
-    return all((folder / f"{name}.jsonl").exists() for name in PAIR_SPLITS)
+def _splits_built(folder: Path) -> bool:
+    return all((folder / f"{name}.jsonl").exists() for name in JSONL_SPLITS)
 
 
 def _write_jsonl(folder: Path, frames: dict) -> None:
@@ -119,7 +132,7 @@ def build_topic_pairs(folder: Path) -> list[str]:
     import pandas as pd
 
     overrides = [f"data.path={folder}", "data.text=first", "data.text_pair=second"]
-    if _pair_splits_built(folder):
+    if _splits_built(folder):
         return overrides
 
     def pairs(ag, per_label: int, seed: int):
@@ -156,7 +169,7 @@ def build_answer_pairs(folder: Path) -> list[str]:
     import pandas as pd
 
     overrides = [f"data.path={folder}", "data.text=prompt", "data.text_pair=response"]
-    if _pair_splits_built(folder):
+    if _splits_built(folder):
         return overrides
     rows = json.loads((DATA / "alpaca_en_demo" / "alpaca_en_demo.json").read_text())
     prompts = [" ".join(filter(None, (r["instruction"], r["input"]))) for r in rows]
@@ -181,23 +194,57 @@ def build_answer_pairs(folder: Path) -> list[str]:
     return overrides
 
 
+KINDS_MIN_ROWS, KINDS_POOL = 20, 12  # request_kinds: words with 20+ rows; 12 per kind in the pool
+
+
+def build_request_kinds(folder: Path) -> list[str]:
+    """Write <folder>/train.jsonl, dev.jsonl and test.jsonl (once); returns the data overrides."""
+    import numpy as np
+    import pandas as pd
+
+    overrides = [f"data.path={folder}"]
+    if _splits_built(folder):
+        return overrides
+    rows = json.loads((DATA / "alpaca_en_demo" / "alpaca_en_demo.json").read_text())
+    frame = pd.DataFrame(
+        {
+            "label": [r["instruction"].split()[0].strip(":,.").lower() for r in rows],
+            # the instruction without its first word, then its input
+            "text": [
+                " ".join(filter(None, (r["instruction"].split(maxsplit=1)[1:2] + [r["input"]])))
+                for r in rows
+            ],
+        }
+    )
+    counts = frame.label.value_counts()
+    frame = frame[frame.label.isin(counts[counts >= KINDS_MIN_ROWS].index)]
+    frame = frame.sample(frac=1, random_state=0).reset_index(drop=True)
+    position = frame.groupby("label").cumcount()  # 0, 1, ... within each kind, shuffled
+    rest = frame[position >= KINDS_POOL]
+    dev_mask = np.arange(len(rest)) % 3 == 0  # a third of what the pools leave, the rest test
+    parts = {"train": frame[position < KINDS_POOL], "dev": rest[dev_mask], "test": rest[~dev_mask]}
+    _write_jsonl(folder, {name: part[["text", "label"]] for name, part in parts.items()})
+    return overrides
+
+
 TASKS = {
     "mixed6": build_mixed6,
     "topic_pairs": build_topic_pairs,
     "answer_pairs": build_answer_pairs,
+    "request_kinds": build_request_kinds,
 }
 
 
-def run(task: str, data_overrides: list[str], out: Path, setting: str, seed: int) -> None:
+def run(task: str, data_overrides: list[str], out: Path, setting: str, seed: int, k: int) -> None:
     if (out / "summary.json").exists():
         return
     data_overrides = ["model.name_or_path=minilm", *data_overrides]
-    if setting in BASELINES:  # the same K-shot split: data.seed = seed, K=16 + 16 per class
+    if setting in BASELINES:  # the same K-shot split: data.seed = seed, K + K per class
         command = [str(ROOT / "scripts" / "baseline_trainer.py"), "--method", BASELINES[setting]]
-        command += ["--dataset", task, "--k", "16", "--seed", str(seed), "--out", str(out)]
+        command += ["--dataset", task, "--k", str(k), "--seed", str(seed), "--out", str(out)]
         command += ["--data-overrides", *data_overrides]
     else:
-        command = ["-m", "lorafit", "train", *data_overrides, "data.k_shot=16"]
+        command = ["-m", "lorafit", "train", *data_overrides, f"data.k_shot={k}"]
         command += [f"data.seed={seed}", f"train.seed={seed}", *SETTINGS[setting]]
         command += [f"output.dir={out}", "output.overwrite=true"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,12 +305,14 @@ def main() -> None:
         "--split",
         default="test",
         choices=("test", "dev"),
-        help="dev: evaluate on the pair tasks' dev.jsonl (train-pool rows), runs in runs_dev/",
+        help="dev: evaluate on the task's dev.jsonl (not mixed6), runs in runs_dev/",
     )
+    p.add_argument("--k", type=int, default=None, help="K per class (default 16; request_kinds 4)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    k = args.k or (4 if args.task == "request_kinds" else 16)
     if args.split == "dev" and args.task == "mixed6":
-        p.error("--split dev: mixed6 has no dev set; use a pair task")
+        p.error("--split dev: mixed6 has no dev set; use another task")
     folder = "carry" if args.task == "mixed6" else f"carry_{args.task}"
     out = Path(args.out or ROOT / "runs" / folder)
     data_overrides = TASKS[args.task](out / "data" / args.task)
@@ -273,7 +322,7 @@ def main() -> None:
     if not args.report_only:
         for seed in args.seeds:
             for setting in args.settings:
-                run(args.task, data_overrides, runs / f"{setting}-seed{seed}", setting, seed)
+                run(args.task, data_overrides, runs / f"{setting}-seed{seed}", setting, seed, k)
     print(report(runs, args.seeds))
 
 

@@ -234,6 +234,8 @@ def test_resume_under_two_processes_matches_uninterrupted(
     assert resumed.stdout.count("test accuracy:") == 1  # only rank 0 prints the summary
     ref = json.loads((trained["runs"]["lora"] / "summary.json").read_text())
     got = json.loads((out / "summary.json").read_text())
+    # 16 rows, batches of 4: 2.8 same-label pairs at random, so class-pair batches (auto)
+    assert ref["batch_sampling"] == got["batch_sampling"] == "class_pairs"
     assert got["num_processes"] == 2 and got["best_step"] == ref["best_step"]
     assert got["test"]["accuracy"] == ref["test"]["accuracy"]
     assert got["test"]["nll"] == pytest.approx(ref["test"]["nll"], rel=1e-6)

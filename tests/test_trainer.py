@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit.config import SELECTION_METRICS, load_config
+from lorafit.config import SELECTION_METRICS, TrainConfig, load_config
 from lorafit.errors import ConfigError, TrainingError
 from lorafit.io import read_jsonl
 from lorafit.trainer import Selection, StepBatchSampler, Trainer, train
@@ -68,6 +68,27 @@ def tiny_overrides(model_path, data_dir, out, **extra) -> list[str]:
 
 def run_tiny(model_path, data_dir, out, **extra) -> dict:
     return train(load_config(None, tiny_overrides(model_path, data_dir, out, **extra)))
+
+
+def test_many_classes_draw_contrastive_batches_as_class_pairs(tiny_bert_path, tmp_path, capsys):
+    data = tmp_path / "ten"
+    data.mkdir()
+    rows = [
+        {"text": f"word{c} item{i}", "label": f"class {c}"} for c in range(10) for i in range(8)
+    ]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # K=4 x 10 classes, batches of 8: a random batch holds 28 * 10*4*3 / (40*39) = 2.2 pairs
+    extra = {"data.k_shot": 4, "train.batch_size": 8, "train.steps": 4, "output.plot": "false"}
+    summary = run_tiny(tiny_bert_path, data, tmp_path / "auto", **extra)
+    assert summary["objective"] == "contrastive" and summary["batch_sampling"] == "class_pairs"
+    out = capsys.readouterr().out
+    assert "pairs: a random batch of 8 holds 2.2 same-label pairs on average over 10" in out
+    random = run_tiny(
+        tiny_bert_path, data, tmp_path / "random", **extra, **{"train.batch_sampling": "random"}
+    )
+    assert random["batch_sampling"] == "random"
+    assert "set train.batch_sampling=class_pairs" in capsys.readouterr().out
 
 
 def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
@@ -637,15 +658,55 @@ def test_budget_note_names_the_passes_over_a_large_training_set():
     assert budget_note(cfg, 1, 1232, "causal_lm") is None
 
 
-def test_pairs_note_names_the_same_label_pairs_per_batch():
-    from lorafit.trainer import pairs_note, same_label_pairs
+def test_pairs_note_and_auto_batch_sampling_follow_the_same_label_pairs_per_batch():
+    from lorafit.trainer import batch_sampling_for, pairs_note, same_label_pairs
 
     # 2 x 16: 28 pairs, P(agree) = 2 * 16 * 15 / (32 * 31) = 0.484 -> 13.5
     assert same_label_pairs([16, 16], 8) == pytest.approx(28 * 480 / 992)
     assert same_label_pairs([16] * 6, 8) == pytest.approx(28 * 6 * 240 / (96 * 95))  # 4.4
     assert same_label_pairs([1, 1], 8) == 0.0 and same_label_pairs([1], 8) == 0.0
-    assert pairs_note(8, [16] * 2) is None and pairs_note(8, [16] * 6) is None
-    note = pairs_note(8, [16] * 77)  # P(agree) = 77 * 240 / (1232 * 1231)
-    assert note.startswith("pairs: a batch of 8 holds 0.3 same-label pairs on average over 77")
-    assert "train.batch_size" in note and "train.objective=ce" in note
-    assert pairs_note(32, [16] * 77) is None  # 496 pairs: 6.0
+    auto, rand = TrainConfig(), TrainConfig(batch_sampling="random")
+    pairs = TrainConfig(batch_sampling="class_pairs")
+    # few classes: random batches, no note (the tables' runs)
+    for counts in ([16] * 2, [16] * 4, [16] * 6):
+        assert batch_sampling_for(auto, True, counts) == "random"
+        assert pairs_note(auto, True, "random", counts) is None
+    many = [16] * 77  # P(agree) = 77 * 240 / (1232 * 1231): 0.3 pairs per batch of 8
+    assert batch_sampling_for(auto, True, many) == "class_pairs"
+    assert batch_sampling_for(auto, False, many) == "random"  # cross-entropy: no pairs
+    assert batch_sampling_for(rand, True, many) == "random"
+    assert batch_sampling_for(auto, True, [1] * 77) == "random"  # K=1: no pair to draw
+    assert "too few classes have two examples" in pairs_note(auto, True, "random", [1] * 77)
+    assert batch_sampling_for(pairs, False, [16, 16]) == "class_pairs"
+    with pytest.raises(ConfigError, match="train.batch_sampling=class_pairs needs a classif"):
+        batch_sampling_for(pairs, False, None)
+    note = pairs_note(auto, True, "class_pairs", many)
+    assert note.startswith("pairs: a random batch of 8 holds 0.3 same-label pairs on average")
+    assert "each batch is 4 same-class pairs instead (train.batch_sampling=auto" in note
+    assert "set train.batch_sampling=class_pairs" in pairs_note(rand, True, "random", many)
+    assert pairs_note(auto, False, "random", many) is None
+    big = TrainConfig(batch_size=32)
+    assert pairs_note(big, True, "random", many) is None  # 496 pairs: 6.0
+    assert batch_sampling_for(big, True, many) == "random"
+
+
+def test_class_pair_sampler_deals_same_class_pairs_and_shards_like_the_step_sampler():
+    from lorafit.trainer import ClassPairBatchSampler
+
+    labels = np.repeat(np.arange(7), [4, 4, 4, 4, 4, 4, 5])  # 29 rows, 14 pairs per epoch
+    single = list(ClassPairBatchSampler(labels, 4, seed=3, start=0, stop=14))
+    for batch in single:
+        assert len(batch) == 4
+        assert labels[batch[0]] == labels[batch[1]] and labels[batch[2]] == labels[batch[3]]
+    # one epoch (7 batches) uses every pair once: each example of an even class exactly once
+    epoch = [i for b in single[:7] for i in b]
+    assert len(set(epoch)) == 28 and sorted(np.bincount(labels[epoch])) == [4] * 7
+    assert single[7:] != single[:7]  # the next epoch is reshuffled
+    ranks = [list(ClassPairBatchSampler(labels, 4, 3, 0, 7, rank=r, world=2)) for r in (0, 1)]
+    assert [b for pair in zip(*ranks) for b in pair] == single
+    assert list(ClassPairBatchSampler(labels, 4, seed=3, start=5, stop=14)) == single[5:]
+    assert list(ClassPairBatchSampler(labels, 4, seed=4, start=0, stop=14)) != single
+    odd = list(ClassPairBatchSampler(labels, 5, seed=3, start=0, stop=4))
+    assert all(len(b) == 5 for b in odd)  # three pairs, the last cut
+    with pytest.raises(ConfigError, match="makes 2 same-class pairs, fewer than one batch"):
+        ClassPairBatchSampler(np.array([0, 0, 1, 1, 2]), 8, seed=0, start=0, stop=1)
