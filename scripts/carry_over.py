@@ -42,7 +42,8 @@ Each run is one `lorafit train` with only the data, K (16; request_kinds 4), the
 = train.seed) and the method set, plus `train.objective=ce` for the `*-ce` rows and
 `train.batch_sampling=random` for the `*-random` rows; the `baseline-*` rows are the issue's
 plain Trainer script (scripts/baseline_trainer.py) on the same K-shot splits.
-The defaults were never selected on these tasks, and nothing here feeds back into them.
+The defaults were not selected on these tasks, except `train.batch_sampling`, chosen on the
+request_kinds dev set (docs/recipes.md, "Many classes").
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ def build_request_kinds(folder: Path) -> list[str]:
     return overrides
 
 
+DEFAULT_K = {"request_kinds": 4}  # K per class where it is not 16 (12 rows per kind in the pool)
 TASKS = {
     "mixed6": build_mixed6,
     "topic_pairs": build_topic_pairs,
@@ -307,10 +309,16 @@ def main() -> None:
         choices=("test", "dev"),
         help="dev: evaluate on the task's dev.jsonl (not mixed6), runs in runs_dev/",
     )
-    p.add_argument("--k", type=int, default=None, help="K per class (default 16; request_kinds 4)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="K per class (default 16, request_kinds 4; others: runs_k<K>/)",
+    )
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
-    k = args.k or (4 if args.task == "request_kinds" else 16)
+    default_k = DEFAULT_K.get(args.task, 16)
+    k = args.k or default_k
     if args.split == "dev" and args.task == "mixed6":
         p.error("--split dev: mixed6 has no dev set; use another task")
     folder = "carry" if args.task == "mixed6" else f"carry_{args.task}"
@@ -319,6 +327,8 @@ def main() -> None:
     runs = out / "runs"
     if args.split == "dev":
         data_overrides, runs = [*data_overrides, "data.test_split=dev"], out / "runs_dev"
+    if k != default_k:  # never mix another K's runs into the default table
+        runs = runs.with_name(f"{runs.name}_k{k}")
     if not args.report_only:
         for seed in args.seeds:
             for setting in args.settings:
