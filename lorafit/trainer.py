@@ -119,7 +119,7 @@ class ClassPairBatchSampler(StepBatchSampler):
         labels = np.asarray(labels)
         self.classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
         self.pairs_per_batch = _pairs_per_batch(batch_size)
-        pairs_per_epoch = sum(len(members) // 2 for members in self.classes)
+        pairs_per_epoch = _same_class_pairs([len(members) for members in self.classes])
         if pairs_per_epoch < self.pairs_per_batch:
             raise ConfigError(
                 f"train.batch_sampling=class_pairs: the training set makes {pairs_per_epoch} "
@@ -842,8 +842,14 @@ def _pairs_per_batch(batch_size: int) -> int:
     return -(-batch_size // 2)
 
 
+def _same_class_pairs(class_sizes: list[int]) -> int:
+    """Disjoint same-class pairs the classes make: what `ClassPairBatchSampler` deals per epoch."""
+    return sum(size // 2 for size in class_sizes)
+
+
 def _makes_a_batch_of_pairs(label_counts: list[int], batch_size: int) -> bool:
-    return sum(c // 2 for c in label_counts) >= _pairs_per_batch(batch_size)
+    """Whether `ClassPairBatchSampler` can fill one batch (auto never picks it otherwise)."""
+    return _same_class_pairs(label_counts) >= _pairs_per_batch(batch_size)
 
 
 def batch_sampling_for(
