@@ -136,6 +136,14 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ["train.steps=400"],
         ["train.batch_size=16", "train.steps=200"],
     ),
+    # train.batch_sampling=auto switches a binary task with batches of 4 (2.8 same-label pairs
+    # per random batch, under the rule's 4) to class-pair batches: both draws at batch 4
+    **per_dataset(
+        "small_batch_sampling",
+        "lora",
+        ["train.batch_size=4", "train.batch_sampling=random"],
+        ["train.batch_size=4", "train.batch_sampling=class_pairs"],
+    ),
     # full FT in the regime of the SetFit prototype (docs/recipes.md): 32 sentences per step
     # (every K=16 binary example, 496 pairs) for 80 steps, at its lr 2e-5 and at the default
     **per_dataset(
