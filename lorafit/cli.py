@@ -184,11 +184,22 @@ def _cmd_demo(args) -> int:
 
 def _cmd_config(args) -> int:
     from lorafit.config import config_docs
+    from lorafit.recipes import table
 
     rows = config_docs()
     width = max(len(k) for k, _, _ in rows)
     for key, default, doc in rows:
         print(f"{key:<{width}}  {default:<14}  {doc}")
+    # What the None defaults above resolve to, per method (lorafit/recipes.py; docs/recipes.md).
+    print("\nPer-method defaults (a None above takes its method's value):")
+    for row in table():
+        print(
+            f"  {row['method']:<13} objective={row['objective']} lr={row['lr']:g} "
+            f"head_lr={'lr' if row['head_lr'] is None else format(row['head_lr'], 'g')} "
+            f"steps={row['steps']} select_best={str(row['select_best']).lower()} "
+            f"r={row['r'] if row['r'] is not None else '-'} pool_layers={row['pool_layers']}"
+        )
+        print(f"  {'':<13} evidence: {row['why']}")
     return 0
 
 

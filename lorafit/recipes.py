@@ -28,7 +28,7 @@ class Recipe:
     objective: str = "ce"  # train.objective; auto: contrastive for classification, else ce
     r: int | None = None  # LoRA rank (PEFT methods with a rank); alpha defaults to 2 * r
     pool_layers: int = 1  # model.pool_layers: pool the mean of the last N layers (token poolings)
-    why: str = ""  # one line of evidence, shown in docs/recipes.md
+    why: str = ""  # one line of evidence (dev accuracy %), printed by `lorafit config`
 
 
 # Shared by the LoRA family: rank 8, alpha 2r, all linear layers of the blocks
@@ -40,11 +40,13 @@ _LORA = dict(lr=3e-4, steps=200, head_lr=None, select_best=False, r=8, objective
 RECIPES: dict[str, Recipe] = {
     "lora": Recipe(
         **_LORA,
-        why="SST-2 dev (train split): lr 3e-4 70.8, 3e-4 + head 1e-2 69.4, 1e-4 + head 1e-2 67.2.",
+        why="Contrastive, dev (train split) SST-2 / MR: every linear layer 69.0 / 71.1, attention "
+        "only 66.5 / 69.6; SST-2 lr 1e-4 67.7, 1e-3 67.2; 100 / 400 steps 67.7 / 67.6.",
     ),
     "qlora": Recipe(
         **_LORA,
-        why="The LoRA recipe on the NF4 base (same values; not tuned separately).",
+        why="The LoRA recipe on the NF4 base, not tuned separately; K=16 test 0.5-1.6 points "
+        "under LoRA on SST-2 / MR / AG News.",
     ),
     "full": Recipe(
         lr=5e-5,

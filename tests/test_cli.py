@@ -224,3 +224,17 @@ def test_export_names_what_it_wrote(tmp_path, monkeypatch, capsys):
         args = argparse.Namespace(run_dir=method, out=str(out), merge=merge, tolerance=None)
         cli._cmd_export(args)
         assert capsys.readouterr().out.startswith(f"exported {said}"), method
+
+
+def test_config_prints_what_each_method_default_resolves_to(capsys):
+    from lorafit.recipes import RECIPES, recipe_for
+
+    assert run_cli(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr " in out  # the key table comes first
+    for name, recipe in RECIPES.items():
+        line = next(x for x in out.splitlines() if x.split()[:1] == [name])
+        assert f"lr={recipe.lr:g}" in line and f"steps={recipe.steps}" in line
+        assert f"pool_layers={recipe.pool_layers}" in line
+        assert recipe_for(name).why in out
+    assert "(other PEFT)" in out
