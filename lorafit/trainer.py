@@ -110,8 +110,8 @@ class ClassPairBatchSampler(StepBatchSampler):
     For the contrastive objective with many classes, where a random batch of 8 from 14 classes
     holds 1.5 same-label pairs on average, so most steps teach only "apart". Each epoch shuffles
     every class and cuts it into pairs (an odd class leaves one example out, another each
-    epoch), shuffles the pairs and deals them out in order; still a pure function of (seed,
-    batch number), so resuming and rank sharding work as above.
+    epoch), then deals each batch its pairs from different classes where it can (`_epoch_pairs`);
+    still a pure function of (seed, batch number), so resuming and rank sharding work as above.
     """
 
     def __init__(self, labels, batch_size: int, seed: int, start: int, stop: int, rank=0, world=1):
@@ -130,13 +130,27 @@ class ClassPairBatchSampler(StepBatchSampler):
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
     def _epoch_pairs(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's pairs in dealing order, batch after batch. A batch takes its pairs from
+        different classes while enough classes have pairs left (so it holds different-label
+        pairs too), drawing classes in proportion to the pairs they have left."""
         if self._cache is None or self._cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            pairs = []
+            left = []  # per class: its shuffled pairs not dealt yet
             for members in self.classes:
                 shuffled = rng.permutation(members)
-                pairs += [shuffled[i : i + 2] for i in range(0, len(shuffled) - 1, 2)]
-            self._cache = (epoch, [pairs[i] for i in rng.permutation(len(pairs))])
+                left.append([shuffled[i : i + 2] for i in range(0, len(shuffled) - 1, 2)])
+            dealt = []
+            for _ in range(self.batches_per_epoch):
+                batch: list[np.ndarray] = []
+                while len(batch) < self.pairs_per_batch:
+                    counts = np.array([len(pairs) for pairs in left], dtype=float)
+                    take = min(self.pairs_per_batch - len(batch), int(np.count_nonzero(counts)))
+                    classes = rng.choice(
+                        len(left), size=take, replace=False, p=counts / counts.sum()
+                    )
+                    batch += [left[c].pop() for c in classes]
+                dealt += batch
+            self._cache = (epoch, dealt)
         return self._cache[1]
 
     def batch(self, global_batch: int) -> list[int]:

@@ -710,3 +710,19 @@ def test_class_pair_sampler_deals_same_class_pairs_and_shards_like_the_step_samp
     assert all(len(b) == 5 for b in odd)  # three pairs, the last cut
     with pytest.raises(ConfigError, match="makes 2 same-class pairs, fewer than one batch"):
         ClassPairBatchSampler(np.array([0, 0, 1, 1, 2]), 8, seed=0, start=0, stop=1)
+
+
+def test_class_pair_batches_take_their_pairs_from_different_classes():
+    from lorafit.trainer import ClassPairBatchSampler
+
+    # two classes, batches of 4: every batch is one pair of each (2 same-label pairs and 4
+    # different-label ones), never two pairs of one class, which would leave no negatives
+    binary = np.repeat([0, 1], 16)
+    batches = list(ClassPairBatchSampler(binary, 4, seed=0, start=0, stop=40))
+    assert all(sorted(binary[b]) == [0, 0, 1, 1] for b in batches)
+    # 14 classes of 4, 4 pairs per batch: distinct classes while 4 classes still have pairs
+    # (sure for the first 6 of 7 batches: 8 pairs left means at least 4 classes)
+    many = np.repeat(np.arange(14), 4)
+    sampler = ClassPairBatchSampler(many, 8, seed=1, start=0, stop=7)
+    distinct = [len(set(many[b])) for b in sampler]
+    assert distinct[:6] == [4] * 6
