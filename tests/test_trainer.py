@@ -682,7 +682,10 @@ def test_pairs_note_and_auto_batch_sampling_follow_the_same_label_pairs_per_batc
         batch_sampling_for(pairs, False, None)
     note = pairs_note(auto, True, "class_pairs", many)
     assert note.startswith("pairs: a random batch of 8 holds 0.3 same-label pairs on average")
-    assert "each batch is 4 same-class pairs instead (train.batch_sampling=auto" in note
+    assert (
+        "each batch is 4 same-class pairs of different classes instead (train.batch_sampling=auto"
+        in note
+    )
     assert "set train.batch_sampling=class_pairs" in pairs_note(rand, True, "random", many)
     assert pairs_note(auto, False, "random", many) is None
     big = TrainConfig(batch_size=32)
