@@ -299,4 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("lorafit: interrupted; resume with train.resume=true", file=sys.stderr)
         sys.exit(130)
+    if "torch.distributed" in sys.modules:  # the command used torch (`lorafit config` does not)
+        from lorafit.distributed import leave_process_group
+
+        leave_process_group()
     sys.exit(code or 0)

@@ -294,6 +294,14 @@ def write_full(
                 p.copy_(values[k].to(p.device, p.dtype))
 
 
+def leave_process_group() -> None:
+    """Destroy the process group once a command's work is done. Left to the interpreter's exit,
+    Gloo's worker threads can outlive it and abort the process ("terminate called without an
+    active exception", SIGABRT), failing a launch whose work had finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def gather_per_rank(obj: Any) -> list[Any]:
     """[obj of rank 0, obj of rank 1, ...] on every rank (the object itself when not distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -238,3 +238,18 @@ def test_config_prints_what_each_method_default_resolves_to(capsys):
         assert f"pool_layers={recipe.pool_layers}" in line
         assert recipe_for(name).why in out
     assert "(other PEFT)" in out
+
+
+def test_a_finished_command_leaves_the_process_group(tmp_path):
+    # Gloo's threads left to the interpreter's exit can abort a finished launch (SIGABRT)
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        assert run_cli(["config"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

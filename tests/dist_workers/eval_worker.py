@@ -24,7 +24,7 @@ from datasets import Dataset
 
 from lorafit import data as D
 from lorafit.config import EvalConfig, MethodConfig, ModelConfig
-from lorafit.distributed import dataloader_config, use_cpu
+from lorafit.distributed import dataloader_config, leave_process_group, use_cpu
 from lorafit.evaluate import evaluate
 from lorafit.methods import build_model
 
@@ -124,6 +124,7 @@ def main() -> None:
     out["lm_dist"] = run(accelerator, accelerator.prepare(lm_loader(lm_ds)), "causal_lm", lm_model)
     with open(f"{OUT}/eval.rank{accelerator.process_index}.json", "w") as fh:
         json.dump(out, fh)
+    leave_process_group()
 
 
 if __name__ == "__main__":

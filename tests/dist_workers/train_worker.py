@@ -88,6 +88,7 @@ def main() -> None:
             fh.write("probe\n")
 
     from lorafit.config import load_config
+    from lorafit.distributed import leave_process_group
     from lorafit.trainer import Trainer
 
     for job in spec["jobs"]:
@@ -112,6 +113,7 @@ def main() -> None:
     if RANK != 0:
         with _real_open(os.path.join(out, f"writes.rank{RANK}.json"), "w") as fh:
             json.dump(WRITES, fh)
+    leave_process_group()
 
 
 if __name__ == "__main__":
