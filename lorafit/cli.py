@@ -196,7 +196,8 @@ def _cmd_config(args) -> int:
         print(
             f"  {row['method']:<13} objective={row['objective']} lr={row['lr']:g} "
             f"head_lr={'lr' if row['head_lr'] is None else format(row['head_lr'], 'g')} "
-            f"steps={row['steps']} select_best={str(row['select_best']).lower()} "
+            f"steps={row['steps']} min_passes={row['min_passes']:g} "
+            f"select_best={str(row['select_best']).lower()} "
             f"r={row['r'] if row['r'] is not None else '-'} pool_layers={row['pool_layers']}"
         )
         print(f"  {'':<13} evidence: {row['why']}")

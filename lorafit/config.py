@@ -253,6 +253,11 @@ class TrainConfig:
     steps: int | None = _f(
         None, "Optimisation steps, a fixed budget, not epochs (None: the method's default)."
     )
+    min_passes: float | None = _f(
+        None,
+        "Classification: raise steps to cover at least this many passes over the training "
+        "set (None: 5 when steps is the method's default, 0 when steps is set).",
+    )
     batch_size: int = _f(8, "Examples per device per micro-batch.")
     grad_accum: int = _f(1, "Micro-batches per optimisation step.")
     lr: float | None = _f(None, "Peak learning rate (None: the method's default, lorafit.recipes).")
@@ -318,6 +323,7 @@ class TrainConfig:
         _check_positive("train", "head_lr", self.head_lr)
         _check_positive("train", "head_fit_size", self.head_fit_size)
         _check_positive("train", "warmup", self.warmup, allow_zero=True)
+        _check_positive("train", "min_passes", self.min_passes, allow_zero=True)
         _check_positive("train", "weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("train", "checkpoint_every", self.checkpoint_every)
         _check_positive("train", "keep_checkpoints", self.keep_checkpoints)

@@ -9,6 +9,7 @@ and only the main process writes files, logs and shows progress.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import resource
@@ -26,6 +27,7 @@ from lorafit import data as D
 from lorafit import distributed as dist
 from lorafit import methods as Meth
 from lorafit import metrics as M
+from lorafit import recipes
 from lorafit.calibration import fit_temperature
 from lorafit.checkpoint import (
     list_checkpoints,
@@ -245,12 +247,16 @@ class Trainer:
         selection_metric = selection_metric_for(cfg.train, self.task)
         self.data = D.load_task_data(cfg.data, self.task)
         self.label_names = self.data.label_names
+        # The loop runs train.steps, raised to cover train.min_passes passes over a large
+        # training set; config.yaml keeps the settings as given (the floor is recomputed).
+        steps = budget_steps(cfg.train, acc.num_processes, len(self.data.train), self.task)
+        self.train_cfg = dataclasses.replace(cfg.train, steps=steps)
         self.num_classes = len(self.label_names) if self.task == "classification" else None
 
         # model + method (the tokenizer comes with the model: aliases resolve in one place)
         built = Meth.build_model(
             cfg.model,
-            Meth.for_training(cfg.method, cfg.train),
+            Meth.for_training(cfg.method, self.train_cfg),
             self.task,
             num_labels=self.num_classes,
             label_names=self.label_names,
@@ -300,7 +306,7 @@ class Trainer:
         # optimiser over trainable parameters only; weight decay and LR groups by methods.py
         groups = Meth.param_groups(self.model, cfg.train, cfg.method)
         self.optimizer = _make_optimizer(groups, cfg)
-        self.scheduler = _make_scheduler(self.optimizer, cfg)
+        self.scheduler = _make_scheduler(self.optimizer, self.train_cfg)
 
         (
             self.model,
@@ -355,7 +361,8 @@ class Trainer:
             f"trainable {self.model_info['trainable_params']:,} / {self.model_info['total_params']:,} params"
         )
         self._print(f"data: {self.data.source}")  # where each split came from, leakage notes
-        note = budget_note(cfg.train, acc.num_processes, len(self.train_set), self.task)
+        world, num_train = acc.num_processes, len(self.train_set)
+        note = budget_note(cfg.train, self.train_cfg.steps, world, num_train, self.task)
         if note:
             self._print(note)
         label_counts = _label_counts(self.train_set, self.num_classes)
@@ -518,8 +525,8 @@ class Trainer:
         return step_loss
 
     def train(self) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        tc = cfg.train
+        acc = self.accelerator
+        tc = self.train_cfg  # train.steps raised to train.min_passes passes where it applies
         window = dict(
             start=self.start_step * tc.grad_accum,
             stop=tc.steps * tc.grad_accum,
@@ -748,6 +755,7 @@ class Trainer:
             "selection_metric": metric,
             "selected": selected,
             "best_step": self.selection.best_step,
+            "steps": self.train_cfg.steps,  # the budget run: train.steps or the min_passes floor
             "stopped_at_step": self.stopped_at,
             "stopped_early": self.stopped_early,
             "test": {**test.metrics, "ci": ci, "ci_level": cfg.eval.ci_level},
@@ -816,25 +824,37 @@ class Trainer:
 
 # --------------------------------------------------------------------------------------- helpers
 
-# Passes over the training set under which the fixed step budget is outside the evidence: the
-# classification defaults were chosen at 6-50 passes (K=64 x 4 classes to K=16 x 2).
-FEW_SHOT_MIN_PASSES = 5
-
 
 def passes(train_cfg, world: int, num_train: int, steps: int) -> float:
     """Epochs that `steps` optimisation steps make over `num_train` rows on `world` processes."""
     return steps * train_cfg.batch_size * train_cfg.grad_accum * world / max(num_train, 1)
 
 
-def budget_note(train_cfg, world: int, num_train: int, task: str) -> str | None:
-    """A line when train.steps covers few passes over a classification training set."""
-    covered = passes(train_cfg, world, num_train, train_cfg.steps)
-    if task != "classification" or covered >= FEW_SHOT_MIN_PASSES:
+def budget_steps(train_cfg, world: int, num_train: int, task: str) -> int:
+    """train.steps, raised to cover train.min_passes passes over a classification training set."""
+    if task != "classification" or not train_cfg.min_passes:
+        return train_cfg.steps
+    per_step = train_cfg.batch_size * train_cfg.grad_accum * world
+    return max(train_cfg.steps, math.ceil(train_cfg.min_passes * num_train / per_step))
+
+
+def budget_note(train_cfg, steps: int, world: int, num_train: int, task: str) -> str | None:
+    """A line when the budget was raised to train.min_passes, or when it covers fewer passes
+    over a classification training set than the defaults were chosen at (a set train.steps, or
+    a method without the floor)."""
+    if steps > train_cfg.steps:
+        return (
+            f"budget: {steps} steps, train.steps={train_cfg.steps} raised to cover "
+            f"train.min_passes={train_cfg.min_passes:g} passes over the {num_train} training "
+            f"rows (docs/recipes.md)"
+        )
+    covered = passes(train_cfg, world, num_train, steps)
+    if task != "classification" or covered >= recipes.MIN_PASSES:
         return None
     return (
-        f"budget: train.steps={train_cfg.steps} is {covered:.1f} passes over the {num_train} "
-        f"training rows; the few-shot defaults were chosen at 6-50 passes (docs/recipes.md): "
-        f"for a training set this large raise train.steps"
+        f"budget: train.steps={steps} is {covered:.1f} passes over the {num_train} training "
+        f"rows; the few-shot defaults were chosen at 6-50 passes (docs/recipes.md): for a "
+        f"training set this large raise train.steps or train.min_passes"
     )
 
 
@@ -933,8 +953,7 @@ def _make_optimizer(groups: list[dict], cfg: RunConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, **kwargs)  # bias-corrected (Mosbach et al. 2021)
 
 
-def _make_scheduler(optimizer, cfg: RunConfig):
-    tc = cfg.train
+def _make_scheduler(optimizer, tc: TrainConfig):
     warmup = tc.warmup_steps  # validated against train.steps by RunConfig
 
     def factor(step: int) -> float:

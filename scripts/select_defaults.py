@@ -47,6 +47,17 @@ def per_dataset(group: str, method: str, *override_sets: list[str]) -> dict:
     }
 
 
+def large_k_budget(steps: int) -> list[str]:
+    """K=512 per class (validation 16 per class) trained for `steps`, evaluated every 100."""
+    return [
+        "data.k_shot=512",
+        "data.validation_k=16",
+        f"train.steps={steps}",
+        "train.eval_every=100",
+        "train.checkpoint_every=100000",
+    ]
+
+
 # name -> (dataset, method, [overrides]) ; every other setting is the lorafit default
 EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
     # the core comparison, run first: body vs head learning rate for LoRA and full FT
@@ -144,6 +155,17 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ["train.batch_size=4", "train.batch_sampling=random"],
         ["train.batch_size=4", "train.batch_sampling=class_pairs"],
     ),
+    # the fixed budget when it covers few passes: 512 per class (1,024 rows) with validation
+    # kept at 16 per class; 200 steps (1.6 passes, the default before train.min_passes) against
+    # 5 passes (the default now) and 10 for LoRA, against 5 for the other two methods
+    **per_dataset("budget_passes", "lora", *(large_k_budget(s) for s in (200, 640, 1280))),
+    **{
+        f"budget_passes_{method}_{dataset}": [
+            (dataset, method, large_k_budget(steps)) for steps in (200, 640)
+        ]
+        for method in ("head", "full")
+        for dataset in DATASETS
+    },
     # full FT in the regime of the SetFit prototype (docs/recipes.md): 32 sentences per step
     # (every K=16 binary example, 496 pairs) for 80 steps, at its lr 2e-5 and at the default
     **per_dataset(

@@ -236,6 +236,7 @@ def test_config_prints_what_each_method_default_resolves_to(capsys):
         line = next(x for x in out.splitlines() if x.split()[:1] == [name])
         assert f"lr={recipe.lr:g}" in line and f"steps={recipe.steps}" in line
         assert f"pool_layers={recipe.pool_layers}" in line
+        assert f"min_passes={recipe.min_passes:g}" in line
         assert recipe_for(name).why in out
     assert "(other PEFT)" in out
 

@@ -50,6 +50,17 @@ def test_method_name_is_case_insensitive_and_other_peft_methods_get_generic():
     assert recipes.recipe_for("loha") is recipes.GENERIC
 
 
+def test_the_pass_floor_goes_with_the_default_budget_only():
+    assert load_config(None, []).train.min_passes == recipes.MIN_PASSES
+    assert load_config(None, ["method.name=full"]).train.min_passes == recipes.MIN_PASSES
+    assert load_config(None, ["method.name=head"]).train.min_passes == 0  # level on dev
+    assert load_config(None, ["train.steps=300"]).train.min_passes == 0  # a set budget is kept
+    cfg = load_config(None, ["train.steps=300", "train.min_passes=2"])
+    assert (cfg.train.steps, cfg.train.min_passes) == (300, 2)
+    with pytest.raises(ConfigError, match="train.min_passes"):
+        load_config(None, ["train.min_passes=-1"])
+
+
 def test_resolved_config_round_trips_and_is_concrete(tmp_path):
     for method in ("lora", "full", "head", "qlora", "ia3"):
         cfg = load_config(None, [f"method.name={method}"])

@@ -645,17 +645,47 @@ def test_an_overflowing_logit_leaves_the_nll_without_a_ci():
     assert "nll" not in ci and ci["accuracy"][0] <= 0.5 <= ci["accuracy"][1]
 
 
-def test_budget_note_names_the_passes_over_a_large_training_set():
-    from lorafit.config import TrainConfig
-    from lorafit.trainer import budget_note
+def test_budget_covers_min_passes_and_the_note_says_so():
+    from lorafit.trainer import budget_note, budget_steps
 
-    cfg = TrainConfig(steps=200, batch_size=8)
-    assert budget_note(cfg, 1, 32, "classification") is None  # K=16 x 2: 50 passes
-    assert budget_note(cfg, 1, 256, "classification") is None  # K=64 x 4: 6.25 passes
-    note = budget_note(cfg, 1, 1232, "classification")  # K=16 x 77 classes
+    default = load_config(None, []).train  # steps 200, min_passes 5 (steps left unset)
+    assert (default.steps, default.min_passes) == (200, 5)
+    assert budget_steps(default, 1, 32, "classification") == 200  # K=16 x 2: 50 passes
+    assert budget_steps(default, 1, 256, "classification") == 200  # K=64 x 4: 6.25 passes
+    assert budget_steps(default, 1, 1024, "classification") == 640  # 512 x 2: 5 passes
+    assert budget_steps(default, 1, 1025, "classification") == 641  # never under 5 passes
+    assert budget_steps(default, 2, 1024, "classification") == 320  # 2 processes, 16 per step
+    assert budget_steps(default, 1, 1024, "causal_lm") == 200
+    assert budget_note(default, 200, 1, 32, "classification") is None
+    note = budget_note(default, 640, 1, 1024, "classification")
+    assert note.startswith("budget: 640 steps, train.steps=200 raised to cover train.min_passes=5")
+
+    # a set train.steps is kept (min_passes resolves to 0); the note says it is few passes
+    chosen = load_config(None, ["train.steps=200"]).train
+    assert chosen.min_passes == 0 and budget_steps(chosen, 1, 1232, "classification") == 200
+    note = budget_note(chosen, 200, 1, 1232, "classification")  # K=16 x 77 classes
     assert note.startswith("budget: train.steps=200 is 1.3 passes over the 1232 training rows")
-    assert budget_note(cfg, 4, 1232, "classification") is None  # 4 processes: 5.2 passes
-    assert budget_note(cfg, 1, 1232, "causal_lm") is None
+    assert budget_note(chosen, 200, 4, 1232, "classification") is None  # 4 processes: 5.2
+    assert budget_note(chosen, 200, 1, 1232, "causal_lm") is None
+    both = load_config(None, ["train.steps=50", "train.min_passes=2"]).train
+    assert budget_steps(both, 1, 1024, "classification") == 256
+
+
+def test_a_run_trains_the_raised_budget_and_saves_the_settings_as_given(
+    tiny_bert_path, sentiment_dir, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    # 16 training rows, batches of 4: 3 passes are 12 steps, over the 2 set
+    extra = {"train.steps": 2, "train.min_passes": 3, "output.plot": "false"}
+    summary = run_tiny(tiny_bert_path, sentiment_dir, out, **extra)
+    assert "budget: 12 steps, train.steps=2 raised to cover" in capsys.readouterr().out
+    assert summary["steps"] == summary["stopped_at_step"] == 12
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [4, 8, 12] and rows[-1]["epoch"] == 3
+    assert rows[-1]["lr"] < rows[0]["lr"]  # the schedule decays over the 12 steps, not 2
+    saved = load_config(out / "config.yaml")
+    assert (saved.train.steps, saved.train.min_passes) == (2, 3)
+    assert saved.fingerprint() == summary["config_sha256"]
 
 
 def test_pairs_note_and_auto_batch_sampling_follow_the_same_label_pairs_per_batch():
