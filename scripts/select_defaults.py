@@ -166,6 +166,12 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         for method in ("head", "full")
         for dataset in DATASETS
     },
+    # AG News K=64 (256 rows: 200 steps are 6.25 passes, the fewest of the test tables) at 200
+    # steps against 10 passes (320), the floor the budget_passes runs left open
+    "budget_passes_ag_news_k64": [
+        ("ag_news", "lora", ["data.k_shot=64", "data.validation_k=16", f"train.steps={steps}"])
+        for steps in (200, 320)
+    ],
     # full FT in the regime of the SetFit prototype (docs/recipes.md): 32 sentences per step
     # (every K=16 binary example, 496 pairs) for 80 steps, at its lr 2e-5 and at the default
     **per_dataset(
