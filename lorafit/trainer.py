@@ -825,16 +825,21 @@ class Trainer:
 # --------------------------------------------------------------------------------------- helpers
 
 
+def examples_per_step(train_cfg, world: int) -> int:
+    """Training examples one optimisation step takes over all `world` processes."""
+    return train_cfg.batch_size * train_cfg.grad_accum * world
+
+
 def passes(train_cfg, world: int, num_train: int, steps: int) -> float:
     """Epochs that `steps` optimisation steps make over `num_train` rows on `world` processes."""
-    return steps * train_cfg.batch_size * train_cfg.grad_accum * world / max(num_train, 1)
+    return steps * examples_per_step(train_cfg, world) / max(num_train, 1)
 
 
 def budget_steps(train_cfg, world: int, num_train: int, task: str) -> int:
     """train.steps, raised to cover train.min_passes passes over a classification training set."""
     if task != "classification" or not train_cfg.min_passes:
         return train_cfg.steps
-    per_step = train_cfg.batch_size * train_cfg.grad_accum * world
+    per_step = examples_per_step(train_cfg, world)
     return max(train_cfg.steps, math.ceil(train_cfg.min_passes * num_train / per_step))
 
 
