@@ -10,6 +10,7 @@
     python scripts/contrastive_probes.py loss --datasets sst2 mr
     python scripts/contrastive_probes.py augment --datasets sst2 mr
     python scripts/contrastive_probes.py label_prompts --datasets sst2 mr
+    python scripts/contrastive_probes.py setfit_pairs --datasets sst2 mr
 
 `head`: the frozen MiniLM body, and the fitted head alone varied: logistic regression with
 C = 1/l2 in {0.01, 0.1, 1, 10, 100}, on raw or L2-normalised embeddings. Asks whether the head
@@ -47,6 +48,13 @@ whether the shape of the pair loss is what limits accuracy.
 hand-written description, e.g. "It was great." / "It was terrible.", is nearest in cosine), and
 the fitted head with the descriptions added as training rows. Asks how much the label names
 alone carry (sst2 and mr only: the descriptions are written for them).
+
+`setfit_pairs`: the body trained on SetFit's own explicitly sampled pairs instead of all pairs of
+each batch: each round pairs every training example with one random same-label and one random
+other-label example, batches of 16 pairs, the same cosine-MSE loss. `full-setfit` / `lora-setfit`
+are SetFit's defaults (20 rounds, one epoch: 80 steps at K=16 x 2; lr 2e-5 for the full body);
+`full-200` / `lora-200` keep lorafit's 200 steps and learning rates. Asks whether the pair
+sampling of the prototype that led to the contrastive default explains its larger gain.
 
 All of them use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
 same 16 + 16 examples per class as its runs) and never open a test split. One line per data seed
@@ -104,8 +112,11 @@ def fitted_head_accuracy(train, dev, num_classes: int, **fit_options) -> float:
     return percent_equal(probabilities.argmax(-1), y_dev)
 
 
-def lora_trainer(data: list[str], data_seed: int, train_seed: int, run_dir: Path):
-    """A set-up default LoRA run (MiniLM, eval only at the end) on the given data overrides."""
+def lora_trainer(
+    data: list[str], data_seed: int, train_seed: int, run_dir: Path, extra: tuple[str, ...] = ()
+):
+    """A set-up default LoRA run (MiniLM, eval only at the end) on the given data overrides;
+    `extra` overrides come last (e.g. another method)."""
     from lorafit.config import load_config
     from lorafit.trainer import Trainer
 
@@ -119,17 +130,26 @@ def lora_trainer(data: list[str], data_seed: int, train_seed: int, run_dir: Path
         f"output.dir={run_dir}",
         "output.overwrite=true",
         *QUIET,
+        *extra,
     ]
     trainer = Trainer(load_config(None, overrides))
     trainer.setup()
     return trainer
 
 
-def trainer_for(dataset: str, folder: Path, seed: int, out: Path, train_seed: int | None = None):
+def trainer_for(
+    dataset: str,
+    folder: Path,
+    seed: int,
+    out: Path,
+    train_seed: int | None = None,
+    extra: tuple[str, ...] = (),
+):
     """The selection runs' K-shot draw of `seed` (16 + 16 per class) on the dev set."""
     train_seed = seed if train_seed is None else train_seed
     data = [*data_overrides(dataset, folder), "data.k_shot=16"]
-    return lora_trainer(data, seed, train_seed, out / f"{dataset}-seed{seed}-train{train_seed}")
+    run_dir = out / f"{dataset}-seed{seed}-train{train_seed}"
+    return lora_trainer(data, seed, train_seed, run_dir, extra)
 
 
 def probe_head(dataset: str, folder: Path, seed: int, out: Path, trained: bool) -> str:
@@ -419,6 +439,83 @@ def probe_augment(dataset: str, folder: Path, seed: int, out: Path) -> str:
     return f"token-dropout views {accuracy:.1f}"
 
 
+# SetFit's own pair sampling (setfit < 1.0, `sentence_pairs_generation`): in each round every
+# training example is paired with one random same-label example (target cosine 1) and one random
+# other-label example (target 0); the pairs are shuffled into batches of 16 pairs (32 encodings).
+# SetFit's defaults: 20 rounds, one epoch (80 steps at K=16 x 2 classes), body lr 2e-5, 10% warmup.
+SETFIT_ROUNDS = 20
+SETFIT_PAIRS_PER_STEP = 16
+SETFIT_VARIANTS = {  # name -> (overrides, steps; None: one epoch of SETFIT_ROUNDS rounds)
+    "full-setfit": (("method.name=full", "train.lr=2e-5"), None),
+    "lora-setfit": (("method.name=lora", "train.lr=3e-4"), None),
+    "full-200": (("method.name=full", "train.lr=5e-5"), 200),  # lorafit's budget and lr
+    "lora-200": (("method.name=lora", "train.lr=3e-4"), 200),
+}
+
+
+def setfit_pairs(labels: list[int], seed: int, rounds: int) -> list[tuple[int, int, float]]:
+    """(anchor row, partner row, target cosine), shuffled: `rounds` rounds over the rows."""
+    import random
+
+    rng = random.Random(seed)
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(y, []).append(i)
+    pairs = []
+    for _ in range(rounds):
+        for i, y in enumerate(labels):
+            others = [j for j, z in enumerate(labels) if z != y]
+            pairs.append((i, rng.choice(by_label[y]), 1.0))  # may pair a row with itself
+            pairs.append((i, rng.choice(others), 0.0))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def probe_setfit_pairs(dataset: str, folder: Path, seed: int, out: Path, variants) -> str:
+    import math
+
+    import torch.nn.functional as F
+
+    import lorafit.trainer
+
+    def encode(self, rows: list[int]) -> torch.Tensor:
+        texts = [self.data.train["text"][i] for i in rows]
+        tokens = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.cfg.model.max_length,
+            return_tensors="pt",
+        )
+        _, pooled = self.model(**tokens, return_embedding=True)  # [P, H]
+        return pooled
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        # the loop's own batch only ticks the step: the next SETFIT_PAIRS_PER_STEP pairs train
+        step_pairs = [next(self.setfit_pair_iter) for _ in range(SETFIT_PAIRS_PER_STEP)]
+        anchors, partners, targets = zip(*step_pairs)
+        cosine = F.cosine_similarity(encode(self, anchors), encode(self, partners))  # [P]
+        return F.mse_loss(cosine.float(), torch.tensor(targets))
+
+    rows = 16 * (4 if dataset == "ag_news" else 2)  # K=16 per class
+    cells = []
+    with mock.patch.object(lorafit.trainer.Trainer, "compute_loss", compute_loss):
+        for name in variants:
+            overrides, steps = SETFIT_VARIANTS[name]
+            # 2 pairs per row and round
+            rounds = SETFIT_ROUNDS if steps is None else math.ceil(steps * 16 / (2 * rows))
+            steps = steps or math.ceil(2 * rounds * rows / SETFIT_PAIRS_PER_STEP)
+            extra = (*overrides, f"train.steps={steps}")
+            trainer = trainer_for(dataset, folder, seed, out / f"setfit-{name}", extra=extra)
+            if len(trainer.data.train) != rows:
+                raise SystemExit(f"setfit_pairs: expected {rows} training rows")
+            labels = [int(y) for y in trainer.data.train["label"]]
+            trainer.setfit_pair_iter = iter(setfit_pairs(labels, seed, rounds))
+            accuracy = 100 * trainer.train()["test"]["accuracy"]
+            cells.append(f"{name} ({steps} steps) {accuracy:.1f}")
+    return " | ".join(cells)
+
+
 # Label descriptions (class 0, class 1) for the two binary sentiment sets: a plain label name, and
 # hand-written templates. Written by a person for these datasets: not something a default can do.
 LABEL_PROMPTS = (
@@ -467,6 +564,7 @@ PROBES = {
     "loss": probe_loss,
     "augment": probe_augment,
     "label_prompts": probe_label_prompts,
+    "setfit_pairs": probe_setfit_pairs,
 }
 
 
@@ -478,6 +576,13 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "select"))
     p.add_argument("--frozen-only", action="store_true", help="layers: skip the LoRA run")
     p.add_argument("--trained", action="store_true", help="head: on a trained LoRA body")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(SETFIT_VARIANTS),
+        choices=SETFIT_VARIANTS,
+        help="setfit_pairs: which variants to run",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -488,6 +593,7 @@ def main() -> None:
             extra = {
                 "layers": {"frozen_only": args.frozen_only},
                 "head": {"trained": args.trained},
+                "setfit_pairs": {"variants": args.variants},
             }.get(args.probe, {})
             line = probe(dataset, folders[dataset], seed, out / "probes", **extra)
             print(f"{dataset} seed {seed}: {line}", flush=True)
