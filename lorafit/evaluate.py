@@ -13,6 +13,7 @@ its source `row` number, so those copies are dropped by row (the first occurrenc
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +48,37 @@ def model_inputs(batch: dict) -> dict:
 def output_logits(output) -> torch.Tensor:
     """Logits of a model output: a TextClassifier returns them, a transformers model wraps them."""
     return output.logits if hasattr(output, "logits") else output
+
+
+def _keeps_masked_logits(model) -> bool:
+    """Whether the model computes logits at the True positions of a [B, T] `logits_to_keep` mask."""
+    model = getattr(model, "module", model)  # DDP / DeepSpeed wrapper
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False  # virtual tokens come first: the mask would not line up
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def causal_lm_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [N, V] of the N positions whose next token is scored, their targets [N], and the
+    [B, T] bool mask that picked those positions (row t predicts token t+1; labels are -100 on
+    prompt and padding).
+
+    The mask goes to the model as `logits_to_keep`, so the lm_head runs on those positions only:
+    the [B, T, V] logits of the whole batch are never made (at batch 8 x 256 tokens and a 49k
+    vocabulary they are 0.4 GB, allocated fresh in each forward, copied by the shift and again
+    by log-softmax). Prompt-learning methods prepend virtual tokens, and a model may not take
+    `logits_to_keep`: both get full logits, which are sliced here instead.
+    """
+    labels = batch["labels"]  # [B, T]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    targets = labels[:, 1:][mask[:, :-1]]  # [N]
+    keep = {"logits_to_keep": mask} if _keeps_masked_logits(model) else {}
+    logits = output_logits(model(**model_inputs(batch), **keep))
+    if logits.dim() == 3:  # [B, T', V]: full logits, virtual tokens first
+        logits = logits[:, -labels.shape[1] :][mask]
+    return logits, targets, mask  # [N, V], [N], [B, T]
 
 
 class _FirstSeen:
@@ -154,30 +186,29 @@ def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_class
     return EvalResult(metrics=scalars, per_example=per_example, arrays=arrays)
 
 
+def _per_example_sum(values, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values [N] at the True positions of mask [B, T] -> per-example sums [B]."""
+    full = torch.zeros(mask.shape, dtype=torch.float64)
+    full[mask] = torch.as_tensor(values).to(torch.float64)
+    return full.sum(1)
+
+
 def _evaluate_causal_lm(model, dataloader, accelerator, keep):
     kept: dict[str, list[np.ndarray]] = {
         k: [] for k in ("row", "nll_sum", "n_tokens", "top1", "top5")
     }
     first = _FirstSeen(dataloader)
     for batch in dataloader:
-        logits = output_logits(model(**model_inputs(batch)))  # [B, T, V]
-        labels = batch["labels"]  # [B, T]
-        logits = logits[:, -labels.shape[1] :]  # prompt-learning methods prepend virtual tokens
-        B, T, V = logits.shape
-        # Row t predicts token t+1: shift the labels, not the logits, so the reshape is a view.
-        targets = torch.full_like(labels, -100)
-        targets[:, :-1] = labels[:, 1:]
-        # The C++ core reads CPU memory: a GPU batch's logits come over once, [B*T, V].
-        flat_logits = _to_float_logits(logits).reshape(B * T, V).cpu()
-        stats = M.token_stats(flat_logits, targets.reshape(-1).cpu())
-        nll = torch.as_tensor(stats.nll).reshape(B, T)  # float64, 0 where ignored
-        mask = (targets != -100).to(torch.float64)
+        logits, targets, mask = causal_lm_logits(model, batch)  # [N, V], [N], [B, T]
+        # The C++ core reads CPU memory: a GPU batch's scored logits come over once.
+        stats = M.token_stats(_to_float_logits(logits).cpu(), targets.cpu())
+        mask = mask.cpu()
         per_ex = torch.stack(
             [
-                nll.sum(1),
-                mask.sum(1),
-                torch.as_tensor(stats.top1).reshape(B, T).to(torch.float64).mul(mask).sum(1),
-                torch.as_tensor(stats.top5).reshape(B, T).to(torch.float64).mul(mask).sum(1),
+                _per_example_sum(stats.nll, mask),
+                mask.sum(1).to(torch.float64),
+                _per_example_sum(stats.top1, mask),
+                _per_example_sum(stats.top5, mask),
             ],
             dim=1,
         ).to(accelerator.device)  # [B, 4]

@@ -48,6 +48,7 @@ from lorafit.distributed import make_accelerator
 from lorafit.errors import ConfigError, TrainingError
 from lorafit.evaluate import (
     EvalResult,
+    causal_lm_logits,
     confidence_intervals,
     embed_dataset,
     evaluate,
@@ -471,30 +472,24 @@ class Trainer:
         if self.contrastive:  # pooled [B, H]: a SetFit pair loss, the head is not involved
             _, pooled = self.model(**model_inputs(batch), return_embedding=True)
             return pair_cosine_loss(pooled, labels)
-        logits = output_logits(self.model(**model_inputs(batch)))
-        if self.task == "classification":  # logits [B, C], labels [B]
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            if cfg.rdrop > 0:
-                # R-Drop: a second pass with other dropout masks; penalise disagreement.
-                logits2 = output_logits(self.model(**model_inputs(batch))).float()
-                loss2 = F.cross_entropy(logits2, labels, label_smoothing=cfg.label_smoothing)
-                lp1, lp2 = F.log_softmax(logits.float(), -1), F.log_softmax(logits2, -1)
-                kl = 0.5 * (
-                    F.kl_div(lp1, lp2, log_target=True, reduction="batchmean")
-                    + F.kl_div(lp2, lp1, log_target=True, reduction="batchmean")
-                )
-                loss = 0.5 * (loss + loss2) + cfg.rdrop * kl
-            return loss
-        # causal LM: logits [B, T, V]; position t predicts token t+1; -100 masks the prompt.
-        # Prompt-learning methods prepend virtual tokens: keep the last T positions.
-        logits = logits[:, -labels.shape[1] :]
-        vocab = logits.shape[-1]
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, vocab).float(),
-            labels[:, 1:].reshape(-1),
-            ignore_index=-100,
-            label_smoothing=cfg.label_smoothing,
-        )
+        if self.task == "causal_lm":  # logits [N, V] at the N positions before a response token
+            logits, targets, _ = causal_lm_logits(self.model, batch)
+            if not len(targets):  # every response truncated away: nothing to learn here
+                return logits.sum() * 0.0
+            return F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        logits = output_logits(self.model(**model_inputs(batch)))  # [B, C], labels [B]
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        if cfg.rdrop > 0:
+            # R-Drop: a second pass with other dropout masks; penalise disagreement.
+            logits2 = output_logits(self.model(**model_inputs(batch))).float()
+            loss2 = F.cross_entropy(logits2, labels, label_smoothing=cfg.label_smoothing)
+            lp1, lp2 = F.log_softmax(logits.float(), -1), F.log_softmax(logits2, -1)
+            kl = 0.5 * (
+                F.kl_div(lp1, lp2, log_target=True, reduction="batchmean")
+                + F.kl_div(lp2, lp1, log_target=True, reduction="batchmean")
+            )
+            loss = 0.5 * (loss + loss2) + cfg.rdrop * kl
+        return loss
 
     def backward_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """Gradients of one optimisation step, accumulated over its micro-batches; the step loss.

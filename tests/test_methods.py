@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel
 
 from lorafit import methods as M
 from lorafit._optional import linear4bit_class
 from lorafit.config import MethodConfig, ModelConfig, TrainConfig
 from lorafit.errors import ConfigError, ModelError
+from lorafit.evaluate import causal_lm_logits
 from lorafit.models import TextClassifier
 from tests.test_trainer import run_tiny, sentiment_dir  # noqa: F401  (fixture)
 
@@ -209,6 +211,38 @@ def test_reinit_top_layers(tiny_bert_path):
     assert torch.equal(state[low], pretrained[low])
     with pytest.raises(ConfigError, match="full only"):
         _build(tiny_bert_path, name="lora", reinit_layers=1)
+
+
+# -- causal-LM logits at the scored positions only -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lora", "full", "prompt_tuning", "prefix_tuning"])
+def test_causal_lm_logits_are_the_full_logits_at_the_scored_positions(tiny_llama_path, name):
+    model = _build(tiny_llama_path, "causal_lm", name=name).model.eval()
+    ids = torch.tensor([[2, 40, 50, 60, 70, 3], [2, 41, 42, 43, 3, 0]])  # [B=2, T=6]
+    labels = torch.tensor([[-100, -100, 50, 60, 70, 3], [-100, -100, -100, 43, 3, -100]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+    batch["row"] = torch.tensor([0, 1])
+    head_inputs = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_inputs.append(tuple(args[0].shape))
+    )
+    with torch.no_grad():
+        logits, targets, mask = causal_lm_logits(model, batch)  # [N, V], [N], [B, T]
+        hook.remove()
+        full = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, -6:]
+    vocab = full.shape[-1]
+    # row t predicts token t+1: the 4 + 2 positions before a scored token
+    assert mask.tolist() == [[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]]
+    assert targets.tolist() == [50, 60, 70, 3, 43, 3]
+    torch.testing.assert_close(logits, full[mask])
+    reference = F.cross_entropy(
+        full[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(F.cross_entropy(logits, targets), reference)
+    # the lm_head ran on the 6 scored positions only, unless virtual tokens come first
+    prompt_learning = name in ("prompt_tuning", "prefix_tuning")
+    assert (head_inputs[0][:-1] != (6,)) == prompt_learning
 
 
 # -- PEFT invariants ------------------------------------------------------------------------------
