@@ -13,7 +13,9 @@ its source `row` number, so those copies are dropped by row (the first occurrenc
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -56,7 +58,25 @@ def _keeps_masked_logits(model) -> bool:
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return False  # virtual tokens come first: the mask would not line up
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _slices_by_mask(type(base))
+
+
+@functools.cache
+def _slices_by_mask(model_class: type) -> bool:
+    """Whether the class's forward slices its hidden states with transformers'
+    `slice_logits_to_keep` and that takes a [B, T] bool mask (recent transformers; older ones,
+    and models with their own slicing, take an int or 1D positions only)."""
+    module = sys.modules.get(model_class.__module__)
+    slice_fn = getattr(module, "slice_logits_to_keep", None)
+    if (
+        slice_fn is None
+        or "logits_to_keep" not in inspect.signature(model_class.forward).parameters
+    ):
+        return False
+    try:  # a capability probe on a [1, 2, 1] tensor, not user data
+        return tuple(slice_fn(torch.zeros(1, 2, 1), torch.tensor([[True, False]])).shape) == (1, 1)
+    except (TypeError, IndexError, RuntimeError, ValueError):
+        return False
 
 
 def causal_lm_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from lorafit import methods as M
 from lorafit._optional import linear4bit_class
 from lorafit.config import MethodConfig, ModelConfig, TrainConfig
 from lorafit.errors import ConfigError, ModelError
-from lorafit.evaluate import causal_lm_logits
+from lorafit.evaluate import _slices_by_mask, causal_lm_logits
 from lorafit.models import TextClassifier
 from tests.test_trainer import run_tiny, sentiment_dir  # noqa: F401  (fixture)
 
@@ -243,6 +243,17 @@ def test_causal_lm_logits_are_the_full_logits_at_the_scored_positions(tiny_llama
     # the lm_head ran on the 6 scored positions only, unless virtual tokens come first
     prompt_learning = name in ("prompt_tuning", "prefix_tuning")
     assert (head_inputs[0][:-1] != (6,)) == prompt_learning
+
+
+def test_only_models_that_slice_by_mask_get_the_mask():
+    from transformers import LlamaForCausalLM
+
+    class OwnSlicing(torch.nn.Module):  # its module has no slice_logits_to_keep
+        def forward(self, input_ids, logits_to_keep=0):
+            return input_ids
+
+    assert _slices_by_mask(LlamaForCausalLM)
+    assert not _slices_by_mask(OwnSlicing)
 
 
 # -- PEFT invariants ------------------------------------------------------------------------------
