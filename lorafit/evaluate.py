@@ -79,6 +79,13 @@ def _slices_by_mask(model_class: type) -> bool:
         return False
 
 
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions whose next token is scored (labels -100: prompt, padding)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
 def causal_lm_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits [N, V] of the N positions whose next token is scored, their targets [N], and the
     [B, T] bool mask that picked those positions (row t predicts token t+1; labels are -100 on
@@ -91,8 +98,7 @@ def causal_lm_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
     `logits_to_keep`: both get full logits, which are sliced here instead.
     """
     labels = batch["labels"]  # [B, T]
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
+    mask = scored_positions(labels)
     targets = labels[:, 1:][mask[:, :-1]]  # [N]
     keep = {"logits_to_keep": mask} if _keeps_masked_logits(model) else {}
     logits = output_logits(model(**model_inputs(batch), **keep))

@@ -54,6 +54,7 @@ from lorafit.evaluate import (
     evaluate,
     model_inputs,
     output_logits,
+    scored_positions,
 )
 from lorafit.io import append_jsonl, read_jsonl, write_json, write_text
 from lorafit.objectives import fit_logistic_head, pair_cosine_loss
@@ -988,8 +989,8 @@ def _copy_into(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Te
 
 
 def _response_tokens(batch: dict) -> torch.Tensor:
-    """Tokens a causal-LM batch is scored on: labels shifted by one, prompt (-100) excluded."""
-    return (batch["labels"][:, 1:] != -100).sum()
+    """Tokens a causal-LM batch is scored on: the positions causal_lm_logits keeps."""
+    return scored_positions(batch["labels"]).sum()
 
 
 def _metric_gap(train_metrics: dict, other_metrics: dict, metric: str) -> dict:
