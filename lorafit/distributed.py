@@ -134,6 +134,26 @@ def make_accelerator(cfg: RunConfig):
     return accelerator
 
 
+def backend_note(accelerator) -> str | None:
+    """A line when the launch asked for FSDP or DeepSpeed and accelerate runs something else.
+
+    accelerate selects FSDP and DeepSpeed only on accelerators (GPUs, ...): on CPU an FSDP
+    template silently becomes DDP, every rank holding the whole model.
+    """
+    for env, wanted, running in (
+        ("ACCELERATE_USE_FSDP", "FSDP", is_fsdp(accelerator)),
+        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", is_deepspeed(accelerator)),
+    ):
+        if _env_true(env) and not running:
+            kind = str(accelerator.distributed_type).split(".")[-1]
+            return (
+                f"backend: the launcher asked for {wanted} ({env}) but accelerate runs {kind} on "
+                f"{accelerator.device.type}: the model is not sharded, every rank holds all of it "
+                "(accelerate shards on GPUs only; docs/distributed.md)"
+            )
+    return None
+
+
 def share_cpu_threads(accelerator) -> None:
     """Several CPU processes on one machine: split the cores instead of oversubscribing them.
 
@@ -244,6 +264,27 @@ def _fsdp1_full_params(accelerator, model, writeback: bool):
         yield
 
 
+def _fsdp2_sharded_params(
+    model, params: dict[str, torch.nn.Parameter]
+) -> dict[str, torch.nn.Parameter]:
+    """FSDP2: the sharded parameters (DTensors) of `params`' names, after resharding the model.
+
+    After a forward without backward (evaluation, the contrastive head fit) FSDP2 can leave a
+    module unsharded: its registered parameters are then plain full tensors, and writes into
+    them are lost at the next reshard. Resharding first makes every rank see, read and write the
+    same DTensor shards, which the next forward gathers afresh.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        return params
+    for module in modules:
+        module.reshard()
+    registered = {clean_name(n): p for n, p in model.named_parameters()}
+    return {k: registered[k] for k in params}
+
+
 def read_full(accelerator, model, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """CPU copies of `params`, complete on every rank even when they are ZeRO-3/FSDP shards.
 
@@ -259,6 +300,7 @@ def read_full(accelerator, model, params: dict[str, torch.nn.Parameter]) -> dict
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 out[k] = p.detach().to("cpu", copy=True)
         return out
+    params = _fsdp2_sharded_params(model, params)
     with _fsdp1_full_params(accelerator, model, writeback=False):
         for k, p in params.items():
             value = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2: DTensor
@@ -283,6 +325,7 @@ def write_full(
                 if accelerator.is_main_process:
                     p.copy_(values[k].to(p.device, p.dtype))
         return
+    params = _fsdp2_sharded_params(model, params)
     with _fsdp1_full_params(accelerator, model, writeback=True):
         for k, p in params.items():
             if hasattr(p, "full_tensor"):  # FSDP2: write this rank's shard of the full value

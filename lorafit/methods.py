@@ -671,16 +671,23 @@ def save_trained(
     PEFT methods: adapter_config.json + adapter_model.safetensors (the encoder's adapter for
     classification). full: the whole encoder / causal LM as safetensors. Classification adds
     head.safetensors. Always lorafit_model.json, and the tokenizer files when given.
+    `state_dict`: complete trained weights by their names in `model` (the trainer gathers them
+    under ZeRO-3 / FSDP, where the module holds only shards); None reads the module itself.
     """
     meta = _meta_of(model)
     directory = Path(directory)
-    body = model.encoder if isinstance(model, TextClassifier) else model
+    classifier = isinstance(model, TextClassifier)
+    body = model.encoder if classifier else model
+    body_state = None
+    if state_dict is not None:  # names relative to the body, as its save_pretrained expects
+        prefix = "encoder." if classifier else ""
+        body_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     with _staged(directory) as tmp:
         if meta["method"] != "head":  # head-only: the base is unchanged, reloaded from its source
             with _adalora_at_full_rank(body):
-                body.save_pretrained(str(tmp))
-        if isinstance(model, TextClassifier):
-            _save_head(model, tmp / HEAD_FILE)
+                body.save_pretrained(str(tmp), state_dict=body_state)
+        if classifier:
+            _save_head(model, tmp / HEAD_FILE, state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         write_json(tmp / META_FILE, meta)

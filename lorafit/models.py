@@ -372,6 +372,13 @@ class TextClassifier(nn.Module):
         nn.init.normal_(self.head.weight, std=getattr(config, "initializer_range", 0.02))
         nn.init.zeros_(self.head.bias)
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The encoder's block classes. FSDP's transformer-based auto-wrap reads this to shard
+        block by block; without it the FSDP template wraps only the whole classifier, and every
+        forward gathers all of the weights at once."""
+        return getattr(self.encoder, "_no_split_modules", None)
+
     def forward(
         self,
         input_ids: torch.Tensor,

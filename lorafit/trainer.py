@@ -363,6 +363,9 @@ class Trainer:
             f"trainable {self.model_info['trainable_params']:,} / {self.model_info['total_params']:,} params"
         )
         self._print(f"data: {self.data.source}")  # where each split came from, leakage notes
+        note = dist.backend_note(acc)
+        if note:
+            self._print(note)
         world, num_train = acc.num_processes, len(self.train_set)
         note = budget_note(cfg.train, self.train_cfg.steps, world, num_train, self.task)
         if note:
@@ -394,6 +397,10 @@ class Trainer:
             self._head_params(),
             {"head.weight": weight, "head.bias": bias},
         )
+
+    def _saved_head_params(self) -> dict[str, torch.nn.Parameter]:
+        """The classification head's parameters ({} for a causal LM): saved, trained or not."""
+        return self._head_params() if self.task == "classification" else {}
 
     def _head_params(self) -> dict[str, torch.nn.Parameter]:
         """The linear head's parameters by their names in the model ("head.weight", "head.bias")."""
@@ -785,10 +792,10 @@ class Trainer:
             **environment_info(),
         }
         acc.wait_for_everyone()
-        # ZeRO-3 / FSDP: the module holds shards; gather the trainable weights (every rank takes
-        # part) so the adapter that rank 0 saves is complete.
+        # ZeRO-3 / FSDP: the module holds shards; gather the trained weights and the head (a
+        # fitted head is not trainable; every rank takes part) so what rank 0 saves is complete.
         gathered = (
-            dist.read_full(acc, self.model, self.trainable)
+            dist.read_full(acc, self.model, {**self.trainable, **self._saved_head_params()})
             if self.sharded and cfg.output.save_adapter
             else None
         )
@@ -854,8 +861,8 @@ def budget_note(train_cfg, steps: int, world: int, num_train: int, task: str) ->
         return None
     return (
         f"budget: train.steps={steps} is {covered:.1f} passes over the {num_train} training "
-        f"rows; the few-shot defaults were chosen at 6-50 passes (docs/recipes.md): for a "
-        f"training set this large raise train.steps or train.min_passes"
+        f"rows; the few-shot defaults were chosen at 6-50 passes (docs/recipes.md): raise "
+        f"train.steps or train.min_passes"
     )
 
 

@@ -99,13 +99,45 @@ def rank_results(folder: Path, name: str) -> list[dict]:
     return [json.loads((folder / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
 
 
+def sft_overrides(model_path, data_path, out) -> list[str]:
+    """A short LoRA SFT run of the tiny llama (classification runs use tiny_overrides)."""
+    return [
+        f"model.name_or_path={model_path}",
+        "model.max_length=48",
+        f"data.path={data_path}",
+        "data.train_size=20",
+        "method.name=lora",
+        "method.r=4",
+        "train.steps=6",
+        "train.eval_every=3",
+        "train.batch_size=4",
+        "train.lr=5e-3",
+        "eval.batch_size=8",
+        "eval.bootstrap_samples=100",
+        f"output.dir={out}",
+        "output.report_to=[]",
+    ]
+
+
 @pytest.fixture(scope="module")
-def trained(tiny_bert_path, sentiment_dir, tmp_path_factory):  # noqa: F811
-    """One accelerate launch of tests/dist_workers/train_worker.py: full fine-tuning, LoRA, QLoRA."""
+def sft_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sft") / "sft.json"
+    records = [
+        {"instruction": f"say the word number {i}", "input": "", "output": f"word {i % 5} done"}
+        for i in range(40)
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert_path, tiny_llama_path, sentiment_dir, sft_data, tmp_path_factory):  # noqa: F811
+    """One accelerate launch of tests/dist_workers/train_worker.py: full fine-tuning, LoRA, QLoRA,
+    contrastive full fine-tuning and LoRA SFT."""
     root = tmp_path_factory.mktemp("ddp")
     out = root / "ranks"
     out.mkdir()
-    runs = {name: root / name for name in ("full", "lora", "qlora", "contrastive")}
+    runs = {name: root / name for name in ("full", "lora", "qlora", "contrastive", "sft")}
     extra = {"output.report_to": "[tensorboard]"}
     jobs = [
         {
@@ -143,6 +175,7 @@ def trained(tiny_bert_path, sentiment_dir, tmp_path_factory):  # noqa: F811
                 **{**FULL, "train.objective": "contrastive", "train.batch_size": 8},
             ),
         },
+        {"name": "sft", "overrides": sft_overrides(tiny_llama_path, sft_data, runs["sft"])},
     ]
     spec = root / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "jobs": jobs}))
@@ -196,6 +229,16 @@ def test_ddp_adapter_is_equal_across_ranks_and_saved_complete(trained, name):
     assert set(load_file(str(adapter / "head.safetensors"))) == {"head.weight", "head.bias"}
 
 
+def test_ddp_sft_trains_one_model_and_saves_its_adapter(trained):
+    ranks = rank_results(trained["out"], "sft")
+    assert ranks[0]["num_processes"] == 2 and ranks[0]["hash"] == ranks[1]["hash"]
+    assert ranks[0]["test"] == ranks[1]["test"]  # token-weighted, gathered
+    summary = json.loads((trained["runs"]["sft"] / "summary.json").read_text())
+    assert summary["task"] == "causal_lm" and summary["num_processes"] == 2
+    weights = load_file(str(trained["runs"]["sft"] / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in weights) and all(v.numel() > 0 for v in weights.values())
+
+
 def test_only_the_main_process_writes_into_the_run_dir(trained):
     writes = json.loads((trained["out"] / "writes.rank1.json").read_text())
     assert str(trained["out"] / "probe.rank1") in writes  # the audit sees rank 1's writes
@@ -244,6 +287,121 @@ def test_resume_under_two_processes_matches_uninterrupted(
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ FSDP2 (sharded, on CPU)
+FSDP_JOBS = ("full", "lora", "qlora", "sft")  # ce full FT, contrastive (Q)LoRA, LoRA SFT
+
+
+@pytest.fixture(scope="module")
+def fsdp_trained(trained):
+    """The DDP fixture's full, lora and sft jobs again, sharded by FSDP2 (LORAFIT_TEST_FSDP2).
+
+    accelerate shards only on GPUs; the worker switches its state to FSDP2 on CPU, so
+    `fully_shard` runs for real and every parameter is a DTensor shard.
+    """
+    spec = json.loads((trained["root"] / "spec.json").read_text())
+    root = trained["root"] / "fsdp"
+    out = root / "ranks"
+    out.mkdir(parents=True)
+    jobs = []
+    for job in spec["jobs"]:
+        if job["name"] in FSDP_JOBS:
+            run = str(root / job["name"])
+            overrides = [
+                f"output.dir={run}" if o.startswith("output.dir=") else o for o in job["overrides"]
+            ]
+            jobs.append({"name": job["name"], "overrides": overrides})
+    fsdp_spec = root / "spec.json"
+    fsdp_spec.write_text(json.dumps({"out": str(out), "jobs": jobs}))
+    launch("torchrun", [str(WORKERS / "train_worker.py"), str(fsdp_spec)], env=FSDP2_ENV)
+    return {"out": out, "runs": {name: root / name for name in FSDP_JOBS}, "root": root}
+
+
+FSDP2_ENV = {"LORAFIT_TEST_FSDP2": "1"}
+
+
+def _adapter_files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    files = sorted((run / "adapter").glob("*.safetensors"))
+    return {f.name: load_file(str(f)) for f in files}
+
+
+@pytest.mark.parametrize("name", FSDP_JOBS)
+def test_fsdp2_trains_sharded_and_saves_what_ddp_saves(trained, fsdp_trained, name):
+    """Sharded training gives the DDP run's weights, and rank 0 saves them complete.
+
+    The adapter save under sharding once passed the gathered weights to nothing and read the
+    module's DTensor shards instead (it failed); this test catches that."""
+    ranks = rank_results(fsdp_trained["out"], name)
+    for r in ranks:
+        assert r["distributed_type"] == "DistributedType.FSDP" and r["num_processes"] == 2
+        assert r["local_numel"] < r["full_numel"]  # each rank holds shards, not the whole
+        # block by block (transformer-based wrap), not only the whole model as one unit
+        assert any(unit.endswith("Layer") for unit in r["fsdp_units"]), r["fsdp_units"]
+    assert ranks[0]["hash"] == ranks[1]["hash"]  # gathered: the same full weights on both
+    assert ranks[0]["test"] == ranks[1]["test"]
+    ddp = rank_results(trained["out"], name)[0]
+    for key, value in ddp["test"].items():
+        assert ranks[0]["test"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    sharded, replicated = (
+        _adapter_files(runs[name]) for runs in (fsdp_trained["runs"], trained["runs"])
+    )
+    assert sharded.keys() == replicated.keys() and sharded
+    for file, weights in replicated.items():
+        assert sharded[file].keys() == weights.keys(), file
+        for k, v in weights.items():
+            torch.testing.assert_close(sharded[file][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FSDP_JOBS)
+def test_fsdp2_writes_full_values_into_shards(fsdp_trained, name):
+    """dist.write_full then read_full gives back every written value (head and uneven shards too)."""
+    for r in rank_results(fsdp_trained["out"], name):
+        assert r["round_trip_error"] == 0.0
+
+
+def test_fsdp2_resume_restores_the_sharded_weights(trained, fsdp_trained):
+    """Kill a sharded run after step 8 and resume it: the step-8 checkpoint holds the full
+    weights (DDP's step-8 weights), and the resumed run finishes with a complete adapter."""
+    spec = json.loads((trained["root"] / "spec.json").read_text())
+    (lora,) = [job for job in spec["jobs"] if job["name"] == "lora"]
+    root = fsdp_trained["root"] / "killed"
+    out = root / "ranks"
+    out.mkdir(parents=True)
+    overrides = [
+        f"output.dir={root / 'run'}" if o.startswith("output.dir=") else o
+        for o in lora["overrides"]
+    ]
+    for name, extra, env in (
+        ("killed", [], {**FSDP2_ENV, "LORAFIT_FAULT_AT_STEP": "8"}),
+        ("resumed", ["train.resume=true"], FSDP2_ENV),
+    ):
+        job_spec = root / f"{name}.json"
+        job_spec.write_text(
+            json.dumps({"out": str(out), "jobs": [{"name": name, "overrides": overrides + extra}]})
+        )
+        proc = launch(
+            "torchrun",
+            [str(WORKERS / "train_worker.py"), str(job_spec)],
+            env=env,
+            check=name == "resumed",
+        )
+        if name == "killed":
+            assert proc.returncode != 0 and not (root / "run" / "summary.json").exists()
+            got = load_checkpoint(root / "run" / "checkpoints" / "step-8", rank=0)["trainable"]
+            ref = load_checkpoint(trained["runs"]["lora"] / "checkpoints" / "step-8", rank=0)
+            assert got.keys() == ref["trainable"].keys()
+            for k, v in ref["trainable"].items():
+                torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-6)
+    assert "the optimizer restarts" in proc.stdout + proc.stderr  # sharded: no Adam moments saved
+    assert "resumed from" in proc.stdout + proc.stderr
+    ranks = rank_results(out, "resumed")
+    assert (
+        ranks[0]["hash"] == ranks[1]["hash"]
+        and ranks[0]["distributed_type"] == "DistributedType.FSDP"
+    )
+    saved = _adapter_files(root / "run")
+    assert saved.keys() == _adapter_files(trained["runs"]["lora"]).keys()
 
 
 # ------------------------------------------------------------------------ exact evaluation
@@ -403,3 +561,28 @@ def test_cpu_ranks_split_the_cores(monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_sharding_template_that_accelerate_runs_as_ddp_is_named(monkeypatch):
+    """On CPU accelerate turns an FSDP or DeepSpeed launch into DDP without a word; lorafit says so."""
+    import types
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    from lorafit.distributed import backend_note
+
+    ddp = types.SimpleNamespace(
+        distributed_type=DistributedType.MULTI_CPU, device=torch.device("cpu")
+    )
+    fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP, device=torch.device("cpu"))
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(var, raising=False)
+    assert backend_note(ddp) is None  # nothing asked for
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    note = backend_note(ddp)
+    assert note.startswith("backend:") and "FSDP" in note and "MULTI_CPU" in note
+    assert backend_note(fsdp) is None  # asked for and running
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert "DeepSpeed" in backend_note(ddp)

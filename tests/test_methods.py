@@ -552,3 +552,33 @@ def test_classifier_is_a_text_classifier_with_peft_encoder(tiny_bert_path):
     assert isinstance(model, TextClassifier)
     assert _logits(model).shape == (2, 3)
     assert Path(model.lorafit_meta["base_model"]) == Path(tiny_bert_path)
+
+
+def test_importing_lorafit_drops_only_the_two_known_library_notices(tiny_bert_path):
+    """bitsandbytes' "install kernels" notice (a CPU path lorafit switches off) and peft's
+    FutureWarning about transformers' is_gradient_checkpointing are dropped; their neighbours
+    on the same logger and of the same category still print. The LoRA model is built for real,
+    so the warning peft raises while wrapping is covered too."""
+    import subprocess
+    import sys
+
+    code = f"""
+import logging, warnings
+import lorafit
+from lorafit import methods as M
+from lorafit.config import MethodConfig, ModelConfig
+M.build_model(ModelConfig(name_or_path={tiny_bert_path!r}), MethodConfig(name="lora", r=4),
+              "classification", num_labels=2)
+bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: no module")
+bnb.warning("another bitsandbytes notice")
+warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning)
+warnings.warn("another future warning", FutureWarning)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "kernels-community" not in proc.stderr
+    assert "is_gradient_checkpointing" not in proc.stderr
+    assert "another bitsandbytes notice" in proc.stderr
+    assert "another future warning" in proc.stderr
