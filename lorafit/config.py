@@ -154,7 +154,7 @@ class DataConfig:
 
 
 PEFT_METHODS_WITH_DEFAULTS = ("full", "head", "lora", "qlora")
-BATCH_SAMPLINGS = ("auto", "random", "class_pairs")
+BATCH_SAMPLINGS = ("auto", "random", "class_pairs", "by_length")
 
 
 @dataclass
@@ -291,6 +291,7 @@ class TrainConfig:
     batch_sampling: str = _f(
         "auto",
         "Training batches: random | class_pairs (batch_size/2 classes, two examples of each) | "
+        "by_length (random rows grouped by length: less padding, for causal LMs) | "
         "auto (class_pairs under the contrastive objective when a random batch would hold "
         "under 4 same-label pairs, i.e. many classes; else random).",
     )

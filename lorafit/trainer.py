@@ -164,6 +164,35 @@ class ClassPairBatchSampler(StepBatchSampler):
         return [int(i) for pair in dealt for i in pair][: self.batch_size]
 
 
+class LengthGroupedBatchSampler(StepBatchSampler):
+    """Random batches of rows of similar length: less padding, the same rows every epoch.
+
+    Each epoch's seeded permutation is cut into chunks of `LENGTH_GROUP_BATCHES` global batches
+    (x batch_size x world rows), and each chunk is sorted by length, longest first (after the
+    Hugging Face Trainer's `group_by_length`). Consecutive batches, the ranks' batches of one step
+    among them, then hold rows of similar length. Still a pure function of (seed, batch number).
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, start: int, stop: int, rank=0, world=1):
+        super().__init__(len(lengths), batch_size, seed, start, stop, rank, world)
+        self.lengths = np.asarray(lengths)
+        self.chunk = LENGTH_GROUP_BATCHES * batch_size * world
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != epoch:
+            order = super()._permutation(epoch)
+            chunks = [order[i : i + self.chunk] for i in range(0, self.n, self.chunk)]
+            by_length = [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]
+            self._cache = (epoch, np.concatenate(by_length))
+        return self._cache[1]
+
+
+# Global batches per length-sorted chunk: wide enough for similar lengths, narrow enough that
+# the order stays random at the scale of an epoch.
+LENGTH_GROUP_BATCHES = 50
+
+
 @dataclass
 class Selection:
     """Model selection state: which evaluation was best, and how long since it improved."""
@@ -539,6 +568,9 @@ class Trainer:
         if self.batch_sampling == "class_pairs":
             labels = self.train_set["labels"]
             sampler = ClassPairBatchSampler(labels, tc.batch_size, tc.seed, **window)
+        elif self.batch_sampling == "by_length":
+            lengths = [len(ids) for ids in self.train_set["input_ids"]]
+            sampler = LengthGroupedBatchSampler(lengths, tc.batch_size, tc.seed, **window)
         else:
             sampler = StepBatchSampler(len(self.train_set), tc.batch_size, tc.seed, **window)
         # Not passed through accelerate.prepare: the sampler already shards by rank.

@@ -356,6 +356,34 @@ def test_causal_lm_sft_run(tiny_llama_path, tmp_path):
         assert set(row["validation"]) >= set(SELECTION_METRICS["causal_lm"])
 
 
+def test_causal_lm_sft_run_with_length_grouped_batches(tiny_llama_path, tmp_path, monkeypatch):
+    from lorafit.trainer import LengthGroupedBatchSampler
+
+    drawn = []
+    real_batch = LengthGroupedBatchSampler.batch
+    monkeypatch.setattr(
+        LengthGroupedBatchSampler,
+        "batch",
+        lambda self, b: drawn.append(real_batch(self, b)) or drawn[-1],
+    )
+    records = [
+        {"instruction": "say " + "very " * (i % 7) + f"word {i}", "input": "", "output": "done"}
+        for i in range(40)
+    ]
+    summary = _tiny_sft_run(
+        tiny_llama_path,
+        tmp_path,
+        records,
+        "data.train_size=20",
+        "train.steps=4",
+        "train.eval_every=4",
+        "train.batch_sampling=by_length",
+        "eval.bootstrap_samples=50",
+    )
+    assert summary["batch_sampling"] == "by_length" and np.isfinite(summary["test"]["loss"])
+    assert len(drawn) == 4 and all(len(b) == 4 for b in drawn)
+
+
 def test_causal_lm_perplexity_gap_grows_and_ci_covers_the_loss(tiny_llama_path, tmp_path):
     records = [
         {"instruction": f"say the word number {i}", "output": " ".join(["word"] * (1 + i % 7))}
@@ -743,6 +771,38 @@ def test_class_pair_sampler_deals_same_class_pairs_and_shards_like_the_step_samp
     assert all(len(b) == 5 for b in odd)  # three pairs, the last cut
     with pytest.raises(ConfigError, match="makes 2 same-class pairs, fewer than one batch"):
         ClassPairBatchSampler(np.array([0, 0, 1, 1, 2]), 8, seed=0, start=0, stop=1)
+
+
+def test_length_grouped_sampler_pads_less_and_shards_like_the_step_sampler():
+    from lorafit.trainer import LENGTH_GROUP_BATCHES, LengthGroupedBatchSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 300, size=1000)  # 1,000 rows: 2.5 chunks of 50 batches of 8
+    steps = 250  # two epochs
+    grouped = list(LengthGroupedBatchSampler(lengths, 8, seed=3, start=0, stop=steps))
+    plain = list(StepBatchSampler(1000, 8, seed=3, start=0, stop=steps))
+
+    def computed(batches):  # tokens the model computes: batch size x longest row
+        return sum(len(b) * lengths[b].max() for b in batches)
+
+    assert computed(grouped) < 0.75 * computed(plain)
+    # every epoch is a permutation: each row once per 1,000 consecutive positions
+    flat = [i for b in grouped for i in b]
+    assert sorted(flat[:1000]) == list(range(1000)) and sorted(flat[1000:]) == list(range(1000))
+    # within a chunk the rows come longest first; the chunks are random draws of the rows
+    chunk = flat[: LENGTH_GROUP_BATCHES * 8]
+    assert list(lengths[chunk]) == sorted(lengths[chunk], reverse=True)
+    assert flat[1000:1400] != flat[:400]  # the next epoch is redrawn
+    ranks = [
+        list(LengthGroupedBatchSampler(lengths, 8, 3, 0, steps // 2, rank=r, world=2))
+        for r in (0, 1)
+    ]
+    # a step's two batches come from one chunk of its own (chunks span 50 steps of both ranks)
+    two = [b for pair in zip(*ranks) for b in pair]
+    assert computed(two) < 0.75 * computed(plain)
+    assert sorted(i for b in two[:125] for i in b) == list(range(1000))
+    assert list(LengthGroupedBatchSampler(lengths, 8, seed=3, start=7, stop=steps)) == grouped[7:]
+    assert list(LengthGroupedBatchSampler(lengths, 8, seed=4, start=0, stop=steps)) != grouped
 
 
 def test_class_pair_batches_take_their_pairs_from_different_classes():
