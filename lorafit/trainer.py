@@ -165,27 +165,48 @@ class ClassPairBatchSampler(StepBatchSampler):
 
 
 class LengthGroupedBatchSampler(StepBatchSampler):
-    """Random batches of rows of similar length: less padding, the same rows every epoch.
+    """Random batches of rows of similar length: less padding, nearly every row every epoch.
 
-    Each epoch's seeded permutation is cut into chunks of `LENGTH_GROUP_BATCHES` global batches
-    (x batch_size x world rows), and each chunk is sorted by length, longest first (after the
-    Hugging Face Trainer's `group_by_length`). Consecutive batches, the ranks' batches of one step
-    among them, then hold rows of similar length. Still a pure function of (seed, batch number).
+    Each epoch draws a seeded permutation and keeps its first `batch_size x (n // batch_size)`
+    rows (the n % batch_size left over differ from epoch to epoch). It cuts them into chunks of
+    `LENGTH_GROUP_BATCHES x world` batches, sorts each chunk by length, cuts it into batches and
+    shuffles the order of those batches (after the Hugging Face Trainer's `group_by_length`, which
+    leaves each chunk in length order: on a training set of a few hundred rows one chunk is the
+    whole epoch, and the epoch would run from the longest rows to the shortest). Still a pure
+    function of (seed, batch number), sharded like `StepBatchSampler`.
     """
 
     def __init__(self, lengths, batch_size: int, seed: int, start: int, stop: int, rank=0, world=1):
         super().__init__(len(lengths), batch_size, seed, start, stop, rank, world)
+        if len(lengths) < batch_size:
+            raise ConfigError(
+                f"train.batch_sampling=by_length: {len(lengths)} training rows make no batch of "
+                f"train.batch_size={batch_size}; lower train.batch_size or use "
+                "train.batch_sampling=random"
+            )
         self.lengths = np.asarray(lengths)
-        self.chunk = LENGTH_GROUP_BATCHES * batch_size * world
-        self._cache: tuple[int, np.ndarray] | None = None
+        self.batches_per_epoch = len(lengths) // batch_size
+        self.chunk_batches = LENGTH_GROUP_BATCHES * world
+        self._cache: tuple[int, list[np.ndarray]] | None = None
 
-    def _permutation(self, epoch: int) -> np.ndarray:
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if self._cache is None or self._cache[0] != epoch:
-            order = super()._permutation(epoch)
-            chunks = [order[i : i + self.chunk] for i in range(0, self.n, self.chunk)]
-            by_length = [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]
-            self._cache = (epoch, np.concatenate(by_length))
+            rng = np.random.default_rng([self.seed, epoch])
+            rows = rng.permutation(self.n)[: self.batches_per_epoch * self.batch_size]
+            batches: list[np.ndarray] = []
+            for first in range(0, len(rows), self.chunk_batches * self.batch_size):
+                chunk = rows[first : first + self.chunk_batches * self.batch_size]
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]  # longest first
+                cut = [
+                    chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+                ]
+                batches += [cut[i] for i in rng.permutation(len(cut))]
+            self._cache = (epoch, batches)
         return self._cache[1]
+
+    def batch(self, global_batch: int) -> list[int]:
+        epoch, position = divmod(global_batch, self.batches_per_epoch)
+        return [int(i) for i in self._epoch_batches(epoch)[position]]
 
 
 # Global batches per length-sorted chunk: wide enough for similar lengths, narrow enough that

@@ -774,35 +774,37 @@ def test_class_pair_sampler_deals_same_class_pairs_and_shards_like_the_step_samp
 
 
 def test_length_grouped_sampler_pads_less_and_shards_like_the_step_sampler():
-    from lorafit.trainer import LENGTH_GROUP_BATCHES, LengthGroupedBatchSampler
+    from lorafit.trainer import LengthGroupedBatchSampler
 
     rng = np.random.default_rng(0)
-    lengths = rng.integers(5, 300, size=1000)  # 1,000 rows: 2.5 chunks of 50 batches of 8
+    lengths = rng.integers(5, 300, size=1003)  # 125 batches of 8 per epoch, 3 rows left over
     steps = 250  # two epochs
     grouped = list(LengthGroupedBatchSampler(lengths, 8, seed=3, start=0, stop=steps))
-    plain = list(StepBatchSampler(1000, 8, seed=3, start=0, stop=steps))
+    plain = list(StepBatchSampler(1003, 8, seed=3, start=0, stop=steps))
 
     def computed(batches):  # tokens the model computes: batch size x longest row
         return sum(len(b) * lengths[b].max() for b in batches)
 
+    assert all(len(b) == 8 for b in grouped)
     assert computed(grouped) < 0.75 * computed(plain)
-    # every epoch is a permutation: each row once per 1,000 consecutive positions
-    flat = [i for b in grouped for i in b]
-    assert sorted(flat[:1000]) == list(range(1000)) and sorted(flat[1000:]) == list(range(1000))
-    # within a chunk the rows come longest first; the chunks are random draws of the rows
-    chunk = flat[: LENGTH_GROUP_BATCHES * 8]
-    assert list(lengths[chunk]) == sorted(lengths[chunk], reverse=True)
-    assert flat[1000:1400] != flat[:400]  # the next epoch is redrawn
+    # each epoch: 1,000 distinct rows; the 3 left out are drawn anew
+    first, second = ({i for b in grouped[e * 125 : (e + 1) * 125] for i in b} for e in (0, 1))
+    assert len(first) == len(second) == 1000 and first != second
+    # batches of similar length in random order: no run from the longest rows to the shortest
+    longest = [lengths[b].max() for b in grouped[:50]]
+    assert longest != sorted(longest, reverse=True)
+    assert np.corrcoef(np.arange(50), longest)[0, 1] > -0.5
     ranks = [
         list(LengthGroupedBatchSampler(lengths, 8, 3, 0, steps // 2, rank=r, world=2))
         for r in (0, 1)
     ]
-    # a step's two batches come from one chunk of its own (chunks span 50 steps of both ranks)
     two = [b for pair in zip(*ranks) for b in pair]
     assert computed(two) < 0.75 * computed(plain)
-    assert sorted(i for b in two[:125] for i in b) == list(range(1000))
+    assert len({i for b in two[:125] for i in b}) == 1000  # one epoch over both ranks
     assert list(LengthGroupedBatchSampler(lengths, 8, seed=3, start=7, stop=steps)) == grouped[7:]
     assert list(LengthGroupedBatchSampler(lengths, 8, seed=4, start=0, stop=steps)) != grouped
+    with pytest.raises(ConfigError, match="make no batch of train.batch_size=8"):
+        LengthGroupedBatchSampler(lengths[:5], 8, seed=0, start=0, stop=1)
 
 
 def test_class_pair_batches_take_their_pairs_from_different_classes():
