@@ -448,12 +448,11 @@ class Trainer:
             {"head.weight": weight, "head.bias": bias},
         )
 
-    def _saved_head_params(self) -> dict[str, torch.nn.Parameter]:
-        """The classification head's parameters ({} for a causal LM): saved, trained or not."""
-        return self._head_params() if self.task == "classification" else {}
-
     def _head_params(self) -> dict[str, torch.nn.Parameter]:
-        """The linear head's parameters by their names in the model ("head.weight", "head.bias")."""
+        """The linear head's parameters by their names in the model ("head.weight", "head.bias");
+        {} for a causal LM, which has none."""
+        if self.task != "classification":
+            return {}
         return {f"head.{n}": p for n, p in self.unwrapped.head.named_parameters()}
 
     def _calibrate(self) -> dict | None:
@@ -848,7 +847,7 @@ class Trainer:
         # ZeRO-3 / FSDP: the module holds shards; gather the trained weights and the head (a
         # fitted head is not trainable; every rank takes part) so what rank 0 saves is complete.
         gathered = (
-            dist.read_full(acc, self.model, {**self.trainable, **self._saved_head_params()})
+            dist.read_full(acc, self.model, {**self.trainable, **self._head_params()})
             if self.sharded and cfg.output.save_adapter
             else None
         )

@@ -27,7 +27,7 @@ from lorafit import distributed as dist
 from lorafit.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from lorafit.errors import ConfigError, TrainingError
 from lorafit.io import read_jsonl
-from tests.test_trainer import sentiment_dir, tiny_overrides  # noqa: F401  (fixture)
+from tests.test_trainer import sentiment_dir, sft_overrides, tiny_overrides  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -99,26 +99,6 @@ def rank_results(folder: Path, name: str) -> list[dict]:
     return [json.loads((folder / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def sft_overrides(model_path, data_path, out) -> list[str]:
-    """A short LoRA SFT run of the tiny llama (classification runs use tiny_overrides)."""
-    return [
-        f"model.name_or_path={model_path}",
-        "model.max_length=48",
-        f"data.path={data_path}",
-        "data.train_size=20",
-        "method.name=lora",
-        "method.r=4",
-        "train.steps=6",
-        "train.eval_every=3",
-        "train.batch_size=4",
-        "train.lr=5e-3",
-        "eval.batch_size=8",
-        "eval.bootstrap_samples=100",
-        f"output.dir={out}",
-        "output.report_to=[]",
-    ]
-
-
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sft") / "sft.json"
@@ -175,7 +155,12 @@ def trained(tiny_bert_path, tiny_llama_path, sentiment_dir, sft_data, tmp_path_f
                 **{**FULL, "train.objective": "contrastive", "train.batch_size": 8},
             ),
         },
-        {"name": "sft", "overrides": sft_overrides(tiny_llama_path, sft_data, runs["sft"])},
+        {
+            "name": "sft",
+            "overrides": sft_overrides(tiny_llama_path, sft_data, runs["sft"])
+            + ["data.train_size=20", "train.steps=6", "train.eval_every=3"]
+            + ["eval.batch_size=8", "eval.bootstrap_samples=100"],
+        },
     ]
     spec = root / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "jobs": jobs}))
@@ -291,34 +276,34 @@ def test_resume_under_two_processes_matches_uninterrupted(
 
 # ------------------------------------------------------------------ FSDP2 (sharded, on CPU)
 FSDP_JOBS = ("full", "lora", "qlora", "sft")  # ce full FT, contrastive (Q)LoRA, LoRA SFT
+FSDP2_ENV = {"LORAFIT_TEST_FSDP2": "1"}
+
+
+def ddp_job_overrides(trained, name: str, out: Path) -> list[str]:
+    """The overrides of the DDP fixture's job `name`, writing into `out` instead."""
+    spec = json.loads((trained["root"] / "spec.json").read_text())
+    (job,) = [job for job in spec["jobs"] if job["name"] == name]
+    return [f"output.dir={out}" if o.startswith("output.dir=") else o for o in job["overrides"]]
 
 
 @pytest.fixture(scope="module")
 def fsdp_trained(trained):
-    """The DDP fixture's full, lora and sft jobs again, sharded by FSDP2 (LORAFIT_TEST_FSDP2).
+    """The DDP fixture's FSDP_JOBS again, sharded by FSDP2 (LORAFIT_TEST_FSDP2).
 
     accelerate shards only on GPUs; the worker switches its state to FSDP2 on CPU, so
     `fully_shard` runs for real and every parameter is a DTensor shard.
     """
-    spec = json.loads((trained["root"] / "spec.json").read_text())
     root = trained["root"] / "fsdp"
     out = root / "ranks"
     out.mkdir(parents=True)
-    jobs = []
-    for job in spec["jobs"]:
-        if job["name"] in FSDP_JOBS:
-            run = str(root / job["name"])
-            overrides = [
-                f"output.dir={run}" if o.startswith("output.dir=") else o for o in job["overrides"]
-            ]
-            jobs.append({"name": job["name"], "overrides": overrides})
+    jobs = [
+        {"name": name, "overrides": ddp_job_overrides(trained, name, root / name)}
+        for name in FSDP_JOBS
+    ]
     fsdp_spec = root / "spec.json"
     fsdp_spec.write_text(json.dumps({"out": str(out), "jobs": jobs}))
     launch("torchrun", [str(WORKERS / "train_worker.py"), str(fsdp_spec)], env=FSDP2_ENV)
     return {"out": out, "runs": {name: root / name for name in FSDP_JOBS}, "root": root}
-
-
-FSDP2_ENV = {"LORAFIT_TEST_FSDP2": "1"}
 
 
 def _adapter_files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -363,15 +348,10 @@ def test_fsdp2_writes_full_values_into_shards(fsdp_trained, name):
 def test_fsdp2_resume_restores_the_sharded_weights(trained, fsdp_trained):
     """Kill a sharded run after step 8 and resume it: the step-8 checkpoint holds the full
     weights (DDP's step-8 weights), and the resumed run finishes with a complete adapter."""
-    spec = json.loads((trained["root"] / "spec.json").read_text())
-    (lora,) = [job for job in spec["jobs"] if job["name"] == "lora"]
     root = fsdp_trained["root"] / "killed"
     out = root / "ranks"
     out.mkdir(parents=True)
-    overrides = [
-        f"output.dir={root / 'run'}" if o.startswith("output.dir=") else o
-        for o in lora["overrides"]
-    ]
+    overrides = ddp_job_overrides(trained, "lora", root / "run")
     for name, extra, env in (
         ("killed", [], {**FSDP2_ENV, "LORAFIT_FAULT_AT_STEP": "8"}),
         ("resumed", ["train.resume=true"], FSDP2_ENV),

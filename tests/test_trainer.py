@@ -308,21 +308,26 @@ def test_regularisers_change_training_under_cross_entropy(
     assert switched["test"]["loss"] != pytest.approx(plain["test"]["loss"], abs=1e-7)
 
 
-def _tiny_sft_run(tiny_llama_path, tmp_path, records: list[dict], *overrides: str) -> dict:
-    """A short LoRA SFT run of the tiny llama on `records` (written as a json list)."""
-    path = tmp_path / "sft.json"
-    path.write_text(json.dumps(records))
-    common = [
-        f"model.name_or_path={tiny_llama_path}",
+def sft_overrides(model_path, data_path, out) -> list[str]:
+    """A short LoRA SFT run of the tiny llama (classification runs use tiny_overrides)."""
+    return [
+        f"model.name_or_path={model_path}",
         "model.max_length=48",
-        f"data.path={path}",
+        f"data.path={data_path}",
         "method.name=lora",
         "method.r=4",
         "train.batch_size=4",
         "train.lr=5e-3",
-        f"output.dir={tmp_path / 'run'}",
+        f"output.dir={out}",
         "output.report_to=[]",
     ]
+
+
+def _tiny_sft_run(tiny_llama_path, tmp_path, records: list[dict], *overrides: str) -> dict:
+    """A short LoRA SFT run of the tiny llama on `records` (written as a json list)."""
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps(records))
+    common = sft_overrides(tiny_llama_path, path, tmp_path / "run")
     return train(load_config(None, [*common, *overrides]))
 
 

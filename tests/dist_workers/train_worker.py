@@ -109,7 +109,7 @@ def write_read_round_trip(trainer) -> float:
     from lorafit import distributed as dist
 
     acc, model = trainer.accelerator, trainer.model
-    params = {**trainer.trainable, **trainer._saved_head_params()}
+    params = {**trainer.trainable, **trainer._head_params()}
     before = dist.read_full(acc, model, params)
     moved = {
         k: v + 0.5 + 0.01 * torch.arange(v.numel()).reshape(v.shape) for k, v in before.items()
@@ -155,7 +155,7 @@ def main() -> None:
         summary = trainer.train()
         acc = trainer.accelerator
         full = read_full(acc, trainer.model, trainer.trainable)  # collective when sharded
-        head = trainer._saved_head_params()  # the head too: a contrastive head is fitted
+        head = trainer._head_params()  # the head too: a contrastive head is fitted
         result = {
             "rank": acc.process_index,
             "num_processes": acc.num_processes,
