@@ -605,12 +605,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(
+    path: str | Path, example: str = "configs/sst2_lora.yaml", saved: str = "config.yaml"
+) -> dict[str, Any]:
+    """A YAML mapping. When `path` is not one, the error suggests `example`, or the resolved
+    config (`saved`) inside a folder given by mistake (a run or sweep directory)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"config file {path} not found; pass a YAML file such as configs/sst2_lora.yaml"
+    if path.is_dir():
+        hint = (
+            f"its resolved config is {path / saved}"
+            if (path / saved).is_file()
+            else f"pass a YAML file such as {example}"
         )
+        raise ConfigError(f"{path} is a folder, not a YAML file; {hint}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass a YAML file such as {example}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

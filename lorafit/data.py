@@ -13,6 +13,7 @@ for validation, both from the train pool, and the full test set untouched. Bad d
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
@@ -20,7 +21,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,7 +361,10 @@ def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> 
             # every column as text: inferring types from the first chunk breaks on later rows
             header = pd.read_csv(path, nrows=0, **kwargs).columns
             kwargs["features"] = Features({column: Value("string") for column in header})
-        return load_dataset(SUPPORTED_EXTENSIONS[suffix], data_files=path, split="train", **kwargs)
+        with _quiet_datasets_errors():  # a failure becomes one DataError line below
+            return load_dataset(
+                SUPPORTED_EXTENSIONS[suffix], data_files=path, split="train", **kwargs
+            )
     except Exception as e:
         if "corresponds to no data" in str(e):  # a header without rows
             return Dataset.from_dict({})
@@ -370,6 +374,18 @@ def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> 
         raise DataError(
             f"could not read {path}: {bad_line or _root_cause(e)}; check that it is valid {suffix[1:]}"
         ) from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets_errors() -> Iterator[None]:
+    """Silence `datasets`' own 'Failed to read file ...' log line while a file loads."""
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def not_utf8(path: str | Path) -> str | None:
@@ -539,10 +555,12 @@ def _texts(split: _Split, column: str, field: str = "text") -> list[str]:
                 f"{'list' if isinstance(value, list) else 'object'} ({str(value)[:60]}); "
                 f"join it into one string or set data.{field} to a text column"
             )
-        if value is None or not str(value).strip():
-            raise DataError(
-                f"{split.origin} row {row} column '{column}': empty text; fill it in or remove the row"
-            )
+    empty = [row for row, value in enumerate(values) if value is None or not str(value).strip()]
+    if empty:
+        raise DataError(
+            f"{split.origin} row {empty[0]} column '{column}': empty text{_more_rows(empty)}; "
+            "fill it in or remove the row"
+        )
     return [v if isinstance(v, str) else str(v) for v in values]
 
 
@@ -624,14 +642,26 @@ def _numbers_if_all_numeric(values: list[str | None]) -> list[Any]:
     return [(int(v) if v.lstrip("+-").isdigit() else float(v)) if v else None for v in stripped]
 
 
-def _unlabelled_error(split: _Split, role: str, row: int, column: str, value: Any) -> DataError:
+def _more_rows(rows: list[int]) -> str:
+    """ " (and N more rows: a, b, c, ...)" after the first of `rows`, so one run lists them all."""
+    rest = rows[1:]
+    if not rest:
+        return ""
+    shown = ", ".join(map(str, rest[:10])) + (", ..." if len(rest) > 10 else "")
+    return f" (and {len(rest)} more row{'s' if len(rest) > 1 else ''}: {shown})"
+
+
+def _unlabelled_error(split: _Split, role: str, keys: list, column: str) -> DataError:
     fix = (
         "set data.test_split=null to evaluate on the validation split instead"
         if role == "test"
         else "label the row or remove it"
     )
+    rows = [row for row, key in enumerate(keys) if key is None]
+    value = split.dataset[rows[0]][column]
     return DataError(
-        f"{split.origin} row {row} column '{column}': unlabelled row (label {value!r}); {fix}"
+        f"{split.origin} row {rows[0]} column '{column}': unlabelled row (label {value!r})"
+        f"{_more_rows(rows)}; {fix}"
     )
 
 
@@ -678,11 +708,17 @@ def _normalise_classification(
         ids = []
         for row, key in enumerate(keys[role]):
             if key is None:
-                raise _unlabelled_error(split, role, row, column, split.dataset[row][column])
+                raise _unlabelled_error(split, role, keys[role], column)
             ids.append(_label_id(key, label2id, ints_are_ids, split, row, column, cfg))
         columns["label"] = ids
         columns["row"] = list(range(len(ids)))
         pools[role] = Dataset.from_dict(columns)
+    if len(set(train_keys)) == 1:
+        raise DataError(
+            f"{train.origin} column '{label_columns['train']}': classification needs at least 2 "
+            f"labels in the training split, found only {train_keys[0]!r}; add rows of the other classes "
+            "(or point data.label at the column that holds the classes)"
+        )
     return names, pools
 
 

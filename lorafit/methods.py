@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -684,7 +685,10 @@ def save_trained(
         body_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     with _staged(directory) as tmp:
         if meta["method"] != "head":  # head-only: the base is unchanged, reloaded from its source
-            with _adalora_at_full_rank(body):
+            with _adalora_at_full_rank(body), warnings.catch_warnings():
+                # peft looks for the base's config.json to detect a resized vocabulary; a GGUF
+                # base has none, and lorafit never resizes the vocabulary
+                warnings.filterwarnings("ignore", message="Could not find a config file")
                 body.save_pretrained(str(tmp), state_dict=body_state)
         if classifier:
             _save_head(model, tmp / HEAD_FILE, state_dict)

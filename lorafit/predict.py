@@ -33,6 +33,7 @@ from lorafit.models import TextClassifier
 logger = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
+TABLE_SUFFIXES = (".csv", ".tsv")  # --output as a table; any other name gets JSON lines
 PROMPT_COLUMNS = ("prompt", "instruction", "input", "question")
 MESSAGES_SHAPE = (
     "a list of {'role': ..., 'content': '...'} objects whose last is from the 'user' (a trailing "
@@ -662,12 +663,48 @@ def predict_cli(args: Any) -> int:
             raise DataError("--input - streams to stdout; use --output - with it")
         return _stream(predictor, columns, args, options)
     results = predict_rows(predictor, rows, args.adapter, progress=True, **options)
-    lines = "".join(json.dumps(r) + "\n" for r in results)
     if args.output == "-":
-        sys.stdout.write(lines)
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in results))
         sys.stdout.flush()
     else:
         with atomic_path(args.output) as tmp:
-            tmp.write_text(lines)
+            write_predictions(tmp, results, rows, table=Path(args.output).suffix.lower())
         print(f"wrote {len(results)} predictions to {args.output}", file=sys.stderr)
     return 0
+
+
+def write_predictions(
+    path: Path, results: list[dict[str, Any]], rows: list[dict[str, Any]], table: str = ""
+) -> None:
+    """JSONL, or a table when `table` is ".csv" or ".tsv": one row per input with its text(s),
+    the prediction, and a `prob_<label>` column per label (the union over the adapters used)."""
+    if table not in TABLE_SUFFIXES:
+        path.write_text("".join(json.dumps(r) + "\n" for r in results))
+        return
+    records = []
+    for result, row in zip(results, rows):
+        text = row["input"]
+        if isinstance(text, list) and text and isinstance(text[0], dict):  # chat: the last turn
+            text = text[-1]["content"]
+        texts = {"text": text} if isinstance(text, str) else dict(zip(("text", "text_pair"), text))
+        record = {k: result[k] for k in ("row", "id", "adapter") if k in result} | texts
+        record.update({k: v for k, v in result.items() if k not in record and k != "probs"})
+        if "probs" in result:
+            record["confidence"] = result["probs"][result["label"]]
+            record.update({f"prob_{k}": v for k, v in result["probs"].items()})
+        records.append(record)
+    header = list(dict.fromkeys(k for record in records for k in record))  # first-seen order
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        if (
+            table == ".tsv"
+        ):  # read back with quoting off, like the training reader: no tabs or newlines
+            writer = csv.writer(fh, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None)
+            clean = [{k: _tsv_cell(v) for k, v in r.items()} for r in records]
+        else:
+            writer, clean = csv.writer(fh), records
+        writer.writerow(header)
+        writer.writerows([r.get(k, "") for k in header] for r in clean)
+
+
+def _tsv_cell(value: Any) -> Any:
+    return " ".join(value.split()) if isinstance(value, str) else value

@@ -167,7 +167,9 @@ class Sweep:
 # ----------------------------------------------------------------------------------- config
 def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> Sweep:
     """Sweep YAML (`sweep:` + `base:`) + `sweep.x=...` / `base.train.x=...` overrides -> Sweep."""
-    data = load_yaml(path) if path else {}
+    data = (
+        load_yaml(path, example="configs/compare_sst2_ci.yaml", saved="sweep.yaml") if path else {}
+    )
     data = apply_overrides(data, overrides or [])
     return build_sweep(data)
 

@@ -3,6 +3,7 @@ import yaml
 
 from lorafit.config import RunConfig, config_docs, load_config
 from lorafit.errors import ConfigError
+from lorafit.sweep import load_sweep
 
 
 def test_defaults_validate_and_round_trip(tmp_path):
@@ -70,6 +71,28 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_folder_given_as_config_points_at_its_saved_config(tmp_path):
+    # `lorafit train runs/x` or `lorafit compare runs/sweep`: a folder, not a missing file
+    run, sweep_dir = tmp_path / "run", tmp_path / "sweep"
+    run.mkdir(), sweep_dir.mkdir()
+    (run / "config.yaml").write_text(RunConfig().to_yaml())
+    (sweep_dir / "sweep.yaml").write_text("sweep: {}\n")
+    with pytest.raises(
+        ConfigError,
+        match=f"{run} is a folder, not a YAML file; its resolved config is {run / 'config.yaml'}$",
+    ):
+        load_config(run)
+    with pytest.raises(
+        ConfigError,
+        match=f"{sweep_dir} is a folder, not a YAML file; pass a YAML file such as configs/sst2_lora.yaml",
+    ):
+        load_config(sweep_dir)
+    with pytest.raises(ConfigError, match=f"its resolved config is {sweep_dir / 'sweep.yaml'}$"):
+        load_sweep(sweep_dir)
+    with pytest.raises(ConfigError, match="such as configs/compare_sst2_ci.yaml"):
+        load_sweep(run)
 
 
 def test_every_field_has_a_doc():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -795,6 +797,32 @@ def test_unlabelled_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     )
 
 
+def test_bad_row_errors_list_every_bad_row(tmp_path: Path) -> None:
+    # A user fixing a file should learn of all its bad rows from one run, not one per run.
+    rows = _rows({"a": 20, "b": 20})
+    for row in (3, 9, 30):
+        rows[row]["sentence"] = ""
+    path = _write(tmp_path / "d.jsonl", rows)
+    message = _error(DataConfig(path=str(path)))
+    assert "row 3 column 'sentence': empty text (and 2 more rows: 9, 30); fill it in" in message
+    rows = _rows({"a": 20, "b": 20})
+    for row in range(5, 17):
+        rows[row]["label"] = None
+    path = _write(tmp_path / "l.jsonl", rows)
+    message = _error(DataConfig(path=str(path)))
+    assert (
+        "row 5 column 'label': unlabelled row (label None) (and 11 more rows: 6, 7, 8, 9, 10, 11, "
+        "12, 13, 14, 15, ...); label the row" in message
+    )
+
+
+def test_a_single_class_is_a_data_error(tmp_path: Path) -> None:
+    path = _write(tmp_path / "one.csv", _rows({"pos": 12}))
+    message = _error(DataConfig(path=str(path)))
+    assert f"{path} column 'label': classification needs at least 2 labels" in message
+    assert "found only 'pos'" in message
+
+
 def test_k_larger_than_class_pool(three_class_folder: Path) -> None:
     message = _error(DataConfig(path=str(three_class_folder), k_shot=10, validation_k=16))
     assert (
@@ -1038,6 +1066,11 @@ def test_a_file_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
     assert (
         f"could not read {path}: line 3 is not UTF-8 (byte 0xe9); save the file as UTF-8" in message
     )
+    # the installed command prints that one line, not `datasets`' "Failed to read file" line too
+    command = [str(Path(sys.executable).parent / "lorafit"), "train", f"data.path={path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "lorafit: error: could not read" in done.stderr
+    assert "Failed to read" not in done.stderr
 
 
 def test_instruction_data_errors_point_at_the_sft_fields(tmp_path: Path) -> None:

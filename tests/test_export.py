@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -255,6 +256,67 @@ def test_predict_files_csv_jsonl_txt(cls_export, work):
             assert row["label"] == want["label"] and row["probs"] == want["probs"]
             assert sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-5)
         assert ("id" in rows[0]) == (name != "in.txt")
+
+
+def test_predict_output_tables_csv_tsv(cls_export, pair_run, work):
+    # A .csv/.tsv --output is a table (not JSON lines under a table's name): one row per input,
+    # texts that need quoting survive a csv round trip, and a tsv stays readable with quoting off.
+    texts = ['says "fine", then\nleaves', "tab\there", TEXTS[0]]
+    (work / "odd.jsonl").write_text(
+        "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    want = Predictor(cls_export).predict(texts)
+    for suffix in (".csv", ".tsv"):
+        out = work / f"odd.preds{suffix}"
+        argv = [
+            "predict",
+            str(cls_export),
+            "--input",
+            str(work / "odd.jsonl"),
+            "--output",
+            str(out),
+        ]
+        assert run_cli(argv) == 0
+        with open(out, newline="") as fh:
+            quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+            table = list(
+                csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",", quoting=quoting)
+            )
+        labels = list(want[0]["probs"])
+        assert list(table[0]) == ["row", "id", "text", "label", "label_id", "confidence"] + [
+            f"prob_{name}" for name in labels
+        ]
+        assert [r["id"] for r in table] == ["r0", "r1", "r2"]
+        if suffix == ".csv":
+            assert [r["text"] for r in table] == texts
+        else:  # tabs and newlines become spaces; quotes stay as they are
+            assert [r["text"] for r in table] == [" ".join(t.split()) for t in texts]
+        for row, pred in zip(table, want):
+            assert row["label"] == pred["label"]
+            assert float(row["confidence"]) == pytest.approx(max(pred["probs"].values()), abs=1e-6)
+            for name in labels:
+                assert float(row[f"prob_{name}"]) == pytest.approx(pred["probs"][name], abs=1e-6)
+    # a sentence-pair model's table holds both texts
+    out = work / "pairs.preds.csv"
+    assert (
+        run_cli(
+            [
+                "predict",
+                str(pair_run),
+                "--input",
+                str(work / "pairs" / "test.jsonl"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    with open(out, newline="") as fh:
+        table = list(csv.DictReader(fh))
+    source = [json.loads(line) for line in (work / "pairs" / "test.jsonl").read_text().splitlines()]
+    assert [(r["text"], r["text_pair"]) for r in table] == [
+        (s["premise"], s["hypothesis"]) for s in source
+    ]
 
 
 def _pair_rows(n: int, seed: int) -> list[dict]:
