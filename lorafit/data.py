@@ -170,6 +170,12 @@ def _warn_truncated_texts(
         )
 
 
+def longest_first(lengths: Sequence[int]) -> list[int]:
+    """Indices by decreasing length, ties in order: batches of similar lengths pad (and
+    compute) less, and the largest batch comes first, so running out of memory shows at once."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
 class Collator:
     """DataLoader collate_fn: right-pads a list of tokenised rows into torch tensors.
 

@@ -198,6 +198,7 @@ def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_class
     arrays = {k: np.asarray(v) for k, v in out.items() if np.ndim(v) > 0}
     per_example = None
     if keep:
+        kept = _in_row_order(kept)
         logits_all = _concat(kept["logits"], (0, num_classes), np.float32)
         log_probs = _log_softmax(logits_all)
         labels_all = _concat(kept["label"], (0,), np.int64)
@@ -246,7 +247,7 @@ def _evaluate_causal_lm(model, dataloader, accelerator, keep):
         kept["row"].append(rows)
         for i, key in enumerate(("nll_sum", "n_tokens", "top1", "top5")):
             kept[key].append(per_ex[:, i])
-    arr = {k: _concat(v, (0,), np.float64) for k, v in kept.items()}
+    arr = {k: _concat(v, (0,), np.float64) for k, v in _in_row_order(kept).items()}
     n_tokens = max(arr["n_tokens"].sum(), 1.0)
     loss = float(arr["nll_sum"].sum() / n_tokens)
     scalars = {
@@ -268,6 +269,14 @@ def _evaluate_causal_lm(model, dataloader, accelerator, keep):
             "top5": arr["top5"],
         }
     return EvalResult(metrics=scalars, per_example=per_example)
+
+
+def _in_row_order(kept: dict[str, list[np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """Per-example batches -> one block each, sorted by row (the loaders run longest first)."""
+    if not kept["row"]:
+        return kept
+    order = np.argsort(np.concatenate(kept["row"]), kind="stable")
+    return {k: [np.concatenate(parts)[order]] for k, parts in kept.items()}
 
 
 def _concat(parts: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:

@@ -241,15 +241,10 @@ def _warn_truncated(count: int, total: int, max_length: int, kept: str) -> None:
         )
 
 
-def _length_order(lengths: list[int]) -> list[int]:
-    # Longest first: batches of similar length waste less compute on padding.
-    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
-
-
 def _generation_batches(lengths: list[int], batch_size: int, same_length: bool) -> list[list[int]]:
     """Row indices per batch, longest first; with `same_length`, a batch never mixes lengths."""
     batches: list[list[int]] = []
-    for i in _length_order(lengths):
+    for i in D.longest_first(lengths):
         last = batches[-1] if batches else None
         if last and len(last) < batch_size and not (same_length and lengths[last[0]] != lengths[i]):
             last.append(i)
@@ -279,7 +274,7 @@ def _classify(
     collate = D.Collator(tokenizer, "classification")
     names = loaded.label_names
     results: list[dict[str, Any]] = [{} for _ in texts]
-    order = _length_order(full_lengths)
+    order = D.longest_first(full_lengths)
     with tqdm(total=len(texts), unit="ex", desc="predict", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = collate([features[i] for i in order[start : start + batch_size]])

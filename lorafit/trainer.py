@@ -335,7 +335,9 @@ class Trainer:
 
         self.collate = D.Collator(self.tokenizer, self.task)
         eval_loader = lambda ds: torch.utils.data.DataLoader(  # noqa: E731
-            ds,
+            # longest first: 2-2.4x fewer padded tokens on SST-2 / AG News than file order;
+            # results come back in row order (evaluate), so nothing else sees the order
+            ds.select(D.longest_first([len(ids) for ids in ds["input_ids"]])),
             batch_size=cfg.eval.batch_size,
             shuffle=False,
             collate_fn=self.collate,

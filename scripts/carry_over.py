@@ -228,12 +228,48 @@ def build_request_kinds(folder: Path) -> list[str]:
     return overrides
 
 
+MASKED_WORDS = (
+    "film company president game oil iraq team comedy internet microsoft software bank space court "
+    "police china love olympic music election football war nuclear phone price baseball google"
+).split()
+MASKED_TEST, MASKED_POOL = 30, 200  # masked_words: test rows per word, then at most 200 in the pool
+
+
+def build_masked_words(folder: Path) -> list[str]:
+    """Write <folder>/train.jsonl and test.jsonl (once); returns the data overrides."""
+    import re
+
+    import pandas as pd
+
+    overrides = [f"data.path={folder}"]
+    if all((folder / f"{name}.jsonl").exists() for name in ("train", "test")):  # no dev set
+        return overrides
+    texts = [*_read_ag("train.tsv").text, *_read_ag("test.tsv").text]
+    texts += list(pd.read_json(DATA / "mr" / "mr.jsonl", lines=True).text)
+    rows = []
+    for text in texts:
+        tokens = set(re.findall(r"[a-z]+", text.lower()))
+        found = [w for w in MASKED_WORDS if w in tokens]
+        if len(found) == 1:  # exactly one of the words: it is the label, and it is masked out
+            masked = re.sub(rf"\b{found[0]}s?\b", "___", text, flags=re.IGNORECASE)
+            rows.append({"text": masked, "label": found[0]})
+    frame = pd.DataFrame(rows).sample(frac=1, random_state=0).reset_index(drop=True)
+    position = frame.groupby("label").cumcount()
+    parts = {
+        "test": frame[position < MASKED_TEST],
+        "train": frame[(position >= MASKED_TEST) & (position < MASKED_TEST + MASKED_POOL)],
+    }
+    _write_jsonl(folder, parts)
+    return overrides
+
+
 DEFAULT_K = {"request_kinds": 4}  # K per class where it is not 16 (12 rows per kind in the pool)
 TASKS = {
     "mixed6": build_mixed6,
     "topic_pairs": build_topic_pairs,
     "answer_pairs": build_answer_pairs,
     "request_kinds": build_request_kinds,
+    "masked_words": build_masked_words,
 }
 
 
