@@ -5,6 +5,7 @@
     python scripts/carry_over.py --task topic_pairs   # the sentence-pair task (runs/carry_topic_pairs)
     python scripts/carry_over.py --task answer_pairs --split dev --settings lora lora-ce head
     python scripts/carry_over.py --task request_kinds --split dev --settings lora lora-random lora-ce head
+    python scripts/carry_over.py --task masked_words --seeds 13 21 42 --settings lora head baseline-lora baseline-head
 
 "mixed6" mixes two datasets into six classes with unicode and punctuation in the label names,
 in parquet: the four AG News topics and the two MR polarities. Train pool: the first 400 rows
@@ -32,6 +33,12 @@ the instruction without its first word (plus its input), the first word being th
 instructions). Shuffled (seed 0): 12 rows per kind in the train pool, then a third of the rest
 as a dev set and two thirds as the test set (142 and 282 rows, as unbalanced as the data).
 K=4 per class (4 to train, 4 to validate), so a random batch of 8 holds 1.5 same-label pairs.
+
+"masked_words" has more classes and K=16: which of 27 topic words ("film", "oil", "iraq",
+"football", "microsoft", ...) was masked out of an AG News or MR text. Texts holding exactly one
+of the words (as a token) are kept, the word (and its plural) replaced by "___"; shuffled (seed
+0), the first 30 per word are the test set (810 rows, balanced) and the next 200 at most the
+train pool (4,302 rows, 45-200 per word). No dev set: nothing is chosen on it.
 
 The pair tasks and request_kinds also write `dev.jsonl` (for the pair tasks, pairs from
 train-pool rows that no train pair uses): `--split dev` evaluates on it instead of the test file
