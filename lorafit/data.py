@@ -711,11 +711,12 @@ def _normalise_classification(
                 split, _require_column(split, cfg.text_pair, "text_pair"), "text_pair"
             )
         column = label_columns[role]
-        ids = []
-        for row, key in enumerate(keys[role]):
-            if key is None:
-                raise _unlabelled_error(split, role, keys[role], column)
-            ids.append(_label_id(key, label2id, ints_are_ids, split, row, column, cfg))
+        if None in keys[role]:
+            raise _unlabelled_error(split, role, keys[role], column)
+        ids = [
+            _label_id(key, label2id, ints_are_ids, split, row, column, cfg)
+            for row, key in enumerate(keys[role])
+        ]
         columns["label"] = ids
         columns["row"] = list(range(len(ids)))
         pools[role] = Dataset.from_dict(columns)

@@ -616,7 +616,7 @@ def _stream(predictor: Predictor, columns: Columns, args: Any, options: dict[str
         row = _row_from_record(_stdin_record(line.strip(), where), where, columns, args.adapter)
         [result] = predict_rows(predictor, [row], args.adapter, **options)
         result["row"] = count
-        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.write(_json_lines([result]))
         sys.stdout.flush()
         count += 1
     if count == 0:
@@ -659,7 +659,7 @@ def predict_cli(args: Any) -> int:
         return _stream(predictor, columns, args, options)
     results = predict_rows(predictor, rows, args.adapter, progress=True, **options)
     if args.output == "-":
-        sys.stdout.write("".join(json.dumps(r) + "\n" for r in results))
+        sys.stdout.write(_json_lines(results))
         sys.stdout.flush()
     else:
         with atomic_path(args.output) as tmp:
@@ -674,7 +674,7 @@ def write_predictions(
     """JSONL, or a table when `table` is ".csv" or ".tsv": one row per input with its text(s),
     the prediction, and a `prob_<label>` column per label (the union over the adapters used)."""
     if table not in TABLE_SUFFIXES:
-        path.write_text("".join(json.dumps(r) + "\n" for r in results))
+        path.write_text(_json_lines(results))
         return
     records = []
     for result, row in zip(results, rows):
@@ -690,15 +690,18 @@ def write_predictions(
         records.append(record)
     header = list(dict.fromkeys(k for record in records for k in record))  # first-seen order
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        if (
-            table == ".tsv"
-        ):  # read back with quoting off, like the training reader: no tabs or newlines
+        # a tsv is read back with quoting off, like the training reader: no tabs or newlines
+        if table == ".tsv":
             writer = csv.writer(fh, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None)
             clean = [{k: _tsv_cell(v) for k, v in r.items()} for r in records]
         else:
             writer, clean = csv.writer(fh), records
         writer.writerow(header)
         writer.writerows([r.get(k, "") for k in header] for r in clean)
+
+
+def _json_lines(results: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in results)
 
 
 def _tsv_cell(value: Any) -> Any:

@@ -98,8 +98,8 @@ def _read_ag(name: str):
 JSONL_SPLITS = ("train", "dev", "test")
 
 
-def _splits_built(folder: Path) -> bool:
-    return all((folder / f"{name}.jsonl").exists() for name in JSONL_SPLITS)
+def _splits_built(folder: Path, splits: tuple[str, ...] = JSONL_SPLITS) -> bool:
+    return all((folder / f"{name}.jsonl").exists() for name in splits)
 
 
 def _write_jsonl(folder: Path, frames: dict) -> None:
@@ -249,7 +249,7 @@ def build_masked_words(folder: Path) -> list[str]:
     import pandas as pd
 
     overrides = [f"data.path={folder}"]
-    if all((folder / f"{name}.jsonl").exists() for name in ("train", "test")):  # no dev set
+    if _splits_built(folder, ("train", "test")):  # no dev set
         return overrides
     texts = [*_read_ag("train.tsv").text, *_read_ag("test.tsv").text]
     texts += list(pd.read_json(DATA / "mr" / "mr.jsonl", lines=True).text)
