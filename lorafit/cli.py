@@ -230,7 +230,7 @@ def _print_summary(summary: dict, run_dir: str) -> None:
             f"            macro-F1 {test['f1_macro']:.4f}, ECE {test['ece']:.4f}, NLL {test['nll']:.4f}"
         )
         calibration = summary.get("calibration")
-        if calibration and "test_before" in calibration:
+        if calibration and "test_before" in calibration and calibration["temperature"] != 1.0:
             lines.append(
                 f"            calibrated by temperature {calibration['temperature']:.3g} "
                 f"(fitted on validation): test ECE {calibration['test_before']['ece']:.4f} "

@@ -493,9 +493,43 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _unknown_key(prefix: str, key: str, valid: list[str]) -> ConfigError:
+    moved = _misplaced_key(prefix, key)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    if moved:
+        hint = f"; did you mean '{moved}'?"
+    elif close:
+        hint = f"; did you mean '{prefix}{close[0]}'?"
+    else:
+        hint = f"; valid keys: {', '.join(valid)}"
     return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+# other tools' spellings of a column key: data.text_column -> data.text
+_KEY_SUFFIXES = ("_column", "_col", "_field", "_key")
+
+
+def _misplaced_key(prefix: str, key: str) -> str | None:
+    """The full key meant by a key written in the wrong section of a run config.
+
+    `train.pooling` -> `model.pooling`, `lr` -> `train.lr`, `train.output_dir` -> `output.dir`,
+    `data.text_column` -> `data.text`. None when nothing matches exactly (difflib takes over).
+    """
+    sections = {f.name: _hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}
+    parts = prefix.rstrip(".").split(".") if prefix else []
+    if parts and parts[-1] not in sections:
+        return None  # not directly under a run-config section (a nested key or a sweep key)
+    root = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
+    here = parts[-1] if parts else None
+    names = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
+    section, _, leaf = key.partition("_")
+    if section in names and leaf in names[section]:
+        return f"{root}{section}.{leaf}"
+    if here is not None:
+        for suffix in _KEY_SUFFIXES:
+            if key.endswith(suffix) and key[: -len(suffix)] in names[here]:
+                return f"{prefix}{key[: -len(suffix)]}"
+    owners = [name for name, fields in names.items() if key in fields and name != here]
+    return f"{root}{owners[0]}.{key}" if len(owners) == 1 else None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -502,20 +502,34 @@ def read_inputs(
         )
     if not path.is_file():
         raise DataError(f"input file {path} not found")
+    rows, blank = [], []
     try:
-        rows = [
-            _row_from_record(record, origin, columns, adapter)
-            for record, origin in _records(path, suffix)
-        ]
+        for record, origin in _records(path, suffix):
+            if record is _BLANK:
+                blank.append(origin.rsplit(" ", 1)[-1])
+            else:
+                rows.append(_row_from_record(record, origin, columns, adapter))
     except UnicodeDecodeError:
         raise DataError(f"{path}: {D.not_utf8(path) or 'not UTF-8'}") from None
     if not rows:
         raise DataError(f"{path} has no input rows; nothing to predict")
+    if blank:  # the output's `row` counts inputs, so say which lines it does not count
+        shown = ", ".join(blank[:5]) + (f" and {len(blank) - 5} more" if len(blank) > 5 else "")
+        print(
+            f"{path}: skipped {len(blank)} blank line(s) (line {shown}); "
+            "the output's `row` numbers the other lines from 0",
+            file=sys.stderr,
+        )
     return rows
 
 
+_BLANK = object()  # a blank line of a .txt or JSON-lines input
+
+
 def _records(path: Path, suffix: str) -> Iterable[tuple[Any, str]]:
-    """(record, origin) of each input in the file: a text, a JSON value or a table row."""
+    """(record, origin) of each input in the file: a text, a JSON value or a table row.
+
+    A blank line of a .txt or JSON-lines file yields (_BLANK, origin): it is skipped."""
     if suffix == ".parquet":  # the training formats: parquet, and .json as one list
         for n, record in enumerate(_parquet_records(path)):
             yield record, f"{path} row {n}"
@@ -531,16 +545,16 @@ def _records(path: Path, suffix: str) -> Iterable[tuple[Any, str]]:
     with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" BOM
         if suffix == ".txt":
             for n, line in enumerate(fh, start=1):
-                if line.strip():
-                    yield line.rstrip("\r\n"), f"{path} line {n}"
+                yield (line.rstrip("\r\n") if line.strip() else _BLANK), f"{path} line {n}"
         elif suffix in (".jsonl", ".json"):  # a .json that is not one list: JSON lines
             for n, line in enumerate(fh, start=1):
+                record = _BLANK
                 if line.strip():
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-                    yield record, f"{path} line {n}"
+                yield record, f"{path} line {n}"
         else:  # TSV files carry bare quote characters, so quoting is off (as in lorafit.data)
             reader = csv.DictReader(
                 fh,

@@ -478,10 +478,16 @@ class Trainer:
         after = _calibration_metrics(
             logits / temperature, labels, self.num_classes, self.cfg.eval.ece_bins
         )
-        self._print(
-            f"calibration: temperature {temperature:.3g} fitted on {len(labels)} validation "
-            f"examples (validation ECE {before['ece']:.3f} -> {after['ece']:.3f})"
-        )
+        if temperature == 1.0:  # the fit is clipped at 1: only softening is applied
+            self._print(
+                f"calibration: none applied (the fit on {len(labels)} validation examples asked "
+                f"for no softening; validation ECE {before['ece']:.3f})"
+            )
+        else:
+            self._print(
+                f"calibration: temperature {temperature:.3g} fitted on {len(labels)} validation "
+                f"examples (validation ECE {before['ece']:.3f} -> {after['ece']:.3f})"
+            )
         return {
             "method": "temperature",
             "temperature": temperature,

@@ -120,6 +120,15 @@ EXPERIMENTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ["method.r=32"],
         ["method.dropout=0.0"],
     ),
+    # LoRA variants outside the shape table (a nineteenth session): DoRA, LoRA on the top three
+    # of MiniLM's six layers only, and PiSSA's initialisation from the principal singular vectors
+    **per_dataset(
+        "contrastive_lora_variants",
+        "lora",
+        ["method.use_dora=true"],
+        ["method.peft_kwargs.layers_to_transform=[3,4,5]"],
+        ["method.init_lora_weights=pissa"],
+    ),
     # the full-FT step budget under the contrastive objective (200, the default, ran above)
     **per_dataset("contrastive_full_steps", "full", ["train.steps=100"], ["train.steps=400"]),
     # the warmup fraction of LoRA (10%, the default, ran above): none, and 30%

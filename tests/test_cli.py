@@ -167,6 +167,9 @@ def test_classification_summary_gap_is_train_minus_test(capsys):
     out = capsys.readouterr().out
     assert "ECE 0.1000, NLL 0.6000" in out  # the calibrated test metrics, as before
     assert "temperature 2.5 (fitted on validation): test ECE 0.2100 before, NLL 0.9300" in out
+    unscaled = {**calibration, "temperature": 1.0}  # the fit asked for no softening
+    cli._print_summary({**summary, "calibration": unscaled}, "runs/x")
+    assert "calibrated" not in capsys.readouterr().out
 
 
 def test_a_missing_cpp_core_is_a_one_line_error(tmp_path):

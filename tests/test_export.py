@@ -633,6 +633,18 @@ def test_predict_reads_a_utf8_bom_csv(work):
     assert [row["input"] for row in read_inputs(work / "bom.csv")] == ["the movie was great"]
 
 
+def test_blank_input_lines_are_skipped_and_named(work, capsys):
+    (work / "gaps.txt").write_text("great\n\n  \ndull\n")
+    (work / "gaps.jsonl").write_text('"great"\n\n"dull"\n')
+    assert [r["input"] for r in read_inputs(work / "gaps.txt")] == ["great", "dull"]
+    assert "skipped 2 blank line(s) (line 2, 3)" in capsys.readouterr().err
+    assert [r["origin"] for r in read_inputs(work / "gaps.jsonl")][1].endswith("line 3")
+    assert "skipped 1 blank line(s) (line 2)" in capsys.readouterr().err
+    (work / "null.jsonl").write_text('"great"\nnull\n')  # a JSON null is not a blank line
+    with pytest.raises(DataError, match="line 2: expected a JSON object"):
+        read_inputs(work / "null.jsonl")
+
+
 def test_predict_reads_the_training_formats_parquet_and_json(work):
     import pandas as pd
 
