@@ -33,6 +33,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dat
 
 from lorafit.config import DataConfig
 from lorafit.errors import ConfigError, DataError, ModelError
+from lorafit.hub import hub_reachable
 from lorafit.io import write_json
 
 logger = logging.getLogger(__name__)
@@ -460,16 +461,22 @@ def _load_file(path: Path, delimiter: str | None) -> Dataset:
 
 @functools.lru_cache(maxsize=4)
 def _load_hub(path: str, name: str | None) -> DatasetDict:
+    online = hub_reachable()
     try:
         loaded = load_dataset(path, name)
-    except ConnectionError as e:
-        raise DataError(
-            f"could not download the hub dataset '{path}' ({_root_cause(e)}); offline? pass a local file or folder "
-            f"instead, e.g. data.path=../shared/data/sst2 (lorafit demo: --data ../shared/data/sst2)"
-        ) from None
     except Exception as e:
+        local = "e.g. data.path=../shared/data/sst2 (lorafit demo: --data ../shared/data/sst2)"
+        if not online:
+            problem = f"the hub cannot be reached and '{path}' is not in the local cache"
+        elif isinstance(e, ConnectionError):
+            problem = f"could not download the hub dataset '{path}'"
+        else:
+            raise DataError(
+                f"'{path}' is neither a local file or folder nor a loadable hub dataset "
+                f"({_root_cause(e)}); check data.path and data.name"
+            ) from None
         raise DataError(
-            f"'{path}' is neither a local file or folder nor a loadable hub dataset ({_root_cause(e)}); check data.path and data.name"
+            f"{problem} ({_root_cause(e)}); pass a local file or folder instead, {local}"
         ) from None
     if not isinstance(loaded, DatasetDict):
         loaded = DatasetDict({"train": loaded})

@@ -22,6 +22,7 @@ from torch import nn
 
 from lorafit.config import ModelConfig
 from lorafit.errors import ConfigError, ModelError
+from lorafit.hub import hub_reachable
 
 TASKS = ("classification", "causal_lm")
 POOLINGS = ("mean", "cls", "pooler", "last")
@@ -98,6 +99,7 @@ def resolve_model_source(model_cfg: ModelConfig) -> ModelSource:
         raise ModelError(
             f"model.name_or_path={name!r} does not exist; use an alias (minilm, smollm2), a folder or a hub name"
         )
+    hub_reachable()  # offline: the cache only, failing at once instead of after retries
     return ModelSource(path=name, revision=model_cfg.revision)  # a hub name
 
 
@@ -114,6 +116,11 @@ def _hub_kwargs(model_cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
 
 def _load_error(what: str, source: ModelSource, e: Exception) -> ModelError:
     where = f"{source.path}/{source.gguf_file}" if source.gguf_file else source.path
+    if not Path(source.path).exists() and not hub_reachable():
+        return ModelError(
+            f"cannot load the {what} of {where}: the hub cannot be reached and it is not in the "
+            "local cache; use an alias (minilm, smollm2) or a local folder for model.name_or_path"
+        )
     return ModelError(
         f"cannot load the {what} of {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     )

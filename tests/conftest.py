@@ -41,3 +41,20 @@ def shared_data() -> Path:
             f"shared data folder {path} is missing; set LORAFIT_DATA_DIR to the data folder"
         )
     return path
+
+
+@pytest.fixture
+def fresh_hub_probe(monkeypatch: pytest.MonkeyPatch):
+    """lorafit.hub's once-per-process probe forgotten before and after the test, and the offline
+    switches it may set restored afterwards."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from lorafit.hub import hub_reachable
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub_reachable.cache_clear()
+    yield
+    hub_reachable.cache_clear()

@@ -694,11 +694,14 @@ def test_find_demo_data_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert find_demo_data(None) == str(tmp_path / "shared" / "data" / "sst2")
 
 
-def test_offline_hub_says_to_pass_a_local_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_hub_says_to_pass_a_local_path(
+    monkeypatch: pytest.MonkeyPatch, fresh_hub_probe: None
+) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(
-        DataError, match=r"could not download the hub dataset 'stanfordnlp/sst2'.*--data"
+        DataError,
+        match=r"the hub cannot be reached and 'stanfordnlp/sst2' is not in the local cache.*--data",
     ):
         load_task_data(DataConfig(path=HUB_DEMO_DATASET), "classification")
 
