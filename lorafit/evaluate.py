@@ -152,23 +152,48 @@ def evaluate(
 
 
 @torch.no_grad()
-def embed_dataset(
-    model: torch.nn.Module, dataloader, accelerator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled embeddings [N, H] and labels [N] of a prepared classification dataloader.
+def embed_dataset(model: torch.nn.Module, dataloader, accelerator, with_rows: bool = False):
+    """Pooled embeddings [N, H] and labels [N] of a prepared classification dataloader, and with
+    `with_rows` their data rows [N] too, in the same (loader) order.
 
     Gathered over processes (`gather_for_metrics`), so every rank holds the whole dataset.
     """
     was_training = model.training
     model.eval()
-    embeddings, labels = [], []
+    embeddings, labels, rows = [], [], []
     for batch in dataloader:
         _, pooled = model(**model_inputs(batch), return_embedding=True)  # [B, H]
-        pooled, batch_labels = accelerator.gather_for_metrics((pooled.float(), batch["labels"]))
+        pooled, batch_labels, batch_rows = accelerator.gather_for_metrics(
+            (pooled.float(), batch["labels"], batch["row"])
+        )
         embeddings.append(pooled.cpu())
         labels.append(batch_labels.cpu())
+        rows.append(batch_rows.cpu())
     model.train(was_training)
+    if with_rows:
+        return torch.cat(embeddings), torch.cat(labels), torch.cat(rows)
     return torch.cat(embeddings), torch.cat(labels)
+
+
+def evaluate_logits(
+    logits: np.ndarray, labels: np.ndarray, num_classes: int, eval_cfg: EvalConfig
+) -> EvalResult:
+    """The metrics `evaluate` reports for a classifier whose logits [N, C] are already known."""
+    start = time.perf_counter()
+    acc = M.ClassificationMetrics(num_classes=num_classes, ece_bins=eval_cfg.ece_bins)
+    if len(labels):
+        acc.update(logits, labels)
+    scalars, arrays = _computed(acc)
+    return EvalResult(metrics=scalars, arrays=arrays, seconds=time.perf_counter() - start)
+
+
+def _computed(acc: M.ClassificationMetrics) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """(scalar metrics with "loss" = NLL, per-class arrays) of an accumulated evaluation."""
+    out = acc.compute()
+    scalars = {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
+    scalars["loss"] = scalars["nll"]
+    arrays = {k: np.asarray(v) for k, v in out.items() if np.ndim(v) > 0}
+    return scalars, arrays
 
 
 def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_classes, keep):
@@ -192,10 +217,7 @@ def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_class
             kept["row"].append(rows_np)
             kept["label"].append(labels_np)
             kept["logits"].append(logits_np)
-    out = acc.compute()
-    scalars = {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
-    scalars["loss"] = scalars["nll"]
-    arrays = {k: np.asarray(v) for k, v in out.items() if np.ndim(v) > 0}
+    scalars, arrays = _computed(acc)
     per_example = None
     if keep:
         kept = _in_row_order(kept)

@@ -52,6 +52,7 @@ from lorafit.evaluate import (
     confidence_intervals,
     embed_dataset,
     evaluate,
+    evaluate_logits,
     model_inputs,
     output_logits,
     scored_positions,
@@ -353,9 +354,17 @@ class Trainer:
         # contrastive: the head is fitted on the embeddings of the training set (a fixed
         # stratified sample of train.head_fit_size rows when larger: every fit embeds them all)
         self.head_fit_loader = None
+        self.fit_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # set by _fit_head
+        self.train_sample_in_fit = False
         if self.contrastive:
             rows = D.head_fit_sample(self.train_set, cfg.train.head_fit_size, cfg.train.seed)
             self.head_fit_loader = eval_loader(rows)
+            # when the fit embeds every train-sample row, the sample's logits are the fitted head
+            # on those embeddings (_train_sample_metrics): one forward pass fewer per evaluation
+            fit_rows = rows["row"]
+            self.train_sample_in_fit = len(set(fit_rows)) == len(fit_rows) and set(
+                self.train_sample["row"]
+            ) <= set(fit_rows)
 
         # optimiser over trainable parameters only; weight decay and LR groups by methods.py
         groups = Meth.param_groups(self.model, cfg.train, cfg.method)
@@ -441,7 +450,9 @@ class Trainer:
         """Contrastive objective: refit the head on the body's embeddings of the training set."""
         if not self.contrastive:
             return
-        embeddings, labels = embed_dataset(self.model, self.head_fit_loader, self.accelerator)
+        embeddings, labels, rows = embed_dataset(
+            self.model, self.head_fit_loader, self.accelerator, with_rows=True
+        )
         weight, bias = fit_logistic_head(embeddings, labels, self.num_classes)  # [C, H], [C]
         dist.write_full(
             self.accelerator,
@@ -449,6 +460,28 @@ class Trainer:
             self._head_params(),
             {"head.weight": weight, "head.bias": bias},
         )
+        self.fit_embeddings = (embeddings, rows)  # [N, H], [N]
+
+    def _train_sample_metrics(self) -> dict[str, float]:
+        """Metrics of the fixed training sample (the train side of the gap).
+
+        Contrastive: `_fit_head` has just embedded these rows with the current body, so their
+        logits are the head applied to those embeddings (in eval mode the head is a plain linear
+        layer on the pooled embedding). The same metrics, up to float rounding, without a
+        second forward pass over the sample.
+        """
+        if not self.train_sample_in_fit:
+            return self._evaluate(self.train_sample_loader).metrics
+        embeddings, rows = self.fit_embeddings
+        position = {row: i for i, row in enumerate(rows.tolist())}
+        take = torch.tensor([position[row] for row in self.train_sample["row"]])
+        head = dist.read_full(self.accelerator, self.model, self._head_params())  # as calibrated
+        weight, bias = head["head.weight"].float(), head["head.bias"].float()  # [C, H], [C]
+        logits = embeddings[take] @ weight.T + bias  # [N, C]
+        labels = np.asarray(self.train_sample["labels"])
+        result = evaluate_logits(logits.numpy(), labels, self.num_classes, self.cfg.eval)
+        self.eval_seconds += result.seconds
+        return result.metrics
 
     def _head_params(self) -> dict[str, torch.nn.Parameter]:
         """The linear head's parameters by their names in the model ("head.weight", "head.bias");
@@ -702,7 +735,7 @@ class Trainer:
         """Evaluate train sample + validation, log the gap, track the best; True = stop now."""
         tc = self.cfg.train
         self._fit_head()
-        train_eval = self._evaluate(self.train_sample_loader).metrics
+        train_eval = self._train_sample_metrics()
         val = self._evaluate(self.validation_loader).metrics
         metric = self.selection.metric
         gap = _metric_gap(train_eval, val, metric)
@@ -785,7 +818,7 @@ class Trainer:
         self._fit_head()  # (contrastive) the head of the chosen body
         calibration = self._calibrate()
         metric = self.selection.metric
-        final_train = self._evaluate(self.train_sample_loader).metrics
+        final_train = self._train_sample_metrics()
         test = self._evaluate(self.test_loader, keep=True)
         ci = confidence_intervals(test.per_example, self.task, self.num_classes, cfg.eval)
         if calibration:  # what calibration changed on test: the same logits before the scaling

@@ -266,6 +266,15 @@ def test_contrastive_objective_fits_the_head_on_the_trained_body(
     torch.testing.assert_close(head.bias.detach(), bias, atol=1e-5, rtol=1e-4)
     saved = load_file(tmp_path / "contrastive" / "adapter" / "head.safetensors")
     torch.testing.assert_close(saved["head.weight"], weight, atol=1e-5, rtol=1e-4)
+    # the train sample's metrics come from the head fit's embeddings when the fit covers the
+    # sample (all 16 rows), else from a forward pass; either way what evaluation would give
+    assert trainer.train_sample_in_fit == (head_fit_size is None)
+    shortcut = trainer._train_sample_metrics()
+    full = trainer._evaluate(trainer.train_sample_loader).metrics
+    assert shortcut.keys() == full.keys()
+    for key, value in full.items():
+        assert shortcut[key] == pytest.approx(value, abs=1e-5), key
+    assert summary["train_sample_at_selected"] == pytest.approx(shortcut, abs=1e-5)
 
 
 @pytest.mark.parametrize(
