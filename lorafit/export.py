@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ def _adapterless_run_error(root: Path) -> str:
         return f"{root} is a finished run whose adapter/ folder is missing; restore it or retrain"
     return (
         f"{root} is a run that has not finished (no adapter/ yet); resume it with "
-        f"`lorafit train {RunDir(root).config} train.resume=true`, then export it"
+        f"`lorafit train {shlex.quote(str(RunDir(root).config))} train.resume=true`, then export it"
     )
 
 

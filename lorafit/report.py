@@ -28,6 +28,7 @@ import functools
 import io
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -742,7 +743,7 @@ def write_report(sweep: Sweep) -> Path:
     lines = [
         f"# Comparison report: {sweep.dir.name}",
         "",
-        f"Rebuild with `lorafit compare {sweep.dir / 'sweep.yaml'} --report-only`. "
+        f"Rebuild with `lorafit compare {shlex.quote(str(sweep.dir / 'sweep.yaml'))} --report-only`. "
         "Files: [runs.csv](runs.csv) (one row per run), [summary.csv](summary.csv), "
         "[summary.md](summary.md), [sweep.yaml](sweep.yaml) (the resolved sweep), "
         "[state.json](state.json) (launch status and errors), `logs/` (each run's output).",

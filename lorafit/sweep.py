@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -391,7 +392,9 @@ def execute(
             _prepare_run_dir_for_launch(run)
             config = copy.deepcopy(run.config)
             config.train.resume = run.dir.exists()
-            write_text(config_path, f"# lorafit train {config_path}\n" + config.to_yaml())
+            write_text(
+                config_path, f"# lorafit train {shlex.quote(str(config_path))}\n" + config.to_yaml()
+            )
             log_path.parent.mkdir(parents=True, exist_ok=True)
             env = _worker_env(slot, sweep.config.workers, devices)
             return launch(run, config_path, log_path, env)
@@ -572,7 +575,7 @@ def run_compare(
         run_status(run, state)  # refuses finished runs made with other settings: before any write
     write_text(
         sweep.dir / "sweep.yaml",
-        f"# lorafit compare {sweep.dir / 'sweep.yaml'} --report-only\n"
+        f"# lorafit compare {shlex.quote(str(sweep.dir / 'sweep.yaml'))} --report-only\n"
         + yaml.safe_dump(
             {"sweep": _plain(sweep.config), "base": sweep.base}, sort_keys=False, width=100
         ),

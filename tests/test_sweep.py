@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -467,6 +468,23 @@ def test_report_links_tables_and_plots(tmp_path):
     # the resolved sweep.yaml rebuilds the same report
     again = run_compare(sweep_dir / "sweep.yaml", [], report_only=True)
     assert again.report.read_text() == report
+
+
+def test_commands_written_for_copying_quote_their_paths(tmp_path):
+    folder = tmp_path / "my runs"  # a space: the commands must survive copy and paste
+    folder.mkdir()
+    run_compare(_sweep_file(folder), [], launch=FakeTrainer({}))
+    quoted = shlex.quote(str(folder / "sweep" / "sweep.yaml"))
+    assert (
+        f"`lorafit compare {quoted} --report-only`" in (folder / "sweep" / "report.md").read_text()
+    )
+    first_line = (folder / "sweep" / "sweep.yaml").read_text().splitlines()[0]
+    assert shlex.split(first_line[2:]) == [
+        "lorafit",
+        "compare",
+        str(folder / "sweep" / "sweep.yaml"),
+        "--report-only",
+    ]
 
 
 def test_crashed_and_pending_grid_points_are_counted_listed_and_flagged(tmp_path):
