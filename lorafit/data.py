@@ -853,6 +853,11 @@ def _strata(dataset: Dataset) -> np.ndarray:
     return np.zeros(len(dataset), dtype=np.int64)
 
 
+def _sampling(dataset: Dataset) -> str:
+    """How `_split_off` drew `dataset`: by class when it has labels (see `_strata`)."""
+    return "stratified" if "label" in dataset.column_names else "random"
+
+
 def _tie_rank(counts: dict[int, int], seed: int, stage: int) -> dict[int, int]:
     """A random order of the classes, fixed by (seed, stage), that breaks rounding ties."""
     order = np.random.default_rng([seed, stage, _TIE_STREAM]).permutation(len(counts))
@@ -1033,12 +1038,12 @@ def _assign_splits(
                 )
             _, train = _split_off(train, max(1, n_train), cfg.seed, _TRAIN_SIZE)
             notes.append(
-                f"train: {len(train)} rows, stratified (train_size={cfg.train_size:g}, seed {cfg.seed})"
+                f"train: {len(train)} rows, {_sampling(train)} (train_size={cfg.train_size:g}, seed {cfg.seed})"
             )
 
     if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
         _, test = _split_off(test, cfg.max_test_examples, cfg.seed, _MAX_TEST, every_class=True)
-        notes.append(f"test: stratified sample of {len(test)} rows (max_test_examples)")
+        notes.append(f"test: {_sampling(test)} sample of {len(test)} rows (max_test_examples)")
     for role, dataset in (("train", train), ("validation", validation), ("test", test)):
         if len(dataset) == 0:
             raise DataError(

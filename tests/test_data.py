@@ -298,6 +298,7 @@ def test_train_size_fraction_or_number(
     assert len(td.validation) == 13
     assert Counter(td.train["label"][:]) == expected
     assert not set(td.train["row"][:]) & set(td.validation["row"][:])
+    assert f"train: {sum(expected.values())} rows, stratified (train_size=" in td.source
 
 
 def test_carving_is_stratified_deterministic_and_disjoint(tmp_path: Path) -> None:
@@ -452,6 +453,13 @@ def test_real_alpaca_is_sft(shared_data: Path) -> None:
     assert infer_task(DataConfig(path=str(shared_data / "sst2"))) == "classification"
     td = load_task_data(cfg, "causal_lm")
     assert td.label_names is None and len(td.train) + len(td.validation) + len(td.test) == 999
+    sampled = load_task_data(
+        DataConfig(path=cfg.path, train_size=16, max_test_examples=8), "causal_lm"
+    )
+    assert (len(sampled.train), len(sampled.test)) == (16, 8)
+    # no labels to stratify on: the run's data line says how the rows were drawn
+    assert "train: 16 rows, random (train_size=16" in sampled.source
+    assert "test: random sample of 8 rows" in sampled.source
     records = json.loads((shared_data / "alpaca_en_demo" / "alpaca_en_demo.json").read_text())
     for row, messages in zip(td.test["row"][:], td.test["messages"][:]):
         record = records[row]
