@@ -124,8 +124,12 @@ def infer_task(cfg: DataConfig) -> str:
     return "causal_lm" if sft else "classification"
 
 
-def tokenize(dataset: Dataset, tokenizer: Any, task: str, max_length: int) -> Dataset:
+def tokenize(
+    dataset: Dataset, tokenizer: Any, task: str, max_length: int, split: str | None = None
+) -> Dataset:
     """Normalised rows -> input_ids, attention_mask (+ token_type_ids), labels, row.
+
+    `split` ("train", ...) names the rows in the truncation warning.
 
     Causal LM: the prompt is rendered with the tokenizer's chat template (Alpaca-style without
     one) and the labels are IGNORE_INDEX on every prompt token, so the loss covers the response.
@@ -134,7 +138,7 @@ def tokenize(dataset: Dataset, tokenizer: Any, task: str, max_length: int) -> Da
         texts = dataset["text"][:]
         pairs = dataset["text_pair"][:] if "text_pair" in dataset.column_names else None
         encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-        _warn_truncated_texts(tokenizer, texts, pairs, encoded["input_ids"], max_length)
+        _warn_truncated_texts(tokenizer, texts, pairs, encoded["input_ids"], max_length, split)
         columns = {
             name: encoded[name]
             for name in ("input_ids", "attention_mask", "token_type_ids")
@@ -143,15 +147,24 @@ def tokenize(dataset: Dataset, tokenizer: Any, task: str, max_length: int) -> Da
         if "label" in dataset.column_names:  # absent when predicting on unlabelled text
             columns["labels"] = dataset["label"][:]
     elif task == "causal_lm":
-        columns = _tokenize_sft(dataset["messages"][:], tokenizer, max_length)
+        columns = _tokenize_sft(dataset["messages"][:], tokenizer, max_length, split)
     else:
         raise DataError(f"task {task!r} is not valid; use one of {list(TASKS)}")
     columns["row"] = dataset["row"][:]
     return Dataset.from_dict(columns)
 
 
+def _in_split(split: str | None) -> str:
+    return f" in the {split} split" if split else ""
+
+
 def _warn_truncated_texts(
-    tokenizer: Any, texts: list[str], pairs: list[str] | None, ids: list, max_length: int
+    tokenizer: Any,
+    texts: list[str],
+    pairs: list[str] | None,
+    ids: list,
+    max_length: int,
+    split: str | None,
 ) -> None:
     """Log once how many classification rows lost tokens to max_length (only the start is read)."""
     full = [i for i, row in enumerate(ids) if len(row) >= max_length]  # only these may be cut
@@ -163,10 +176,11 @@ def _warn_truncated_texts(
     truncated = sum(len(row) > max_length for row in lengths)
     if truncated:
         logger.warning(
-            "%d of %d texts exceed model.max_length=%d tokens and were truncated (the start is "
-            "kept); raise model.max_length to use more of each text",
+            "%d of %d texts%s exceed model.max_length=%d tokens and were truncated (the start "
+            "is kept); raise model.max_length to use more of each text",
             truncated,
             len(texts),
+            _in_split(split),
             max_length,
         )
 
@@ -1231,7 +1245,7 @@ def _template_tail(prompt_messages: list[dict[str, str]], tokenizer: Any) -> lis
 
 
 def _tokenize_sft(
-    conversations: list[list[dict[str, str]]], tokenizer: Any, max_length: int
+    conversations: list[list[dict[str, str]]], tokenizer: Any, max_length: int, split: str | None
 ) -> dict[str, list]:
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -1262,11 +1276,12 @@ def _tokenize_sft(
         columns["labels"].append([IGNORE_INDEX] * len(prompt) + response)
     if truncated:
         logger.warning(
-            "%d of %d SFT examples exceed max_length=%d tokens and were truncated (prompt head, "
-            "template tail with the assistant marker, and response start kept); raise "
+            "%d of %d SFT examples%s exceed max_length=%d tokens and were truncated (prompt "
+            "head, template tail with the assistant marker, and response start kept); raise "
             "model.max_length to train on full examples",
             truncated,
             len(conversations),
+            _in_split(split),
             max_length,
         )
     return columns

@@ -324,10 +324,12 @@ class Trainer:
         if self.contrastive:
             self._freeze_head_for_contrastive()
 
-        tok = lambda ds: D.tokenize(ds, self.tokenizer, self.task, cfg.model.max_length)  # noqa: E731
-        self.train_set = tok(self.data.train)
-        self.validation_set = tok(self.data.validation)
-        self.test_set = tok(self.data.test)
+        tok = lambda ds, split: D.tokenize(  # noqa: E731
+            ds, self.tokenizer, self.task, cfg.model.max_length, split
+        )
+        self.train_set = tok(self.data.train, "train")
+        self.validation_set = tok(self.data.validation, "validation")
+        self.test_set = tok(self.data.test, "test")
         # A fixed sample of the training set, evaluated like validation: the gap between the two
         # curves is the overfitting signal.
         rng = np.random.default_rng(cfg.train.seed)

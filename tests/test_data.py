@@ -1033,6 +1033,10 @@ def test_classification_truncation_is_counted_once(caplog) -> None:
     assert "2 of 4 texts exceed model.max_length=8 tokens and were truncated" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        tokenize(dataset, tokenizer, "classification", max_length=8, split="validation")
+    assert "2 of 4 texts in the validation split exceed model.max_length=8" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
         tokenize(dataset, tokenizer, "classification", max_length=64)
     assert "truncated" not in caplog.text
 
