@@ -64,7 +64,17 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "--input", default="-", help="csv/tsv/jsonl/json/parquet/txt file, or - to stream stdin"
     )
-    p.add_argument("--output", default="-", help="jsonl file (written atomically), or - for stdout")
+    p.add_argument(
+        "--output",
+        default="-",
+        help="a .csv/.tsv table or a JSON-lines file (written atomically), or - for stdout",
+    )
+    p.add_argument(
+        "--label-column",
+        default=None,
+        help="column of true labels: print accuracy, macro-F1, ECE and NLL with a 95%% CI",
+    )
+    p.add_argument("--metrics", default=None, help="write the --label-column scores as JSON here")
     p.add_argument("--adapter", default=None, help="adapter name when several are loaded")
     p.add_argument("--text-column", default=None, help="text column of csv/tsv/jsonl input")
     p.add_argument(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
@@ -27,7 +28,7 @@ from lorafit import methods as Meth
 from lorafit.config import DataConfig
 from lorafit.errors import DataError, ModelError
 from lorafit.export import LoadedModel, check_base, load, open_package, verify_files
-from lorafit.io import atomic_path
+from lorafit.io import atomic_path, write_json
 from lorafit.models import TextClassifier
 
 logger = logging.getLogger(__name__)
@@ -366,6 +367,7 @@ class InputColumns:
     messages: bool = True
     instruction_input: tuple[str, str] | None = (DataConfig.instruction, DataConfig.input)
     exact: bool = False  # a column the user named: its case must match too
+    label: str | None = None  # true labels to score the predictions against (--label-column)
 
 
 def _text_column(columns: list[str], chosen: InputColumns) -> str | None:
@@ -378,7 +380,10 @@ def _text_column(columns: list[str], chosen: InputColumns) -> str | None:
 
 
 def input_columns(
-    text_column: str | None, text_pair_column: str | None, meta: dict[str, Any]
+    text_column: str | None,
+    text_pair_column: str | None,
+    meta: dict[str, Any],
+    label_column: str | None = None,
 ) -> InputColumns:
     """The CLI's columns for one model: the given ones win, else those it was trained with."""
     if text_column:
@@ -387,9 +392,13 @@ def input_columns(
         text = ((meta["text"],) if meta.get("text") else ()) + InputColumns.text
     given = bool(text_column)
     if meta["task"] == "causal_lm":
+        if label_column:
+            raise DataError("--label-column scores classifiers; this model is a causal LM")
         return InputColumns(text, None, messages=not given, exact=given)
     pair = text_pair_column or meta.get("text_pair")
-    return InputColumns(text, pair, messages=False, instruction_input=None, exact=given)
+    return InputColumns(
+        text, pair, messages=False, instruction_input=None, exact=given, label=label_column
+    )
 
 
 Columns = InputColumns | Mapping[str, InputColumns]  # one for every row, or per adapter name
@@ -452,6 +461,8 @@ def _row_from_record(
     if isinstance(record, dict):
         row.update({k: record[k] for k in ("id", "adapter") if record.get(k) not in (None, "")})
     chosen = _columns_for(row.get("adapter", adapter), columns, origin)
+    if chosen.label is not None:
+        row["true_label"] = _true_label(record, chosen.label, origin)
     if isinstance(record, str):
         row["input"] = _text(record, origin)
         return row
@@ -485,6 +496,22 @@ def _row_from_record(
         second = _text(record[chosen.text_pair], f"{origin} column '{chosen.text_pair}'")
         row["input"] = [text, second]
     return row
+
+
+def _true_label(record: Any, column: str, origin: str) -> Any:
+    """The raw value of the --label-column of one input row (mapped to an id when scored)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{origin}: --label-column needs table or JSON-object rows, not plain text")
+    if column not in record:
+        raise DataError(
+            f"{origin}: no '{column}' column (--label-column); columns: {', '.join(record)}"
+        )
+    value = record[column]
+    if value is None or not str(value).strip():
+        raise DataError(
+            f"{origin} column '{column}': no label; fill it in or predict without --label-column"
+        )
+    return value
 
 
 def read_inputs(
@@ -609,6 +636,66 @@ def predict_rows(
     return results
 
 
+def score_predictions(
+    predictor: Predictor, rows: list[dict[str, Any]], results: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """{adapter: metrics} of the predictions against the rows' true labels ("true_label", read
+    by --label-column), with bootstrap CIs over the rows. Each result gains "true_label", the
+    label's name in the model's own spelling."""
+    from lorafit.config import EvalConfig
+    from lorafit.evaluate import confidence_intervals, evaluate_logits
+
+    eval_cfg = EvalConfig()
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row["adapter"], []).append(i)
+    scores = {}
+    for name, indices in groups.items():
+        names = predictor._adapters[name].loaded.label_names
+        labels = np.array([_label_id(rows[i], names) for i in indices], dtype=np.int64)
+        probs = np.array([[results[i]["probs"][n] for n in names] for i in indices])  # [N, C]
+        log_probs = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)  # softmax -> probs
+        evaluated = evaluate_logits(log_probs, labels, len(names), eval_cfg)
+        per_example = {
+            "row": np.arange(len(indices)),
+            "label": labels,
+            "pred": log_probs.argmax(-1),
+            "nll": -log_probs[np.arange(len(labels)), labels],
+        }
+        ci = confidence_intervals(per_example, "classification", len(names), eval_cfg)
+        scores[name] = {**evaluated.metrics, "n": len(indices), "ci": ci}
+        for i, label in zip(indices, labels.tolist()):
+            results[i]["true_label"] = names[label]
+    return scores
+
+
+def _label_id(row: dict[str, Any], names: list[str]) -> int:
+    """A true label as the model's label id: its name ("positive"), or its id (0, "1")."""
+    raw = row["true_label"]
+    text = str(raw).strip()
+    if text in names:
+        return names.index(text)
+    if not isinstance(raw, bool) and text.isdigit() and int(text) < len(names):
+        return int(text)
+    raise DataError(
+        f"{row['origin']}: unknown label {raw!r}; the model's labels are "
+        f"{', '.join(names)} (or their ids 0-{len(names) - 1})"
+    )
+
+
+def _score_lines(scores: dict[str, dict[str, Any]], column: str) -> list[str]:
+    lines = []
+    for name, score in scores.items():
+        low, high = score["ci"].get("accuracy", (float("nan"),) * 2)
+        who = f"{name}: " if len(scores) > 1 else ""
+        lines.append(
+            f"{who}against '{column}': accuracy {score['accuracy']:.4f} (95% CI {low:.3f}-"
+            f"{high:.3f}), macro-F1 {score['f1_macro']:.4f}, ECE {score['ece']:.4f}, "
+            f"NLL {score['nll']:.4f} on {score['n']} rows"
+        )
+    return lines
+
+
 def _stdin_record(line: str, where: str) -> Any:
     """A JSON object, string or [text, text_pair]; any other line is plain text."""
     try:
@@ -656,8 +743,12 @@ def predict_cli(args: Any) -> int:
     sources = parse_model_dirs(args.model_dir)
     if args.adapter is not None:
         adapter_name(args.adapter, list(sources))  # an unknown name fails before any work
+    if args.label_column and args.input == "-":
+        raise DataError("--label-column scores a whole file; pass --input FILE")
     columns = {
-        name: input_columns(args.text_column, args.text_pair_column, open_package(folder).meta)
+        name: input_columns(
+            args.text_column, args.text_pair_column, open_package(folder).meta, args.label_column
+        )
         for name, folder in sources.items()
     }
     rows = None if args.input == "-" else read_inputs(args.input, columns, args.adapter)
@@ -672,6 +763,14 @@ def predict_cli(args: Any) -> int:
             raise DataError("--input - streams to stdout; use --output - with it")
         return _stream(predictor, columns, args, options)
     results = predict_rows(predictor, rows, args.adapter, progress=True, **options)
+    if args.label_column:
+        scores = score_predictions(predictor, rows, results)
+        for line in _score_lines(scores, args.label_column):
+            print(line, file=sys.stderr)
+        if args.metrics:
+            write_json(args.metrics, scores)
+    elif args.metrics:
+        raise DataError("--metrics writes the scores of --label-column; pass it too")
     if args.output == "-":
         sys.stdout.write(_json_lines(results))
         sys.stdout.flush()

@@ -559,6 +559,52 @@ def test_plain_peft_adapters_load_in_lorafit_predict(tiny_bert_path, tiny_llama_
 # -- predict: bad or unusual input ----------------------------------------------------------------
 
 
+def test_predict_scores_against_a_label_column(cls_run, cls_export, work, capsys):
+    """--label-column: the predictions scored as the run scored its test set (same weights)."""
+    summary = json.loads((cls_run / "summary.json").read_text())
+    test_file, scores_file = work / "data" / "test.jsonl", work / "scores.json"
+    table = work / "scored.csv"
+    argv = ["predict", str(cls_export), "--input", str(test_file), "--output", str(table)]
+    assert run_cli([*argv, "--label-column", "label", "--metrics", str(scores_file)]) == 0
+    err = capsys.readouterr().err
+    (scores,) = json.loads(scores_file.read_text()).values()
+    assert scores["n"] == summary["num_test"] == 12
+    for key in ("accuracy", "f1_macro"):
+        assert scores[key] == pytest.approx(summary["test"][key]), key
+    for key in ("nll", "ece"):  # from probabilities written to 6 decimals
+        assert scores[key] == pytest.approx(summary["test"][key], abs=1e-4), key
+    assert scores["ci"]["accuracy"] == pytest.approx(summary["test"]["ci"]["accuracy"])
+    assert f"against 'label': accuracy {scores['accuracy']:.4f} (95% CI " in err
+    expected = [json.loads(line)["label"] for line in test_file.read_text().splitlines()]
+    with open(table) as fh:
+        assert [r["true_label"] for r in csv.DictReader(fh)] == expected
+    # label ids work too; an unknown label, a missing column or plain text is a one-line error
+    ids = work / "ids.jsonl"
+    ids.write_text("".join(json.dumps({"text": "good", "y": i % 2}) + "\n" for i in range(4)))
+    assert run_cli(["predict", str(cls_export), "--input", str(ids), "--label-column", "y"]) == 0
+    assert "on 4 rows" in capsys.readouterr().err
+    (work / "bad_label.jsonl").write_text(
+        '{"text": "a", "label": "pos"}\n{"text": "b", "label": "meh"}\n'
+    )
+    (work / "plain.txt").write_text("good\n")
+    for name, flags, message in (
+        (
+            "bad_label.jsonl",
+            ["--label-column", "label"],
+            "line 2: unknown label 'meh'; the model's labels are neg, pos",
+        ),
+        (
+            "ids.jsonl",
+            ["--label-column", "gold"],
+            "line 1: no 'gold' column (--label-column); columns: text, y",
+        ),
+        ("plain.txt", ["--label-column", "y"], "needs table or JSON-object rows"),
+        ("ids.jsonl", ["--metrics", "m.json"], "--metrics writes the scores of --label-column"),
+    ):
+        argv = ["predict", str(cls_export), "--input", str(work / name), *flags]
+        assert message in _cli_error(argv, capsys), name
+
+
 def _cli_error(argv: list[str], capsys) -> str:
     """The error line of a CLI call that fails with a user error (after any progress output)."""
     assert run_cli(argv) == 2
