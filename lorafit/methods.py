@@ -9,6 +9,7 @@ encoder may be PEFT-wrapped while the head stays outside (and always trains); ca
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -97,7 +98,9 @@ def _peft_config_class(name: str) -> type:
     }
     if name not in by_name:
         valid = list(BUILTIN_METHODS) + [n for n in peft_method_names() if n != "lora"]
-        raise ConfigError(f"method.name={name!r} is not a known method; use one of {valid}")
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? Known methods: " if close else "use one of "
+        raise ConfigError(f"method.name={name!r} is not a known method; {hint}{valid}")
     return by_name[name]
 
 

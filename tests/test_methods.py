@@ -582,3 +582,11 @@ warnings.warn("another future warning", FutureWarning)
     assert "is_gradient_checkpointing" not in proc.stderr
     assert "another bitsandbytes notice" in proc.stderr
     assert "another future warning" in proc.stderr
+
+
+def test_an_unknown_method_name_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"'lorra' is not a known method; did you mean 'lora'\?"):
+        M.check_method_name("lorra")
+    with pytest.raises(ConfigError, match=r"'zzz' is not a known method; use one of \['full'"):
+        M.check_method_name("zzz")
+    M.check_method_name("ia3")  # any PEFT method is known
