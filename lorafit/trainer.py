@@ -430,9 +430,12 @@ class Trainer:
         if note:
             self._print(note)
         world, num_train = acc.num_processes, len(self.train_set)
-        note = budget_note(cfg.train, self.train_cfg.steps, world, num_train, self.task)
-        if note:
-            self._print(note)
+        for note in (
+            budget_note(cfg.train, self.train_cfg.steps, world, num_train, self.task),
+            batch_note(cfg.train, world, num_train),
+        ):
+            if note:
+                self._print(note)
         label_counts = _label_counts(self.train_set, self.num_classes)
         self.batch_sampling = batch_sampling_for(cfg.train, self.contrastive, label_counts)
         note = pairs_note(cfg.train, self.contrastive, self.batch_sampling, label_counts)
@@ -958,6 +961,18 @@ def budget_note(train_cfg, steps: int, world: int, num_train: int, task: str) ->
         f"budget: train.steps={steps} is {covered:.1f} passes over the {num_train} training "
         f"rows; the few-shot defaults were chosen at 6-50 passes (docs/recipes.md): raise "
         f"train.steps or train.min_passes"
+    )
+
+
+def batch_note(train_cfg, world: int, num_train: int) -> str | None:
+    """A line when the rows of one micro-step (all processes) outnumber the training set."""
+    rows = train_cfg.batch_size * world
+    if rows <= num_train:
+        return None
+    return (
+        f"batch: {rows} rows per micro-step (train.batch_size={train_cfg.batch_size} x {world} "
+        f"process(es)) but {num_train} training rows, so rows repeat within a step; set "
+        f"train.batch_size={max(1, num_train // world)} or lower"
     )
 
 

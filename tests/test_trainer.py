@@ -713,6 +713,18 @@ def test_budget_covers_min_passes_and_the_note_says_so():
     assert budget_steps(both, 1, 1024, "classification") == 256
 
 
+def test_a_batch_larger_than_the_training_set_is_named():
+    from lorafit.trainer import batch_note
+
+    assert batch_note(load_config(None, []).train, 1, 32) is None  # batch 8 of K=16 x 2
+    wide = load_config(None, ["train.batch_size=100"]).train
+    note = batch_note(wide, 1, 16)
+    assert note.startswith("batch: 100 rows per micro-step") and "train.batch_size=16 or" in note
+    assert batch_note(load_config(None, ["train.batch_size=12"]).train, 2, 16).endswith(
+        "set train.batch_size=8 or lower"
+    )
+
+
 def test_a_run_trains_the_raised_budget_and_saves_the_settings_as_given(
     tiny_bert_path, sentiment_dir, tmp_path, capsys
 ):
