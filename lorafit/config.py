@@ -186,8 +186,10 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         from lorafit import recipes
+        from lorafit.methods import check_method_name  # peft's method list, read lazily
 
         self.name = self.name.lower()
+        check_method_name(self.name)  # at config load, not after the data and model
         recipes.resolve_method(self)  # r / alpha left as None -> the method's defaults
         _check_positive("method", "r", self.r)
         _check_positive("method", "alpha", self.alpha)

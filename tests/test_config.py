@@ -36,6 +36,7 @@ def test_yaml_and_overrides(tmp_path):
         (["trian.lr=1"], "did you mean 'train'"),
         (["train.early_stoping.patience=2"], "did you mean 'train.early_stopping'"),
         (["train.pooling=mean"], "did you mean 'model.pooling'"),
+        (["method.name=lorra"], "method.name='lorra' is not a known method; did you mean 'lora'?"),
         (["train.output_dir=x"], "did you mean 'output.dir'"),
         (["data.text_column=review"], "did you mean 'data.text'"),
         (["train.steps=-3"], "train.steps=-3 must be > 0"),

@@ -371,7 +371,12 @@ def test_paired_test_detects_a_real_difference_and_not_a_null_one(tmp_path):
         plan[("full", s)] = {"correct": _mask(0.70, s)}
         plan[("better", s)] = {"correct": _mask(0.80, 100 + s)}
         plan[("same", s)] = {"correct": _mask(0.70, 200 + s)}  # same rate, other errors
-    methods = {"full": None, "better": None, "same": None}
+    # sweep method names are labels; each still names a real method
+    methods = {
+        "full": None,
+        "better": {"method": {"name": "lora"}},
+        "same": {"method": {"name": "head"}},
+    }
     base = {"model": {"name_or_path": "unused"}, "data": {"path": "unused"}}
     # the exact test is the one Holm adjusts here (the default is the bootstrap)
     options = {"seeds": seeds, "methods": methods, "paired_test": "permutation"}
