@@ -176,15 +176,23 @@ def embed_dataset(model: torch.nn.Module, dataloader, accelerator, with_rows: bo
 
 
 def evaluate_logits(
-    logits: np.ndarray, labels: np.ndarray, num_classes: int, eval_cfg: EvalConfig
+    logits: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    eval_cfg: EvalConfig,
+    keep_per_example: bool = False,
 ) -> EvalResult:
-    """The metrics `evaluate` reports for a classifier whose logits [N, C] are already known."""
+    """What `evaluate` reports for a classifier whose logits [N, C] are already known (rows
+    numbered 0..N-1 in the per-example arrays)."""
     start = time.perf_counter()
     acc = M.ClassificationMetrics(num_classes=num_classes, ece_bins=eval_cfg.ece_bins)
     if len(labels):
         acc.update(logits, labels)
     scalars, arrays = _computed(acc)
-    return EvalResult(metrics=scalars, arrays=arrays, seconds=time.perf_counter() - start)
+    per_example = None
+    if keep_per_example:
+        per_example = _classification_per_example(np.arange(len(labels)), labels, logits)
+    return EvalResult(scalars, per_example, arrays, seconds=time.perf_counter() - start)
 
 
 def _computed(acc: M.ClassificationMetrics) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -221,18 +229,27 @@ def _evaluate_classification(model, dataloader, accelerator, eval_cfg, num_class
     per_example = None
     if keep:
         kept = _in_row_order(kept)
-        logits_all = _concat(kept["logits"], (0, num_classes), np.float32)
-        log_probs = _log_softmax(logits_all)
-        labels_all = _concat(kept["label"], (0,), np.int64)
-        per_example = {
-            "row": _concat(kept["row"], (0,), np.int64),
-            "label": labels_all,
-            "logits": logits_all,
-            "pred": logits_all.argmax(-1) if len(logits_all) else np.zeros(0, np.int64),
-            "prob": np.exp(log_probs),
-            "nll": -log_probs[np.arange(len(labels_all)), labels_all],
-        }
+        per_example = _classification_per_example(
+            _concat(kept["row"], (0,), np.int64),
+            _concat(kept["label"], (0,), np.int64),
+            _concat(kept["logits"], (0, num_classes), np.float32),
+        )
     return EvalResult(metrics=scalars, per_example=per_example, arrays=arrays)
+
+
+def _classification_per_example(
+    rows: np.ndarray, labels: np.ndarray, logits: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-example arrays of a classification evaluation: rows [N], labels [N], logits [N, C]."""
+    log_probs = _log_softmax(logits)
+    return {
+        "row": rows,
+        "label": labels,
+        "logits": logits,
+        "pred": logits.argmax(-1) if len(logits) else np.zeros(0, np.int64),
+        "prob": np.exp(log_probs),
+        "nll": -log_probs[np.arange(len(labels)), labels],
+    }
 
 
 def _per_example_sum(values, mask: torch.Tensor) -> torch.Tensor:

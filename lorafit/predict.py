@@ -620,20 +620,26 @@ def predict_rows(
 ) -> list[dict[str, Any]]:
     """Predict every row, grouped by adapter (a row's own "adapter" field wins over `adapter`)."""
     named = len(predictor.adapters) > 1
-    groups: dict[str | None, list[int]] = {}
-    for i, row in enumerate(rows):
+    for row in rows:
         row.setdefault("adapter", adapter if adapter is not None else None)
         if row["adapter"] is None and not named:
             row["adapter"] = predictor.adapters[0]
-        groups.setdefault(row["adapter"], []).append(i)
     results: list[dict[str, Any]] = [{} for _ in rows]
-    for name, indices in groups.items():
+    for name, indices in _by_adapter(rows).items():
         inputs = [rows[i]["input"] for i in indices]
         origins = [rows[i].get("origin", f"row {i}") for i in indices]
         outputs = predictor.predict(inputs, adapter=name, origins=origins, **options)
         for i, out in zip(indices, outputs):
             results[i] = _output_record(i, rows[i], out, named)
     return results
+
+
+def _by_adapter(rows: list[dict[str, Any]]) -> dict[str | None, list[int]]:
+    """Row indices by the adapter each row goes to, in first-seen order."""
+    groups: dict[str | None, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row["adapter"], []).append(i)
+    return groups
 
 
 def score_predictions(
@@ -646,23 +652,14 @@ def score_predictions(
     from lorafit.evaluate import confidence_intervals, evaluate_logits
 
     eval_cfg = EvalConfig()
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(row["adapter"], []).append(i)
     scores = {}
-    for name, indices in groups.items():
+    for name, indices in _by_adapter(rows).items():
         names = predictor._adapters[name].loaded.label_names
         labels = np.array([_label_id(rows[i], names) for i in indices], dtype=np.int64)
         probs = np.array([[results[i]["probs"][n] for n in names] for i in indices])  # [N, C]
         log_probs = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)  # softmax -> probs
-        evaluated = evaluate_logits(log_probs, labels, len(names), eval_cfg)
-        per_example = {
-            "row": np.arange(len(indices)),
-            "label": labels,
-            "pred": log_probs.argmax(-1),
-            "nll": -log_probs[np.arange(len(labels)), labels],
-        }
-        ci = confidence_intervals(per_example, "classification", len(names), eval_cfg)
+        evaluated = evaluate_logits(log_probs, labels, len(names), eval_cfg, keep_per_example=True)
+        ci = confidence_intervals(evaluated.per_example, "classification", len(names), eval_cfg)
         scores[name] = {**evaluated.metrics, "n": len(indices), "ci": ci}
         for i, label in zip(indices, labels.tolist()):
             results[i]["true_label"] = names[label]
