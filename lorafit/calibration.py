@@ -67,3 +67,31 @@ def fit_temperature(
         else:
             low = middle
     return float(np.exp(-0.5 * (low + high)))
+
+
+def calibration_line(
+    temperature: float, n: int, ece_before: float, ece_after: float, validation: dict
+) -> str:
+    """The run's one line on the fitted temperature; a warning when it reached the cap."""
+    if temperature == MIN_TEMPERATURE:  # the fit is clipped at 1: only softening is applied
+        return (
+            f"calibration: none applied (on {n} validation examples the model is not "
+            f"over-confident, and only softening is fitted; validation ECE {ece_before:.3f})"
+        )
+    if temperature == MAX_TEMPERATURE:  # softened as far as it goes: no confidence signal
+        return (
+            f"calibration: warning: the temperature reached its cap, {temperature:.3g}, on {n} "
+            f"validation examples (validation accuracy {validation['accuracy']:.3f}): the "
+            f"model's confidence told nothing there, so its probabilities are now near uniform "
+            f"(predictions unchanged); train longer or on more labels, or set "
+            f"train.calibration=none to keep the raw ones"
+        )
+    note = (
+        "; T minimises validation NLL, and binned ECE on few examples can move either way"
+        if ece_after > ece_before
+        else ""
+    )
+    return (
+        f"calibration: temperature {temperature:.3g} fitted on {n} validation examples "
+        f"(validation ECE {ece_before:.3f} -> {ece_after:.3f}{note})"
+    )

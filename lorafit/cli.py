@@ -62,12 +62,15 @@ def _add_predict(sub) -> None:
         help="exported folder, run directory or PEFT adapter folder; several (NAME=DIR) share one base",
     )
     p.add_argument(
-        "--input", default="-", help="csv/tsv/jsonl/json/parquet/txt file, or - to stream stdin"
+        "--input",
+        default="-",
+        help="csv/tsv/jsonl/json/parquet/txt file, or - to stream stdin (default: -)",
     )
     p.add_argument(
         "--output",
         default="-",
-        help="a .csv/.tsv table or a JSON-lines file (written atomically), or - for stdout",
+        help="a .csv/.tsv table or a JSON-lines file (written atomically), or - for stdout "
+        "(default: -; --input - streams to --output - only)",
     )
     p.add_argument(
         "--label-column",
@@ -82,9 +85,17 @@ def _add_predict(sub) -> None:
         default=None,
         help="second text column for a sentence-pair model (default: the one it was trained on)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM generation length")
-    p.add_argument("--temperature", type=float, default=0.0, help="causal LM; 0 = greedy")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="causal LM generation length (default: 64)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="causal LM sampling temperature (default: 0 = greedy); classifiers use the "
+        "calibrated probabilities the run saved",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--base-model", default=None, help="another path to the same base model")
     p.set_defaults(func=_cmd_predict)
@@ -92,14 +103,26 @@ def _add_predict(sub) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a short few-shot LoRA run on SST-2 with MiniLM")
-    p.add_argument("--data", default=None, help="SST-2 folder or file (default: search, then hub)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="SST-2 folder or file (default: $LORAFIT_DATA_DIR/sst2, then ../shared/data/sst2, "
+        "then the hub's stanfordnlp/sst2)",
+    )
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_cmd_demo)
 
 
 def _add_config(sub) -> None:
-    p = sub.add_parser("config", help="print every config key with its default and meaning")
+    p = sub.add_parser(
+        "config",
+        help="print every config key with its default and meaning",
+        description="Print every key of a run config (lorafit train: data.*, model.*, method.*, "
+        "train.*, eval.*, output.*) and of a sweep file's sweep.* section (lorafit compare), "
+        "with its default and meaning, then each method's defaults. Set keys in YAML or as "
+        "section.key=value overrides.",
+    )
     p.set_defaults(func=_cmd_config)
 
 
@@ -122,8 +145,10 @@ def _split_config(args) -> tuple[str | None, list[str]]:
 
 def _cmd_train(args) -> int:
     from lorafit.config import load_config
+    from lorafit.sweep import die_with_sweep
     from lorafit.trainer import train
 
+    die_with_sweep()  # a run launched by `lorafit compare` ends with it
     cfg = load_config(*_split_config(args))
     summary = train(cfg)
     _print_summary(summary, cfg.output.dir)
@@ -195,8 +220,10 @@ def _cmd_demo(args) -> int:
 def _cmd_config(args) -> int:
     from lorafit.config import config_docs
     from lorafit.recipes import table
+    from lorafit.sweep import SweepConfig
 
-    rows = config_docs()
+    # run keys (lorafit train), then the sweep section of a `lorafit compare` file
+    rows = config_docs() + config_docs(SweepConfig, "sweep.")
     width = max(len(k) for k, _, _ in rows)
     for key, default, doc in rows:
         print(f"{key:<{width}}  {default:<14}  {doc}")

@@ -116,6 +116,11 @@ class DataConfig:
     max_test_examples: int | None = _f(
         None, "Evaluate on at most this many test rows (stratified); None: all."
     )
+    max_validation_examples: int | None = _f(
+        None,
+        "Validate on at most this many rows (stratified; caps a given or carved validation "
+        "split, which is evaluated every eval_every steps); None: all.",
+    )
     # causal-LM SFT
     instruction: str = _f("instruction", "SFT instruction column.")
     input: str = _f("input", "SFT optional input column.")
@@ -130,6 +135,7 @@ class DataConfig:
         _check_positive("data", "train_size", self.train_size)
         _check_positive("data", "min_words", self.min_words, allow_zero=True)
         _check_positive("data", "max_test_examples", self.max_test_examples)
+        _check_positive("data", "max_validation_examples", self.max_validation_examples)
         if self.k_shot is not None and self.train_size is not None:
             raise ConfigError(
                 "data.k_shot and data.train_size are exclusive; set one of them to null"

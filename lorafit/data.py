@@ -69,7 +69,9 @@ ALPACA_PREAMBLE = (
     "Write a response that appropriately completes the request.\n\n"
 )
 # seeds of the independent sampling stages: changing one stage's size leaves the others alone
-_CARVE_TEST, _CARVE_VALIDATION, _K_SHOT, _TRAIN_SIZE, _MAX_TEST, _HEAD_FIT = range(6)
+_CARVE_TEST, _CARVE_VALIDATION, _K_SHOT, _TRAIN_SIZE, _MAX_TEST, _HEAD_FIT, _MAX_VALIDATION = range(
+    7
+)
 _TIE_STREAM = 1  # third seed word: a stage's tie-breaking stream, apart from its draws
 
 
@@ -389,12 +391,18 @@ def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> 
     except Exception as e:
         if "corresponds to no data" in str(e):  # a header without rows
             return Dataset.from_dict({})
+        if isinstance(e, pd.errors.EmptyDataError) or os.path.getsize(path) == 0:
+            raise DataError(f"{path} is empty (not even a header row); give it data") from None
         bad_line = not_utf8(path) if suffix != ".parquet" else None
         if bad_line is None and SUPPORTED_EXTENSIONS[suffix] == "json":
             bad_line = _bad_json_line(path)
-        raise DataError(
-            f"could not read {path}: {bad_line or _root_cause(e)}; check that it is valid {suffix[1:]}"
-        ) from None
+        fix = f"check that it is valid {suffix[1:]}"
+        if bad_line is None and SUPPORTED_EXTENSIONS[suffix] == "csv":
+            with open(path, encoding="utf-8-sig") as fh:
+                header = fh.readline().rstrip("\r\n")
+            other = _separator_fix(header, used=kwargs.get("delimiter"))
+            fix = f"its header looks separated by {other}" if other else fix
+        raise DataError(f"could not read {path}: {bad_line or _root_cause(e)}; {fix}") from None
 
 
 @contextlib.contextmanager
@@ -543,11 +551,17 @@ def _delimiter_hint(split: _Split, columns: Sequence[str]) -> str | None:
     """A csv/tsv read as one column whose name holds another separator: say which to set."""
     if not split.untyped or len(columns) != 1:
         return None
-    found = next((sep for sep in (";", "\t", "|", ",") if sep in columns[0]), None)
+    fix = _separator_fix(columns[0])
+    return f"its one column looks separated by {fix}" if fix else None
+
+
+def _separator_fix(header: str, used: str | None = None) -> str | None:
+    """ "';': set data.delimiter=';'" when a header line holds a separator other than `used`."""
+    found = next((sep for sep in (";", "\t", "|", ",") if sep in header and sep != used), None)
     if found is None:
         return None
     shown = "\\t" if found == "\t" else found  # as typed on the command line
-    return f"its one column looks separated by '{shown}': set data.delimiter='{shown}'"
+    return f"'{shown}': set data.delimiter='{shown}'"
 
 
 def detect_column(columns: Sequence[str], name: str) -> str | None:
@@ -687,7 +701,8 @@ def _unlabelled_error(split: _Split, role: str, keys: list, column: str) -> Data
     rows = [row for row, key in enumerate(keys) if key is None]
     value = split.dataset[rows[0]][column]
     return DataError(
-        f"{split.origin} row {rows[0]} column '{column}': unlabelled row (label {value!r})"
+        f"{split.origin} row {rows[0]} column '{column}': unlabelled row "
+        f"(label {'empty' if value is None else repr(value)})"
         f"{_more_rows(rows)}; {fix}"
     )
 
@@ -1005,6 +1020,7 @@ def _assign_splits(
 
     if label_names is not None:
         notes.extend(_warn(_classes_without_rows_note(pool, label_names, cfg.min_words)))
+        notes.extend(_warn(_labels_differing_in_case_note(label_names)))
 
     given_validation = "validation" in pools and "test" in pools
     if cfg.k_shot is not None:
@@ -1058,6 +1074,14 @@ def _assign_splits(
     if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
         _, test = _split_off(test, cfg.max_test_examples, cfg.seed, _MAX_TEST, every_class=True)
         notes.append(f"test: {_sampling(test)} sample of {len(test)} rows (max_test_examples)")
+    if cfg.max_validation_examples is not None and len(validation) > cfg.max_validation_examples:
+        _, validation = _split_off(
+            validation, cfg.max_validation_examples, cfg.seed, _MAX_VALIDATION, every_class=True
+        )
+        notes.append(
+            f"validation: {_sampling(validation)} sample of {len(validation)} rows "
+            "(max_validation_examples)"
+        )
     for role, dataset in (("train", train), ("validation", validation), ("test", test)):
         if len(dataset) == 0:
             raise DataError(
@@ -1106,6 +1130,21 @@ def _classes_left_out_note(
         f"train: no rows of class {names}{', ...' if len(left_out) > 5 else ''} (data.k_shot={k} in "
         f"total, shared in proportion to the pool): the model never predicts it; raise data.k_shot "
         f"or set data.k_shot_unit=per_class"
+    )
+
+
+def _labels_differing_in_case_note(label_names: list[str]) -> str | None:
+    """'Pos' and 'pos' are two classes to lorafit; almost always a typo in the data."""
+    by_folded: dict[str, list[str]] = {}
+    for name in label_names:
+        by_folded.setdefault(name.casefold(), []).append(name)
+    clashes = [names for names in by_folded.values() if len(names) > 1]
+    if not clashes:
+        return None
+    shown = "; ".join(" vs ".join(repr(n) for n in names) for names in clashes[:3])
+    return (
+        f"labels that differ only in case are separate classes: {shown}; if they mean the "
+        f"same class, spell them one way in the data"
     )
 
 
@@ -1188,12 +1227,20 @@ def _k_shot(
     if cfg.k_shot_unit == "per_class" and label_names is not None:
         train_sizes = {c: k for c in counts}
         validation_sizes = {c: validation_k for c in counts}
-        for c, n in counts.items():
-            if n < k + validation_k:
-                raise DataError(
-                    f"class '{label_names[c]}' has {n} rows in the train pool but K-shot needs {k} (data.k_shot) "
-                    f"+ {validation_k} (data.validation_k) disjoint rows; lower data.k_shot/data.validation_k or add rows"
-                )
+        smallest = min(counts, key=lambda c: counts[c])
+        n = counts[smallest]
+        if n < k + validation_k:
+            largest_k = n - cfg.validation_k if cfg.validation_k else n // 2
+            fits = (
+                f"the largest data.k_shot that fits is {largest_k}"
+                if largest_k >= 1
+                else "lower data.validation_k"
+            )
+            raise DataError(
+                f"class '{label_names[smallest]}' has {n} rows in the train pool but K-shot needs "
+                f"{k} (data.k_shot) + {validation_k} (data.validation_k) disjoint rows; {fits}, "
+                f"or set data.k_shot_unit=total to draw K rows in all, or add rows"
+            )
     else:
         if len(pool) < k + validation_k:
             raise DataError(

@@ -8,6 +8,7 @@ owner-only 0o600 of a temporary file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -46,7 +47,19 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Strict JSON: NaN and infinities (e.g. AUROC with one class present) are written as null."""
+    text = json.dumps(_nan_to_null(obj), indent=2, default=_json_default, allow_nan=False)
+    write_text(path, text + "\n")
+
+
+def _nan_to_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _nan_to_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_null(value) for value in obj]
+    return obj
 
 
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
@@ -86,7 +99,7 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating,)):
-        return float(obj)
+        return float(obj) if np.isfinite(obj) else None
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -97,11 +97,27 @@ def _peft_config_class(name: str) -> type:
         str(getattr(t, "value", t)).lower(): cls for t, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()
     }
     if name not in by_name:
-        valid = list(BUILTIN_METHODS) + [n for n in peft_method_names() if n != "lora"]
-        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? Known methods: " if close else "use one of "
-        raise ConfigError(f"method.name={name!r} is not a known method; {hint}{valid}")
+        peft_names = [n for n in peft_method_names() if n != "lora"]
+        close = _closest_method(name, peft_names)
+        hint = f"did you mean {close!r}? Known methods: " if close else "use one of "
+        raise ConfigError(
+            f"method.name={name!r} is not a known method; {hint}{', '.join(BUILTIN_METHODS)}, "
+            f"or a PEFT method: {', '.join(peft_names)}"
+        )
     return by_name[name]
+
+
+def _closest_method(name: str, peft_names: list[str]) -> str | None:
+    """The likely intended method: lorafit's own first, then PEFT's; swapped letters count."""
+    typed = name.lower()
+    for candidates in (list(BUILTIN_METHODS), peft_names):
+        for candidate in candidates:
+            if sorted(candidate) == sorted(typed):
+                return candidate
+        close = difflib.get_close_matches(typed, candidates, n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
 
 
 def check_method_name(name: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -619,11 +620,7 @@ def predict_rows(
     predictor: Predictor, rows: list[dict[str, Any]], adapter: str | None, **options: Any
 ) -> list[dict[str, Any]]:
     """Predict every row, grouped by adapter (a row's own "adapter" field wins over `adapter`)."""
-    named = len(predictor.adapters) > 1
-    for row in rows:
-        row.setdefault("adapter", adapter if adapter is not None else None)
-        if row["adapter"] is None and not named:
-            row["adapter"] = predictor.adapters[0]
+    named = assign_adapters(predictor, rows, adapter)
     results: list[dict[str, Any]] = [{} for _ in rows]
     for name, indices in _by_adapter(rows).items():
         inputs = [rows[i]["input"] for i in indices]
@@ -634,6 +631,17 @@ def predict_rows(
     return results
 
 
+def assign_adapters(predictor: Predictor, rows: list[dict[str, Any]], adapter: str | None) -> bool:
+    """Give each row its "adapter" (its own field, else `adapter`, else the only one); True when
+    the predictor serves several."""
+    named = len(predictor.adapters) > 1
+    for row in rows:
+        row.setdefault("adapter", adapter)
+        if row["adapter"] is None and not named:
+            row["adapter"] = predictor.adapters[0]
+    return named
+
+
 def _by_adapter(rows: list[dict[str, Any]]) -> dict[str | None, list[int]]:
     """Row indices by the adapter each row goes to, in first-seen order."""
     groups: dict[str | None, list[int]] = {}
@@ -642,12 +650,25 @@ def _by_adapter(rows: list[dict[str, Any]]) -> dict[str | None, list[int]]:
     return groups
 
 
+def true_label_ids(predictor: Predictor, rows: list[dict[str, Any]]) -> dict[int, int]:
+    """{row index: the model's label id} of the rows' true labels ("true_label", read by
+    --label-column); called before predicting, so that a bad label fails before any work."""
+    ids = {}
+    for name, indices in _by_adapter(rows).items():
+        names = predictor._adapters[name].loaded.label_names
+        ids.update({i: _label_id(rows[i], names) for i in indices})
+    return ids
+
+
 def score_predictions(
-    predictor: Predictor, rows: list[dict[str, Any]], results: list[dict[str, Any]]
+    predictor: Predictor,
+    rows: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    label_ids: dict[int, int],
 ) -> dict[str, dict[str, Any]]:
-    """{adapter: metrics} of the predictions against the rows' true labels ("true_label", read
-    by --label-column), with bootstrap CIs over the rows. Each result gains "true_label", the
-    label's name in the model's own spelling."""
+    """{adapter: metrics} of the predictions against the true labels (`true_label_ids`), with
+    bootstrap CIs over the rows. Each result gains "true_label", the label's name in the
+    model's own spelling."""
     from lorafit.config import EvalConfig
     from lorafit.evaluate import confidence_intervals, evaluate_logits
 
@@ -655,7 +676,7 @@ def score_predictions(
     scores = {}
     for name, indices in _by_adapter(rows).items():
         names = predictor._adapters[name].loaded.label_names
-        labels = np.array([_label_id(rows[i], names) for i in indices], dtype=np.int64)
+        labels = np.array([label_ids[i] for i in indices], dtype=np.int64)
         probs = np.array([[results[i]["probs"][n] for n in names] for i in indices])  # [N, C]
         log_probs = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)  # softmax -> probs
         evaluated = evaluate_logits(log_probs, labels, len(names), eval_cfg, keep_per_example=True)
@@ -670,6 +691,8 @@ def _label_id(row: dict[str, Any], names: list[str]) -> int:
     """A true label as the model's label id: its name ("positive"), or its id (0, "1")."""
     raw = row["true_label"]
     text = str(raw).strip()
+    if re.fullmatch(r"[+-]?\d+\.0*", text):  # 1.0 is 1, as in training data (docs/data.md)
+        text = str(int(float(text)))
     if text in names:
         return names.index(text)
     if not isinstance(raw, bool) and text.isdigit() and int(text) < len(names):
@@ -742,6 +765,10 @@ def predict_cli(args: Any) -> int:
         adapter_name(args.adapter, list(sources))  # an unknown name fails before any work
     if args.label_column and args.input == "-":
         raise DataError("--label-column scores a whole file; pass --input FILE")
+    if args.metrics and not args.label_column:
+        raise DataError("--metrics writes the scores of --label-column; pass it too")
+    if args.input == "-" and args.output != "-":
+        raise DataError("--input - streams to stdout; use --output - with it")
     columns = {
         name: input_columns(
             args.text_column, args.text_pair_column, open_package(folder).meta, args.label_column
@@ -756,18 +783,17 @@ def predict_cli(args: Any) -> int:
         "temperature": args.temperature,
     }
     if rows is None:
-        if args.output != "-":
-            raise DataError("--input - streams to stdout; use --output - with it")
         return _stream(predictor, columns, args, options)
+    if args.label_column:
+        assign_adapters(predictor, rows, args.adapter)
+        label_ids = true_label_ids(predictor, rows)  # a bad label fails before predicting
     results = predict_rows(predictor, rows, args.adapter, progress=True, **options)
     if args.label_column:
-        scores = score_predictions(predictor, rows, results)
+        scores = score_predictions(predictor, rows, results, label_ids)
         for line in _score_lines(scores, args.label_column):
             print(line, file=sys.stderr)
         if args.metrics:
             write_json(args.metrics, scores)
-    elif args.metrics:
-        raise DataError("--metrics writes the scores of --label-column; pass it too")
     if args.output == "-":
         sys.stdout.write(_json_lines(results))
         sys.stdout.flush()

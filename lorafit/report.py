@@ -474,7 +474,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         if e.get("delta") is not None:
             delta = (
                 f"{e['delta']:+.3f} [{e['delta_ci_low']:+.3f}, {e['delta_ci_high']:+.3f}] "
-                f"({e['paired_seeds']} seeds)"
+                f"({_plural(e['paired_seeds'], 'seed')}"
+                f"{'' if e['paired_seeds'] > 1 else ': test rows only'})"
             )
         bootstrap = f"[{_fmt(e['bootstrap_ci_low_mean'])}, {_fmt(e['bootstrap_ci_high_mean'])}]"
         if len(run_levels) > 1 and e["n_ok"]:
@@ -512,8 +513,11 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         "and the test rows (each row once for all seeds), so they cover both the seed "
         "(K-shot sample and training) and the test-set sampling. The permutation test swaps "
         "the two runs of a seed as a whole (under the null either could carry either name); "
-        "with S seeds its p-value cannot go below 2/2^S (0.0625 for 5 seeds).",
-        f"- **Multiple comparisons**: {m} comparisons in this table; Holm-Bonferroni adjusted "
+        "with S seeds its p-value cannot go below 2/2^S (0.0625 for 5 seeds). With one paired "
+        "seed there are no seeds to redraw: the CI and the bootstrap p-value cover the test "
+        "rows only, and say nothing about another K-shot sample or training run.",
+        f"- **Multiple comparisons**: {_plural(m, 'comparison')} in this table; Holm-Bonferroni "
+        "adjusted "
         f"p-values (of the {cfg.paired_test} test) control the family-wise error rate. "
         "Read a difference as significant at 5% only if p (Holm) < 0.05.",
         "- **Failed runs** (validation accuracy of the tested weights at or below the "
@@ -540,7 +544,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         "train-sample and test evaluations (summary.json wall_time_s; not saving). Eval share: "
         "eval_time_s / wall_time_s, where eval_time_s is the time of all those evaluations, so "
         "both count the same final ones. Process time: the whole `lorafit train` process "
-        "(start-up, data and model loading, training, test, saving).",
+        "(start-up, data and model loading, training, test, saving). Adapter: the saved weight "
+        "files (the tokenizer and configs saved beside them are not counted).",
     ]
     lines += _run_list(rows, "failed", metric)
     lines += _run_list(rows, "crashed", metric)
@@ -655,14 +660,19 @@ def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, 
         else:
             ax.plot(x, mean, "-o", color=colours[method], label=method)
             ax.fill_between(x, low, high, color=colours[method], alpha=0.15)
-        for status, marker in (("ok", "."), ("failed", "x")):
+        # seeds just right of their mean and on top of it, so that bars do not hide them
+        beside = (dodge(i) if len(ks) == 1 else 1) * 2**0.012
+        for status, style in (
+            ("ok", {"marker": "o", "s": 16, "edgecolors": "white", "linewidths": 0.5}),
+            ("failed", {"marker": "x", "s": 40, "linewidths": 1.5}),
+        ):
             points = [
-                (r["k_shot"] * (dodge(i) if len(ks) == 1 else 1), r[f"test_{metric}"])
+                (r["k_shot"] * beside, r[f"test_{metric}"])
                 for r in rows
                 if r["selected"] and r["method"] == method and r["status"] == status
             ]
             if points:
-                ax.scatter(*zip(*points), marker=marker, color=colours[method], alpha=0.5, s=18)
+                ax.scatter(*zip(*points), color=colours[method], alpha=0.8, zorder=3, **style)
     shown_as = "bars" if len(ks) == 1 else "band"
     ax.legend(title=f"{shown_as}: {_pct_text(cfg.ci_level)} CI; x: failed run", fontsize=8)
     save(fig, "metric_vs_k")
@@ -767,3 +777,7 @@ def write_report(sweep: Sweep) -> Path:
     path = sweep.dir / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"

@@ -183,8 +183,17 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def plot_learning_curve(metrics_path: Path, out_path: Path, metric: str, best_step: int | None):
-    """Train vs validation loss and metric over steps: the overfitting picture at a glance."""
+def plot_learning_curve(
+    metrics_path: Path,
+    out_path: Path,
+    metric: str,
+    best_step: int | None,
+    tested_step: int | None = None,
+):
+    """Train vs validation loss and metric over steps: the overfitting picture at a glance.
+
+    A solid line marks the step whose weights were tested; a dashed one the best validation
+    step when that is another (train.select_best=false keeps the last step)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,13 +204,24 @@ def plot_learning_curve(metrics_path: Path, out_path: Path, metric: str, best_st
         return
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if metric == "loss":  # a causal LM selects on loss: show its next-token accuracy beside it
+        metric = "top1_accuracy"
+    tested_step = best_step if tested_step is None else tested_step
     for ax, key, title in ((axes[0], "loss", "loss (NLL)"), (axes[1], metric, metric)):
         for split, style in (("train", "-o"), ("validation", "-s")):
             values = [r.get(split, {}).get(key) for r in rows]
             if any(v is not None for v in values):
                 ax.plot(steps, values, style, label=f"{split}", markersize=3)
-        if best_step is not None:
-            ax.axvline(best_step, color="grey", linestyle="--", label=f"best step {best_step}")
+        if tested_step is not None:
+            which = "best" if tested_step == best_step else "last"
+            ax.axvline(tested_step, color="black", label=f"tested: {which} step {tested_step}")
+        if best_step is not None and best_step != tested_step:
+            ax.axvline(
+                best_step,
+                color="grey",
+                linestyle="--",
+                label=f"best validation {best_step} (not used)",
+            )
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)

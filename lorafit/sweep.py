@@ -13,7 +13,9 @@ reported as crashed until `--retry-failed` reruns it (from its last checkpoint w
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import itertools
 import json
 import os
@@ -24,8 +26,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +327,7 @@ class SweepState:
     def __init__(self, path: Path):
         self.path = path
         self.runs: dict[str, dict] = {}
+        self._lock = threading.Lock()  # worker threads record their runs' starts
         if path.exists():
             self.runs = json.loads(path.read_text()).get("runs", {})
 
@@ -331,8 +335,9 @@ class SweepState:
         return self.runs.get(run.id, {})
 
     def record(self, run: Run, **fields) -> None:
-        self.runs[run.id] = {**self.runs.get(run.id, {}), **fields}
-        write_json(self.path, {"runs": self.runs})
+        with self._lock:
+            self.runs[run.id] = {**self.runs.get(run.id, {}), **fields}
+            write_json(self.path, {"runs": self.runs})
 
 
 def run_status(run: Run, state: SweepState) -> str:
@@ -366,6 +371,8 @@ def execute(
         status = run_status(run, state)
         if status == "completed":
             counts["skipped"] += 1
+            if state.get(run).get("status") != "completed":  # finished after its sweep died
+                _finish(run, sweep, state)
         elif status == "crashed" and not retry_failed:
             counts["kept_crashed"] += 1
         else:
@@ -386,18 +393,27 @@ def execute(
 
     def work(run: Run) -> Outcome:
         slot = slots.get()
+        name = run.id.replace("/", "__")
         try:
-            config_path = sweep.dir / "configs" / f"{run.id.replace('/', '__')}.yaml"
-            log_path = sweep.dir / "logs" / f"{run.id.replace('/', '__')}.log"
-            _prepare_run_dir_for_launch(run)
-            config = copy.deepcopy(run.config)
-            config.train.resume = run.dir.exists()
-            write_text(
-                config_path, f"# lorafit train {shlex.quote(str(config_path))}\n" + config.to_yaml()
-            )
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            env = _worker_env(slot, sweep.config.workers, devices)
-            return launch(run, config_path, log_path, env)
+            # held by this launch and its child: a launch left running by a killed sweep
+            # finishes (or dies) before this one touches its run directory
+            with _run_lock(sweep.dir / "locks" / f"{name}.lock", run) as lock_fd:
+                if read_summary(run.dir).get("status") == "completed":  # it finished meanwhile
+                    return Outcome(True, None, 0.0)
+                state.record(run, status="running", error=None, started=time.time())
+                config_path = sweep.dir / "configs" / f"{name}.yaml"
+                log_path = sweep.dir / "logs" / f"{name}.log"
+                _prepare_run_dir_for_launch(run)
+                config = copy.deepcopy(run.config)
+                config.train.resume = run.dir.exists()
+                write_text(
+                    config_path,
+                    f"# lorafit train {shlex.quote(str(config_path))}\n" + config.to_yaml(),
+                )
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                env = _worker_env(slot, sweep.config.workers, devices)
+                env[LOCK_FD_VARIABLE] = str(lock_fd)
+                return launch(run, config_path, log_path, env)
         finally:
             slots.put(slot)
 
@@ -411,7 +427,6 @@ def execute(
             earlier_seconds[run.id] = (
                 state.get(run).get("process_time_s", 0.0) if _resumes(run) else 0.0
             )
-            state.record(run, status="running", error=None, started=time.time())
             futures[pool.submit(work, run)] = run
         for future in as_completed(futures):
             run = futures[future]
@@ -420,9 +435,8 @@ def execute(
             except Exception as e:  # a launcher failure is that run's crash, not the sweep's
                 outcome = Outcome(False, f"{type(e).__name__}: {e}".splitlines()[0], 0.0)
             done = outcome.ok and read_summary(run.dir).get("status") == "completed"
-            if done and not sweep.config.keep_checkpoints:
-                # optimizer state + weights: ~700 MB per full fine-tuning run of MiniLM
-                shutil.rmtree(RunDir(run.dir).checkpoints, ignore_errors=True)
+            if done:
+                _drop_checkpoints(run, sweep)
             error = None if done else (outcome.error or "exited without summary.json")
             state.record(
                 run,
@@ -437,6 +451,41 @@ def execute(
                 bar.write(f"lorafit compare: {run.id} crashed: {error}")
     bar.close()
     return counts
+
+
+def _drop_checkpoints(run: Run, sweep: Sweep) -> None:
+    if not sweep.config.keep_checkpoints:
+        # optimizer state + weights: ~700 MB per full fine-tuning run of MiniLM
+        shutil.rmtree(RunDir(run.dir).checkpoints, ignore_errors=True)
+
+
+def _finish(run: Run, sweep: Sweep, state: SweepState) -> None:
+    """A run that completed without its sweep watching (a launch that outlived a killed sweep):
+    record it, and drop its checkpoints as a watched run's are dropped."""
+    _drop_checkpoints(run, sweep)
+    state.record(run, status="completed", error=None)
+
+
+# The fd of a run's lock, passed to its `lorafit train` so that the child holds the lock too.
+LOCK_FD_VARIABLE = "LORAFIT_SWEEP_LOCK_FD"
+
+
+@contextlib.contextmanager
+def _run_lock(path: Path, run: Run) -> Iterator[int]:
+    """An exclusive lock per run id, shared with the launched child; waits for an earlier
+    holder (a launch that outlived a killed sweep) with a line that says so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"lorafit compare: {run.id} is still being trained by an earlier launch; "
+                "waiting for it to end",
+                file=sys.stderr,
+            )
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield fh.fileno()
 
 
 def _resumes(run: Run) -> bool:
@@ -497,17 +546,37 @@ def _worker_env(slot: int, workers: int, devices: list[str]) -> dict[str, str]:
     return env
 
 
+# Set for a sweep's `lorafit train` child: it asks the kernel to end it when the sweep dies.
+PARENT_PID_VARIABLE = "LORAFIT_SWEEP_PID"
+
+
+def die_with_sweep() -> None:
+    """In a sweep's child: SIGTERM when the sweep process dies (Linux), so that a killed sweep
+    leaves no training behind; exits at once when the sweep is already gone."""
+    parent = os.environ.get(PARENT_PID_VARIABLE)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the sweep died before the request: nobody is waiting
+        sys.exit(1)
+
+
 def launch_subprocess(run: Run, config_path: Path, log_path: Path, env: dict) -> Outcome:
     """`python -m lorafit train CONFIG` with its output in the log; the error is its last line."""
     start = time.perf_counter()
     with open(log_path, "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} lorafit train {config_path}\n")
         log.flush()
+        lock = env.get(LOCK_FD_VARIABLE)
         code = subprocess.call(
             [sys.executable, "-m", "lorafit", "train", str(config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**env, PARENT_PID_VARIABLE: str(os.getpid())},
+            pass_fds=(int(lock),) if lock else (),
         )
     seconds = time.perf_counter() - start
     if code == 0:
@@ -570,6 +639,11 @@ def run_compare(
         sweep.config.workers = max(sweep.config.workers, world)
     if not report_only:
         _refuse_causal_lm(sweep)
+    elif not any(RunDir(run.dir).summary.exists() for run in sweep.runs):
+        raise ConfigError(
+            f"--report-only: no run of this sweep has finished in {sweep.dir} (sweep.dir); "
+            "run `lorafit compare` without --report-only first, or point sweep.dir at the sweep"
+        )
     state = SweepState(sweep.dir / "state.json")
     for run in sweep.runs:
         run_status(run, state)  # refuses finished runs made with other settings: before any write

@@ -28,7 +28,7 @@ from lorafit import distributed as dist
 from lorafit import methods as Meth
 from lorafit import metrics as M
 from lorafit import recipes
-from lorafit.calibration import fit_temperature
+from lorafit.calibration import calibration_line, fit_temperature
 from lorafit.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -516,16 +516,9 @@ class Trainer:
         after = _calibration_metrics(
             logits / temperature, labels, self.num_classes, self.cfg.eval.ece_bins
         )
-        if temperature == 1.0:  # the fit is clipped at 1: only softening is applied
-            self._print(
-                f"calibration: none applied (the fit on {len(labels)} validation examples asked "
-                f"for no softening; validation ECE {before['ece']:.3f})"
-            )
-        else:
-            self._print(
-                f"calibration: temperature {temperature:.3g} fitted on {len(labels)} validation "
-                f"examples (validation ECE {before['ece']:.3f} -> {after['ece']:.3f})"
-            )
+        self._print(
+            calibration_line(temperature, len(labels), before["ece"], after["ece"], val.metrics)
+        )
         return {
             "method": "temperature",
             "temperature": temperature,
@@ -905,10 +898,15 @@ class Trainer:
                     self.unwrapped, self.run.adapter, tokenizer=self.tokenizer, state_dict=gathered
                 )
             if cfg.output.plot:
+                tested_step = selected_row["step"] if selected_row else None
                 plot_learning_curve(
-                    self.run.metrics, self.run.learning_curve, metric, self.selection.best_step
+                    self.run.metrics,
+                    self.run.learning_curve,
+                    metric,
+                    self.selection.best_step,
+                    tested_step,
                 )
-            summary["adapter_bytes"] = _folder_bytes(self.run.adapter)
+            summary["adapter_bytes"] = _weight_bytes(self.run.adapter)
             write_json(self.run.summary, summary)
         acc.wait_for_everyone()
         if cfg.output.report_to:
@@ -1173,10 +1171,12 @@ def _label_counts(dataset, num_classes: int | None) -> list[int] | None:
     return np.bincount(np.asarray(dataset["labels"]), minlength=num_classes).tolist()
 
 
-def _folder_bytes(path) -> int | None:
+def _weight_bytes(path) -> int | None:
+    """Bytes of the saved weights (*.safetensors): what the method adds; the tokenizer and
+    configs saved beside them (~0.7 MB for MiniLM's tokenizer) are not counted."""
     if not path.exists():
         return None
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors") if f.is_file())
 
 
 def _newest(run: RunDir) -> str:

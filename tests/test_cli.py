@@ -235,6 +235,8 @@ def test_config_prints_what_each_method_default_resolves_to(capsys):
     assert run_cli(["config"]) == 0
     out = capsys.readouterr().out
     assert "train.lr " in out  # the key table comes first
+    for key in ("sweep.paired_test", "sweep.keep_checkpoints", "sweep.n_resamples"):
+        assert f"\n{key} " in out, key  # a compare file's keys too
     for name, recipe in RECIPES.items():
         line = next(x for x in out.splitlines() if x.split()[:1] == [name])
         assert f"lr={recipe.lr:g}" in line and f"steps={recipe.steps}" in line

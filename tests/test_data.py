@@ -336,6 +336,25 @@ def test_max_test_examples_is_a_stratified_sample(three_class_folder: Path) -> N
     assert Counter(td.test["label"][:]) == {0: 3, 1: 3, 2: 4}  # 7/5/9 of 21 -> 3.3/2.4/4.3
 
 
+def test_max_validation_examples_caps_a_carved_validation_set(three_class_folder: Path) -> None:
+    cfg = DataConfig(path=str(three_class_folder), validation_fraction=0.5, seed=3)
+    full = load_task_data(cfg, "classification")
+    assert len(full.validation) == 63  # half of the 125-row pool, rounded
+    capped = load_task_data(
+        DataConfig(
+            path=str(three_class_folder),
+            validation_fraction=0.5,
+            seed=3,
+            max_validation_examples=12,
+        ),
+        "classification",
+    )
+    assert len(capped.validation) == 12 and set(capped.validation["label"][:]) == {0, 1, 2}
+    assert set(capped.validation["row"][:]) <= set(full.validation["row"][:])
+    assert capped.train["row"][:] == full.train["row"][:]  # training rows are untouched
+    assert "sample of 12 rows (max_validation_examples)" in capped.source
+
+
 def test_test_rows_also_in_the_train_pool_are_reported(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -822,7 +841,7 @@ def test_bad_row_errors_list_every_bad_row(tmp_path: Path) -> None:
     path = _write(tmp_path / "l.jsonl", rows)
     message = _error(DataConfig(path=str(path)))
     assert (
-        "row 5 column 'label': unlabelled row (label None) (and 11 more rows: 6, 7, 8, 9, 10, 11, "
+        "row 5 column 'label': unlabelled row (label empty) (and 11 more rows: 6, 7, 8, 9, 10, 11, "
         "12, 13, 14, 15, ...); label the row" in message
     )
 
@@ -839,6 +858,17 @@ def test_k_larger_than_class_pool(three_class_folder: Path) -> None:
     assert (
         "class 'b' has 25 rows in the train pool but K-shot needs 10 (data.k_shot) + 16" in message
     )
+    assert "the largest data.k_shot that fits is 9, or set data.k_shot_unit=total" in message
+    message = _error(DataConfig(path=str(three_class_folder), k_shot=13))
+    assert "needs 13 (data.k_shot) + 13 (data.validation_k)" in message
+    assert "the largest data.k_shot that fits is 12" in message
+
+
+def test_labels_differing_only_in_case_are_named(tmp_path: Path, caplog) -> None:
+    path = _write(tmp_path / "case.csv", _rows({"pos": 20, "Pos": 20, "neg": 20}))
+    with caplog.at_level("WARNING"):
+        load_task_data(DataConfig(path=str(path), k_shot=4), "classification")
+    assert "labels that differ only in case are separate classes: 'Pos' vs 'pos'" in caplog.text
 
 
 def test_empty_split_and_file_errors(tmp_path: Path) -> None:
@@ -1005,6 +1035,22 @@ def test_csv_with_another_separator_says_to_set_the_delimiter(tmp_path: Path) ->
     assert "set data.delimiter='\\t'" in _error(DataConfig(path=str(tabbed)))
     td = load_task_data(DataConfig(path=str(tabbed), delimiter="\\t"), "classification")
     assert td.label_names == ["a", "b"]  # "\t" as typed on the command line is a tab
+    # commas in the text break the comma parse itself: the header still names the separator
+    with_commas = tmp_path / "commas.csv"
+    with_commas.write_text(
+        "text;label\n" + "".join(f"t{i}{', w' * (i % 3)};a\n" for i in range(10))
+    )
+    message = _error(DataConfig(path=str(with_commas)))
+    assert f"could not read {with_commas}: ParserError" in message
+    assert "its header looks separated by ';': set data.delimiter=';'" in message
+
+
+def test_an_empty_file_is_named(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert _error(DataConfig(path=str(empty))).endswith(
+        f"{empty} is empty (not even a header row); give it data"
+    )
 
 
 def test_k_shot_per_class_on_an_imbalanced_pool_is_noted(tmp_path: Path, caplog) -> None:

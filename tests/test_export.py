@@ -559,7 +559,7 @@ def test_plain_peft_adapters_load_in_lorafit_predict(tiny_bert_path, tiny_llama_
 # -- predict: bad or unusual input ----------------------------------------------------------------
 
 
-def test_predict_scores_against_a_label_column(cls_run, cls_export, work, capsys):
+def test_predict_scores_against_a_label_column(cls_run, cls_export, work, capsys, monkeypatch):
     """--label-column: the predictions scored as the run scored its test set (same weights)."""
     summary = json.loads((cls_run / "summary.json").read_text())
     test_file, scores_file = work / "data" / "test.jsonl", work / "scores.json"
@@ -583,6 +583,23 @@ def test_predict_scores_against_a_label_column(cls_run, cls_export, work, capsys
     ids.write_text("".join(json.dumps({"text": "good", "y": i % 2}) + "\n" for i in range(4)))
     assert run_cli(["predict", str(cls_export), "--input", str(ids), "--label-column", "y"]) == 0
     assert "on 4 rows" in capsys.readouterr().err
+    # ids written as floats (1.0) read as in training data; one class present: AUROC undefined,
+    # written as null (strict JSON), not NaN
+    one_class = work / "floats.csv"
+    one_class.write_text("text,y\ngood,1.0\nbad,1.0\n")
+    argv = ["predict", str(cls_export), "--input", str(one_class), "--label-column", "y"]
+    assert run_cli([*argv, "--metrics", str(scores_file)]) == 0
+    strict = json.loads(scores_file.read_text(), parse_constant=pytest.fail)
+    (scores,) = strict.values()
+    assert scores["n"] == 2 and scores["auroc"] is None
+    # a bad label fails before any prediction is made
+    predicted = []
+    real_predict = Predictor.predict
+    monkeypatch.setattr(
+        Predictor,
+        "predict",
+        lambda self, *a, **k: predicted.append(1) or real_predict(self, *a, **k),
+    )
     (work / "bad_label.jsonl").write_text(
         '{"text": "a", "label": "pos"}\n{"text": "b", "label": "meh"}\n'
     )
@@ -603,6 +620,10 @@ def test_predict_scores_against_a_label_column(cls_run, cls_export, work, capsys
     ):
         argv = ["predict", str(cls_export), "--input", str(work / name), *flags]
         assert message in _cli_error(argv, capsys), name
+    assert predicted == []
+    # stdin streams to stdout only: refused before any model folder is even read
+    argv = ["predict", str(work / "no_such_model"), "--output", str(work / "x.jsonl")]
+    assert _cli_error(argv, capsys).endswith("--input - streams to stdout; use --output - with it")
 
 
 def _cli_error(argv: list[str], capsys) -> str:

@@ -159,7 +159,7 @@ def test_oft_trains_with_defaults_and_refuses_two_block_settings(tiny_bert_path)
 
 
 def test_unknown_method_lists_valid_names(tiny_bert_path):
-    with pytest.raises(ConfigError, match=r"'lora'.*'ia3'|'ia3'.*'lora'") as err:
+    with pytest.raises(ConfigError, match=r"did you mean 'lora'\? Known methods: .*ia3") as err:
         _build(tiny_bert_path, name="lorra")
     assert "prompt_tuning" in str(err.value) and "qlora" in str(err.value)
 
@@ -587,6 +587,16 @@ warnings.warn("another future warning", FutureWarning)
 def test_an_unknown_method_name_suggests_the_closest():
     with pytest.raises(ConfigError, match=r"'lorra' is not a known method; did you mean 'lora'\?"):
         M.check_method_name("lorra")
-    with pytest.raises(ConfigError, match=r"'zzz' is not a known method; use one of \['full'"):
+    for typed in ("lroa", "LoRA"):  # swapped letters, another case: lorafit's own names first
+        with pytest.raises(
+            ConfigError, match=rf"'{typed}' is not a known method; did you mean 'lora'\?"
+        ):
+            M.check_method_name(typed)
+    with pytest.raises(ConfigError, match=r"'qlroa' is not a known method; did you mean 'qlora'\?"):
+        M.check_method_name("qlroa")
+    with pytest.raises(
+        ConfigError,
+        match=r"'zzz' is not a known method; use one of full, head, lora, qlora, or a PEFT method: ",
+    ):
         M.check_method_name("zzz")
     M.check_method_name("ia3")  # any PEFT method is known

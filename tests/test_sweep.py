@@ -13,6 +13,10 @@ import math
 import os
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,14 @@ import yaml
 from lorafit.errors import ConfigError
 from lorafit.io import write_json
 from lorafit.report import holm, seed_stats
-from lorafit.sweep import Outcome, execute, launch_subprocess, load_sweep, run_compare
+from lorafit.sweep import (
+    Outcome,
+    SweepState,
+    execute,
+    launch_subprocess,
+    load_sweep,
+    run_compare,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TEST = 200
@@ -320,6 +331,81 @@ def test_report_only_runs_nothing_and_lists_missing_runs(tmp_path):
     assert _summary_row(tmp_path / "sweep", "lora")["n_pending"] == "1"
 
 
+def test_report_only_on_a_sweep_that_never_ran_is_an_error(tmp_path):
+    path = _sweep_file(tmp_path, {"seeds": [1]})
+    with pytest.raises(ConfigError, match=r"--report-only: no run of this sweep has finished in "):
+        run_compare(path, [], report_only=True)
+
+
+def test_a_launch_left_running_by_a_killed_sweep_is_waited_for(tmp_path):
+    """Its lock is held (here by another process, as by an orphaned child): the rerun waits,
+    finds the run finished, launches nothing, and records it as completed."""
+    sweep = load_sweep(_sweep_file(tmp_path, {"seeds": [1]}))
+    orphan, other = sweep.runs
+    (orphan.dir / "checkpoints" / "step-3").mkdir(parents=True)
+    write_fake_run(orphan, np.arange(N_TEST) % 2, np.ones(N_TEST, bool), 0.9)
+    summary = orphan.dir / "summary.json"
+    finished = summary.read_text()
+    summary.unlink()  # still training
+    state = SweepState(tmp_path / "sweep" / "state.json")
+    state.record(orphan, status="running")  # as the killed sweep left it
+    lock = tmp_path / "sweep" / "locks" / f"{orphan.id.replace('/', '__')}.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time, pathlib; fh = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(fh, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.5); "
+            "pathlib.Path(sys.argv[2]).write_text(sys.argv[3])",
+            str(lock),
+            str(summary),
+            finished,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline() == "held\n"
+    fake = FakeTrainer({})
+    counts = execute(sweep, launch=fake, progress=False)
+    holder.wait()
+    assert fake.calls == [other.id] and counts["completed"] == 2
+    runs = json.loads((tmp_path / "sweep" / "state.json").read_text())["runs"]
+    assert runs[orphan.id]["status"] == runs[other.id]["status"] == "completed"
+    assert not (orphan.dir / "checkpoints").exists()  # dropped, as keep_checkpoints=false says
+
+
+def test_a_sweeps_child_dies_with_the_sweep(tmp_path):
+    """SIGKILL the sweep: its `lorafit train` child gets SIGTERM from the kernel."""
+    child_pid = tmp_path / "child.pid"
+    sweep_code = (
+        "import os, subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import os, sys, time; from lorafit.sweep import die_with_sweep; die_with_sweep(); "
+        'open(sys.argv[1], "w").write(str(os.getpid())); time.sleep(60)\', sys.argv[1]], '
+        "env={**os.environ, 'LORAFIT_SWEEP_PID': str(os.getpid())}); time.sleep(60)"
+    )
+    sweep_process = subprocess.Popen([sys.executable, "-c", sweep_code, str(child_pid)])
+    deadline = time.time() + 30
+    while not (child_pid.exists() and child_pid.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    pid = int(child_pid.read_text())
+    os.kill(sweep_process.pid, signal.SIGKILL)
+    sweep_process.wait()
+    deadline = time.time() + 10
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 # ------------------------------------------------------------------------------- statistics
 def test_holm_matches_hand_computed_values():
     # sorted 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> monotone 0.06
@@ -394,6 +480,14 @@ def test_paired_test_detects_a_real_difference_and_not_a_null_one(tmp_path):
     text = (tmp_path / "sweep" / "summary.md").read_text()
     assert "Holm-Bonferroni" in text and "2 comparisons" in text
     assert "Δ vs full [95% CI, seeds × test rows]" in text
+    assert "(8 seeds)" in text
+
+
+def test_a_one_seed_comparison_says_its_ci_covers_test_rows_only(tmp_path):
+    run_compare(_sweep_file(tmp_path, {"seeds": [1]}), [], launch=FakeTrainer({}))
+    text = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "(1 seed: test rows only)" in text and "1 comparison in this table" in text
+    assert "With one paired seed there are no seeds to redraw" in text
 
 
 def test_paired_ci_covers_the_spread_between_seeds(tmp_path):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from lorafit.config import SELECTION_METRICS, TrainConfig, load_config
 from lorafit.errors import ConfigError, TrainingError
 from lorafit.io import read_jsonl
+from lorafit.rundir import plot_learning_curve
 from lorafit.trainer import Selection, StepBatchSampler, Trainer, train
 
 POSITIVE = "great wonderful loved excellent charming joy".split()
@@ -104,6 +105,9 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
         assert (out / name).is_file(), name
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert any((out / "tb").rglob("events.out.tfevents*"))
+    weights = sum(f.stat().st_size for f in (out / "adapter").glob("*.safetensors"))
+    assert (out / "adapter" / "tokenizer.json").is_file()  # shipped, but not the adapter's size
+    assert summary["adapter_bytes"] == weights
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [4, 8, 12]
     for r in rows:
@@ -847,3 +851,34 @@ def test_class_pair_batches_take_their_pairs_from_different_classes():
     sampler = ClassPairBatchSampler(many, 8, seed=1, start=0, stop=7)
     distinct = [len(set(many[b])) for b in sampler]
     assert distinct[:6] == [4] * 6
+
+
+def test_learning_curve_marks_the_tested_step_and_an_unused_best_one(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    rows = [
+        {"step": s, "train": {"loss": 1 / s, "accuracy": 0.5 + s / 40}, "validation": v}
+        for s, v in ((5, {"loss": 0.6, "accuracy": 0.7}), (10, {"loss": 0.7, "accuracy": 0.6}))
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+
+    def legends(metric: str, best: int, tested: int) -> list[list[str]]:
+        plot_learning_curve(metrics, tmp_path / "curve.png", metric, best, tested)
+        return [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figures.pop().axes]
+
+    last = legends("accuracy", 5, 10)  # train.select_best=false: the last step is tested
+    assert last[1] == [
+        "train",
+        "validation",
+        "tested: last step 10",
+        "best validation 5 (not used)",
+    ]
+    assert legends("accuracy", 5, 5)[1] == ["train", "validation", "tested: best step 5"]
+    for row in rows:  # a causal LM selects on loss; its second panel is next-token accuracy
+        row["validation"]["top1_accuracy"] = row["validation"].pop("accuracy")
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_learning_curve(metrics, tmp_path / "curve.png", "loss", 5, 5)
+    assert [ax.get_title() for ax in figures.pop().axes] == ["loss (NLL)", "top1_accuracy"]
