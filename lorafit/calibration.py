@@ -70,7 +70,7 @@ def fit_temperature(
 
 
 def calibration_line(
-    temperature: float, n: int, ece_before: float, ece_after: float, validation: dict
+    temperature: float, n: int, ece_before: float, ece_after: float, accuracy: float
 ) -> str:
     """The run's one line on the fitted temperature; a warning when it reached the cap."""
     if temperature == MIN_TEMPERATURE:  # the fit is clipped at 1: only softening is applied
@@ -81,7 +81,7 @@ def calibration_line(
     if temperature == MAX_TEMPERATURE:  # softened as far as it goes: no confidence signal
         return (
             f"calibration: warning: the temperature reached its cap, {temperature:.3g}, on {n} "
-            f"validation examples (validation accuracy {validation['accuracy']:.3f}): the "
+            f"validation examples (validation accuracy {accuracy:.3f}): the "
             f"model's confidence told nothing there, so its probabilities are now near uniform "
             f"(predictions unchanged); train longer or on more labels, or set "
             f"train.calibration=none to keep the raw ones"

@@ -1071,17 +1071,10 @@ def _assign_splits(
                 f"train: {len(train)} rows, {_sampling(train)} (train_size={cfg.train_size:g}, seed {cfg.seed})"
             )
 
-    if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
-        _, test = _split_off(test, cfg.max_test_examples, cfg.seed, _MAX_TEST, every_class=True)
-        notes.append(f"test: {_sampling(test)} sample of {len(test)} rows (max_test_examples)")
-    if cfg.max_validation_examples is not None and len(validation) > cfg.max_validation_examples:
-        _, validation = _split_off(
-            validation, cfg.max_validation_examples, cfg.seed, _MAX_VALIDATION, every_class=True
-        )
-        notes.append(
-            f"validation: {_sampling(validation)} sample of {len(validation)} rows "
-            "(max_validation_examples)"
-        )
+    test = _capped(test, "test", cfg.max_test_examples, cfg.seed, _MAX_TEST, notes)
+    validation = _capped(
+        validation, "validation", cfg.max_validation_examples, cfg.seed, _MAX_VALIDATION, notes
+    )
     for role, dataset in (("train", train), ("validation", validation), ("test", test)):
         if len(dataset) == 0:
             raise DataError(
@@ -1131,6 +1124,18 @@ def _classes_left_out_note(
         f"total, shared in proportion to the pool): the model never predicts it; raise data.k_shot "
         f"or set data.k_shot_unit=per_class"
     )
+
+
+def _capped(
+    dataset: Dataset, role: str, limit: int | None, seed: int, stage: int, notes: list[str]
+) -> Dataset:
+    """data.max_<role>_examples: a stratified sample of at most `limit` rows (every class kept
+    while `limit` allows), noted in `notes`."""
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    _, kept = _split_off(dataset, limit, seed, stage, every_class=True)
+    notes.append(f"{role}: {_sampling(kept)} sample of {len(kept)} rows (max_{role}_examples)")
+    return kept
 
 
 def _labels_differing_in_case_note(label_names: list[str]) -> str | None:

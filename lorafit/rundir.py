@@ -188,7 +188,7 @@ def plot_learning_curve(
     out_path: Path,
     metric: str,
     best_step: int | None,
-    tested_step: int | None = None,
+    tested_step: int | None,
 ):
     """Train vs validation loss and metric over steps: the overfitting picture at a glance.
 
@@ -206,7 +206,6 @@ def plot_learning_curve(
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     if metric == "loss":  # a causal LM selects on loss: show its next-token accuracy beside it
         metric = "top1_accuracy"
-    tested_step = best_step if tested_step is None else tested_step
     for ax, key, title in ((axes[0], "loss", "loss (NLL)"), (axes[1], metric, metric)):
         for split, style in (("train", "-o"), ("validation", "-s")):
             values = [r.get(split, {}).get(key) for r in rows]

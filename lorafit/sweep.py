@@ -398,7 +398,7 @@ def execute(
             # held by this launch and its child: a launch left running by a killed sweep
             # finishes (or dies) before this one touches its run directory
             with _run_lock(sweep.dir / "locks" / f"{name}.lock", run) as lock_fd:
-                if read_summary(run.dir).get("status") == "completed":  # it finished meanwhile
+                if RunDir(run.dir).is_complete():  # it finished meanwhile
                     return Outcome(True, None, 0.0)
                 state.record(run, status="running", error=None, started=time.time())
                 config_path = sweep.dir / "configs" / f"{name}.yaml"
@@ -639,7 +639,7 @@ def run_compare(
         sweep.config.workers = max(sweep.config.workers, world)
     if not report_only:
         _refuse_causal_lm(sweep)
-    elif not any(RunDir(run.dir).summary.exists() for run in sweep.runs):
+    elif not any(RunDir(run.dir).is_complete() for run in sweep.runs):
         raise ConfigError(
             f"--report-only: no run of this sweep has finished in {sweep.dir} (sweep.dir); "
             "run `lorafit compare` without --report-only first, or point sweep.dir at the sweep"

@@ -517,7 +517,9 @@ class Trainer:
             logits / temperature, labels, self.num_classes, self.cfg.eval.ece_bins
         )
         self._print(
-            calibration_line(temperature, len(labels), before["ece"], after["ece"], val.metrics)
+            calibration_line(
+                temperature, len(labels), before["ece"], after["ece"], val.metrics["accuracy"]
+            )
         )
         return {
             "method": "temperature",

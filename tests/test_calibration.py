@@ -73,21 +73,21 @@ def test_the_run_line_says_what_the_fit_means():
     logits = np.array([[2.0, 0.0], [0.0, 3.0], [1.0, -1.0]])
     labels = np.array([1, 0, 1])  # every example wrong
     capped = fit_temperature(logits, labels)
-    line = calibration_line(capped, 3, 0.6, 0.01, {"accuracy": 0.0})
+    line = calibration_line(capped, 3, 0.6, 0.01, 0.0)
     assert line.startswith("calibration: warning: the temperature reached its cap, 100, on 3 ")
     assert "probabilities are now near uniform" in line and "train.calibration=none" in line
     unscaled = fit_temperature(logits, np.array([0, 1, 0]))
-    line = calibration_line(unscaled, 3, 0.1, 0.1, {"accuracy": 1.0})
+    line = calibration_line(unscaled, 3, 0.1, 0.1, 1.0)
     assert line == (
         "calibration: none applied (on 3 validation examples the model is not over-confident, "
         "and only softening is fitted; validation ECE 0.100)"
     )
-    line = calibration_line(2.5, 16, 0.25, 0.05, {"accuracy": 0.75})
+    line = calibration_line(2.5, 16, 0.25, 0.05, 0.75)
     assert line == (
         "calibration: temperature 2.5 fitted on 16 validation examples (validation ECE 0.250 -> "
         "0.050)"
     )
-    line = calibration_line(2.5, 16, 0.12, 0.16, {"accuracy": 0.75})
+    line = calibration_line(2.5, 16, 0.12, 0.16, 0.75)
     assert line.endswith(
         "0.120 -> 0.160; T minimises validation NLL, and binned ECE on few "
         "examples can move either way)"
