@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafit.errors import TrainingError
+from lorafit.io import give_default_modes
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -128,6 +129,7 @@ def save_checkpoint(
         "trainer": trainer_state,
     }
     (tmp / "state.json").write_text(json.dumps(state))
+    give_default_modes(tmp)  # safetensors writes owner-only files
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(directory)[:-keep]:

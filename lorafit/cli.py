@@ -284,6 +284,11 @@ def _print_summary(summary: dict, run_dir: str) -> None:
             f"gap:        {first} {key} minus {second} {key} = {gap[key]:+.4f} "
             f"({_tested(summary, metric)})"
         )
+    if summary.get("stopped_early"):
+        lines.append(
+            f"stopped:    early, at step {summary['stopped_at_step']} of {summary['steps']}: "
+            f"validation {metric} stopped improving (train.early_stopping.patience)"
+        )
     lines.append(
         f"cost:       {summary['trainable_params']:,} trainable of {summary['total_params']:,} params, "
         f"{summary['wall_time_s']:.0f}s, peak {summary['peak_memory_mb']:.0f} MB"

@@ -209,6 +209,16 @@ class MethodConfig:
         )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"method.dropout={self.dropout!r} must be in [0, 1)")
+        if self.name in ("full", "head"):  # no adapter: these settings would be silently lost
+            if self.peft_kwargs:
+                raise ConfigError(
+                    f"method.peft_kwargs applies to PEFT methods, not method.name={self.name}; drop it"
+                )
+            if self.target_modules != "auto":
+                raise ConfigError(
+                    f"method.target_modules applies to adapter methods, not method.name={self.name} "
+                    "(it trains every layer or none); drop it"
+                )
 
 
 # Scalar validation metrics that lorafit.evaluate reports per task: what selection can use.
@@ -572,6 +582,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        for key, item in value.items():
+            if (
+                item is None and isinstance(key, str) and ":" in key
+            ):  # YAML read {a:4} as {'a:4': None}
+                name, _, given = key.partition(":")
+                raise ConfigError(
+                    f"{where} key {key!r} has no value: YAML needs a space after the colon, "
+                    f"{{{name}: {given}}}"
+                )
         return dict(value)
     if hint is bool:
         if isinstance(value, bool):

@@ -34,7 +34,7 @@ from lorafit import methods as Meth
 from lorafit.config import ModelConfig
 from lorafit.data import load_label_map, save_label_map
 from lorafit.errors import LorafitError, ModelError
-from lorafit.io import default_mode, write_json
+from lorafit.io import give_default_modes, write_json
 from lorafit.models import TextClassifier, load_tokenizer, resolve_model_source
 from lorafit.rundir import RunDir, is_run_dir
 
@@ -475,8 +475,7 @@ def export_run(
         if package.label_names is not None:
             save_label_map(staging / LABEL_MAP_FILE, package.label_names)
         write_json(staging / MANIFEST_FILE, _manifest(package, staging, merge_report))
-        for entry in [staging, *staging.rglob("*")]:  # readable like a plain copy, not owner-only
-            os.chmod(entry, default_mode(is_dir=entry.is_dir()))
+        give_default_modes(staging)  # readable like a plain copy, not owner-only
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(staging, out)

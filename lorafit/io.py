@@ -41,6 +41,16 @@ def default_mode(*, is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~umask
 
 
+def give_default_modes(root: Path) -> None:
+    """chmod `root` and everything under it as open()/mkdir() would have made them.
+
+    Temporary folders are owner-only (0o700) and safetensors writes 0o600 files; a run or an
+    export must be readable by whoever the umask lets read a plain file.
+    """
+    for entry in [root, *root.rglob("*")]:
+        os.chmod(entry, default_mode(is_dir=entry.is_dir()))
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -28,7 +28,7 @@ from torch import nn
 from lorafit import _optional
 from lorafit.config import MethodConfig, ModelConfig, TrainConfig
 from lorafit.errors import ConfigError, ModelError
-from lorafit.io import write_json
+from lorafit.io import give_default_modes, write_json
 from lorafit.models import (
     TASKS,
     ModelSource,
@@ -46,6 +46,14 @@ META_FILE = "lorafit_model.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
 DEFAULT_VIRTUAL_TOKENS = 20  # prompt-learning methods need a number; peft has no default
+
+# PEFT methods that cannot train in lorafit's one-task loop, with the reason the error gives.
+UNSUPPORTED_PEFT_METHODS = {
+    "poly": "routes each example by a task id, and lorafit's data has one task",
+    "multitask_prompt_tuning": "routes each example by a task id, and lorafit's data has one task",
+    "xlora": "mixes LoRA adapters trained before; train each with method.name=lora first",
+    "shadow": "fails in its first forward pass with the installed peft and transformers",
+}
 
 # model_type -> (all linear layers of the blocks, attention projections only)
 _LLAMA_LIKE = (
@@ -84,10 +92,12 @@ class Built:
 
 
 def peft_method_names() -> list[str]:
-    """Lower-case names of every PEFT method this peft version knows (lora, ia3, prompt_tuning, ...)."""
+    """Lower-case names of the PEFT methods lorafit can train (lora, ia3, prompt_tuning, ...):
+    those this peft version knows, less UNSUPPORTED_PEFT_METHODS."""
     from peft import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    return sorted(str(getattr(t, "value", t)).lower() for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+    names = (str(getattr(t, "value", t)).lower() for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+    return sorted(n for n in names if n not in UNSUPPORTED_PEFT_METHODS)
 
 
 def _peft_config_class(name: str) -> type:
@@ -96,14 +106,17 @@ def _peft_config_class(name: str) -> type:
     by_name = {
         str(getattr(t, "value", t)).lower(): cls for t, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()
     }
+    peft_names = [n for n in peft_method_names() if n != "lora"]
+    known = f"{', '.join(BUILTIN_METHODS)}, or a PEFT method: {', '.join(peft_names)}"
+    if name in UNSUPPORTED_PEFT_METHODS:
+        raise ConfigError(
+            f"method.name={name} is not supported: it {UNSUPPORTED_PEFT_METHODS[name]}; "
+            f"use one of {known}"
+        )
     if name not in by_name:
-        peft_names = [n for n in peft_method_names() if n != "lora"]
         close = _closest_method(name, peft_names)
         hint = f"did you mean {close!r}? Known methods: " if close else "use one of "
-        raise ConfigError(
-            f"method.name={name!r} is not a known method; {hint}{', '.join(BUILTIN_METHODS)}, "
-            f"or a PEFT method: {', '.join(peft_names)}"
-        )
+        raise ConfigError(f"method.name={name!r} is not a known method; {hint}{known}")
     return by_name[name]
 
 
@@ -139,6 +152,17 @@ def _linear_module_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _norm_module_names(model: nn.Module) -> list[str]:
+    """Full names of the normalisation layers (LayerNorm, RMSNorm) outside the heads."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name
+        and re.search(r"(Layer|RMS)Norm$", type(module).__name__)
+        and not _outside_blocks(name)
+    ]
+
+
 def _outside_blocks(name: str) -> bool:
     # Heads that are not part of the transformer blocks: never adapted, trained (or not) as a whole.
     return name.split(".")[0] in ("pooler", "lm_head", "score", "classifier", "head")
@@ -151,11 +175,13 @@ def detect_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]:
     falling back to all linear layers of the blocks; the pooler and LM head are never targets.
     """
     if isinstance(spec, list):
-        present = _linear_module_names(model)
+        # any module type: the method decides what it can adapt (ln_tuning: the norms)
+        present = [name for name, _ in model.named_modules() if name]
         missing = [s for s in spec if not any(n == s or n.endswith("." + s) for n in present)]
         if missing:
+            linear = _linear_module_names(model)
             raise ConfigError(
-                f"method.target_modules {missing} match no linear layer; layers look like {present[:6]}"
+                f"method.target_modules {missing} match no layer; linear layers look like {linear[:6]}"
             )
         return list(spec)
     model_type = getattr(getattr(model, "config", None), "model_type", "")
@@ -306,7 +332,15 @@ def _peft_config(
                 kwargs[theirs] = getattr(method_cfg, ours)
         if name == "oft":
             kwargs.update(_oft_block_kwargs(method_cfg))
-        if "target_modules" in fields and "target_modules" not in method_cfg.peft_kwargs:
+        if name == "adaption_prompt":  # peft picks the attention module it wraps per model type
+            kwargs.update(adapter_len=DEFAULT_VIRTUAL_TOKENS, adapter_layers=_num_layers(base))
+        if name == "trainable_tokens" and not method_cfg.peft_kwargs.get("token_indices"):
+            raise ConfigError(
+                "method trainable_tokens needs the ids of the tokens to train: set "
+                "method.peft_kwargs.token_indices, e.g. [128000, 128001]"
+            )
+        own_targets = name == "adaption_prompt" or "target_modules" in method_cfg.peft_kwargs
+        if "target_modules" in fields and not own_targets:
             targets = _other_method_targets(name, base, method_cfg.target_modules)
             if targets is not None:
                 kwargs["target_modules"] = targets
@@ -354,7 +388,11 @@ def _other_method_targets(name: str, base: nn.Module, spec: str | list[str]) -> 
         return detect_target_modules(base, spec)
     from peft.utils import constants
 
-    table = getattr(constants, f"TRANSFORMERS_MODELS_TO_{name.upper()}_TARGET_MODULES_MAPPING", {})
+    tables = (
+        f"TRANSFORMERS_MODELS_TO_{key}_TARGET_MODULES_MAPPING"
+        for key in (name.upper(), name.upper().replace("_", ""))
+    )  # ln_tuning: LNTUNING
+    table = next((getattr(constants, t) for t in tables if hasattr(constants, t)), {})
     if getattr(base.config, "model_type", None) in table:
         return None  # peft picks (IA3 also needs its feed-forward subset, which the table has)
     if name == "ia3":
@@ -362,6 +400,13 @@ def _other_method_targets(name: str, base: nn.Module, spec: str | list[str]) -> 
             "method ia3 on this architecture needs method.target_modules and "
             "method.peft_kwargs.feedforward_modules"
         )
+    if name == "ln_tuning":  # tunes the normalisation layers, not the linear ones
+        norms = sorted({n.split(".")[-1] for n in _norm_module_names(base)})
+        if not norms:
+            raise ConfigError(
+                "method ln_tuning found no LayerNorm/RMSNorm layers; list method.target_modules"
+            )
+        return norms
     return detect_target_modules(base, "auto")
 
 
@@ -654,6 +699,7 @@ def _staged(directory: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         yield tmp
+        give_default_modes(tmp)  # safetensors writes owner-only files
         for file in sorted(tmp.rglob("*")):
             if file.is_file():
                 target = directory / file.relative_to(tmp)

@@ -55,6 +55,19 @@ def test_yaml_and_overrides(tmp_path):
         (["output.report_to=[foo]"], "output.report_to: unknown tracker 'foo'; use any of"),
         (["train.early_stopping.metric=f1"], "train.early_stopping.metric='f1' is not valid"),
         (
+            ["method.peft_kwargs={r:4}"],
+            "method.peft_kwargs key 'r:4' has no value: YAML needs a space after the colon, {r: 4}",
+        ),
+        (
+            ["method.name=head", "method.peft_kwargs={r: 4}"],
+            "method.peft_kwargs applies to PEFT methods, not method.name=head",
+        ),
+        (
+            ["method.name=full", "method.target_modules=[query]"],
+            "method.target_modules applies to adapter methods, not method.name=full",
+        ),
+        (["method.name=poly"], "method.name=poly is not supported: it routes each example"),
+        (
             ["model.task=causal_lm", "train.early_stopping.metric=accuracy"],
             "train.early_stopping.metric='accuracy' is not a causal_lm metric; use one of "
             "['auto', 'loss', 'perplexity', 'top1_accuracy', 'top5_accuracy']",

@@ -116,7 +116,7 @@ def test_target_module_choices(tiny_bert_path, tiny_llama_path):
     listed = _build(tiny_bert_path, name="lora", target_modules=["query", "value"])
     names = [n for n, _ in listed.model.named_parameters() if "lora_A" in n]
     assert len(names) == 4 and all(".query." in n or ".value." in n for n in names)
-    with pytest.raises(ConfigError, match="match no linear layer"):
+    with pytest.raises(ConfigError, match="match no layer"):
         _build(tiny_bert_path, name="lora", target_modules=["q_proj"])
 
 
@@ -156,6 +156,64 @@ def test_oft_trains_with_defaults_and_refuses_two_block_settings(tiny_bert_path)
     with pytest.raises(ConfigError, match=r"method.r.*method.peft_kwargs.oft_block_size") as err:
         _build(tiny_bert_path, name="oft", r=4, peft_kwargs={"oft_block_size": 16})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_every_listed_peft_method_trains_a_step_or_is_refused_in_one_line(
+    tiny_bert_path, tiny_llama_path, task
+):
+    # a method lorafit lists must not die with a raw traceback on a model it cannot adapt
+    path = tiny_bert_path if task == "classification" else tiny_llama_path
+    trained, refused = [], []
+    for name in M.peft_method_names():
+        try:
+            built = _build(path, task, name=name)
+        except ConfigError as e:
+            assert "\n" not in str(e), name
+            refused.append(name)
+            continue
+        trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
+        before = _snapshot(built.model)
+        _train_step(built.model)
+        changed = {n for n, p in built.model.named_parameters() if not torch.equal(before[n], p)}
+        assert changed and changed <= trainable, name
+        trained.append(name)
+    assert {"lora", "ia3", "ln_tuning", "prompt_tuning", "vera"} <= set(trained)
+    assert len(trained) > 2 * len(refused), refused  # the refusals stay the exception
+
+
+def test_methods_that_cannot_train_here_are_refused_at_config_load():
+    for name, reason in M.UNSUPPORTED_PEFT_METHODS.items():
+        assert name not in M.peft_method_names()
+        with pytest.raises(ConfigError, match=f"method.name={name} is not supported: it") as err:
+            MethodConfig(name=name)
+        assert reason in str(err.value)
+
+
+def test_ln_tuning_trains_the_norm_layers(tiny_bert_path, tiny_llama_path):
+    built = _build(tiny_bert_path, name="ln_tuning")
+    assert built.info["target_modules"] == ["LayerNorm"]
+    encoder = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    encoder = {n for n in encoder if not n.startswith("head.") and ".pooler." not in n}
+    assert encoder and all("LayerNorm" in n for n in encoder)
+    # 1 embedding + 2 per layer, each a weight and a bias of the hidden size
+    assert sum(p.numel() for n, p in built.model.named_parameters() if n in encoder) == 5 * 2 * 64
+    listed = _build(tiny_bert_path, name="ln_tuning", target_modules=["LayerNorm"])
+    assert listed.info["trainable_params"] == built.info["trainable_params"]
+    llama = _build(tiny_llama_path, "causal_lm", name="ln_tuning").model
+    names = [n for n, p in llama.named_parameters() if p.requires_grad]
+    assert names and all("norm" in n for n in names)
+
+
+def test_methods_with_required_settings(tiny_llama_path):
+    with pytest.raises(ConfigError, match="method.peft_kwargs.token_indices"):
+        _build(tiny_llama_path, "causal_lm", name="trainable_tokens")
+    tokens = _build(
+        tiny_llama_path, "causal_lm", name="trainable_tokens", peft_kwargs={"token_indices": [5, 6]}
+    )
+    assert 0 < tokens.info["trainable_params"] < tokens.info["total_params"]
+    prompt = _build(tiny_llama_path, "causal_lm", name="adaption_prompt").model
+    assert prompt.peft_config["default"].adapter_layers == 2  # every layer of the tiny Llama
 
 
 def test_unknown_method_lists_valid_names(tiny_bert_path):
@@ -600,3 +658,28 @@ def test_an_unknown_method_name_suggests_the_closest():
     ):
         M.check_method_name("zzz")
     M.check_method_name("ia3")  # any PEFT method is known
+
+
+def test_saved_weights_and_checkpoints_get_umask_permissions(tiny_bert_path, tmp_path):
+    # safetensors writes owner-only files: another user could not `lorafit predict` a run
+    import os
+
+    from lorafit.checkpoint import save_checkpoint
+
+    built = _build(tiny_bert_path, name="lora")
+    model = built.model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    old = os.umask(0o022)
+    try:
+        M.save_trained(model, tmp_path / "saved", tokenizer=built.tokenizer)
+        weights = M.trainable_state_dict(model)
+        ckpt = save_checkpoint(
+            tmp_path / "ckpt", 5, weights, optimizer, scheduler, {}, None, None, 2
+        )
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "saved").rglob("*"), *ckpt.rglob("*")]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o644 for f in files}
+    assert ckpt.stat().st_mode & 0o777 == 0o755

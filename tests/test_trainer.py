@@ -576,10 +576,19 @@ EARLY_STOP_AT_10 = {
 }
 
 
-def test_early_stopping_respects_patience_and_min_steps(tiny_bert_path, sentiment_dir, tmp_path):
+def test_early_stopping_respects_patience_and_min_steps(
+    tiny_bert_path, sentiment_dir, tmp_path, capsys
+):
+    from lorafit.cli import _print_summary
+
     summary = run_tiny(tiny_bert_path, sentiment_dir, tmp_path / "run", **EARLY_STOP_AT_10)
     assert summary["stopped_early"]
-    assert summary["stopped_at_step"] == 10
+    assert (summary["stopped_at_step"], summary["steps"]) == (10, 40)  # what ran, the budget
+    capsys.readouterr()
+    _print_summary(summary, str(tmp_path / "run"))
+    assert "stopped:    early, at step 10 of 40: validation accuracy stopped improving" in (
+        capsys.readouterr().out
+    )
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert rows[-1]["step"] == 10
 
