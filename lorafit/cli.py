@@ -284,6 +284,12 @@ def _print_summary(summary: dict, run_dir: str) -> None:
             f"gap:        {first} {key} minus {second} {key} = {gap[key]:+.4f} "
             f"({_tested(summary, metric)})"
         )
+    start, tested = summary.get("validation_at_start"), summary.get("validation_at_selected")
+    if start and tested and start.get(metric) is not None and tested.get(metric) is not None:
+        lines.append(
+            f"trained:    validation {metric} {start[metric]:.4f} at step 0 -> "
+            f"{tested[metric]:.4f} ({_tested(summary, metric)})"
+        )
     if summary.get("stopped_early"):
         lines.append(
             f"stopped:    early, at step {summary['stopped_at_step']} of {summary['steps']}: "
@@ -328,8 +334,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        hint = _override_hint(extra) if hasattr(args, "overrides") else ""
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     return args
+
+
+def _override_hint(extra: list[str]) -> str:
+    """`--steps 5` (another tool's habit) -> "; settings are key=value overrides: train.steps=5"."""
+    from lorafit.config import _misplaced_key
+
+    option = next((a for a in extra if a.startswith("--")), None)
+    if option is None:
+        return ""
+    name, sep, value = option[2:].partition("=")
+    key = _misplaced_key("", name.replace("-", "_"))
+    if key is None:
+        return ""
+    following = extra[extra.index(option) + 1 :]
+    if not sep and following and not following[0].startswith("-"):
+        value = following[0]
+    return f"; settings are key=value overrides: {key}={value or '...'}"
 
 
 def main(argv: list[str] | None = None) -> None:

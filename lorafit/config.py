@@ -379,6 +379,10 @@ def objective_for(train_cfg: TrainConfig, task: str) -> str:
     if objective == "auto":
         objective = "contrastive" if task == "classification" else "ce"
     if objective != "contrastive":
+        if task == "causal_lm" and train_cfg.rdrop > 0:  # compute_loss has it for a head only
+            raise ConfigError(
+                "train.rdrop applies to classification; set train.rdrop=0 for causal LMs"
+            )
         return objective
     if task != "classification":
         raise ConfigError(
@@ -525,6 +529,41 @@ def _unknown_key(prefix: str, key: str, valid: list[str]) -> ConfigError:
 # other tools' spellings of a column key: data.text_column -> data.text
 _KEY_SUFFIXES = ("_column", "_col", "_field", "_key")
 
+# Other tools' names (transformers TrainingArguments, peft LoraConfig, TRL) for lorafit's keys,
+# in whatever section they are written: difflib alone gets several of them wrong.
+_OTHER_TOOLS_KEYS = {
+    "learning_rate": "train.lr",
+    "per_device_train_batch_size": "train.batch_size",
+    "train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "eval_batch_size": "eval.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "max_steps": "train.steps",
+    "num_train_epochs": "train.steps",
+    "warmup_ratio": "train.warmup",
+    "warmup_steps": "train.warmup",
+    "lr_scheduler_type": "train.schedule",
+    "optim": "train.optimizer",
+    "bf16": "train.mixed_precision",
+    "fp16": "train.mixed_precision",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.checkpoint_every",
+    "save_total_limit": "train.keep_checkpoints",
+    "early_stopping_patience": "train.early_stopping.patience",
+    "load_best_model_at_end": "train.select_best",
+    "metric_for_best_model": "train.early_stopping.metric",
+    "lora_r": "method.r",
+    "rank": "method.r",
+    "lora_alpha": "method.alpha",
+    "lora_dropout": "method.dropout",
+    "model_name_or_path": "model.name_or_path",
+    "max_seq_length": "model.max_length",
+    "dataset_name": "data.name",
+    "prompt": "data.instruction",
+    "response": "data.output",
+    "completion": "data.output",
+}
+
 
 def _misplaced_key(prefix: str, key: str) -> str | None:
     """The full key meant by a key written in the wrong section of a run config.
@@ -537,6 +576,8 @@ def _misplaced_key(prefix: str, key: str) -> str | None:
     if parts and parts[-1] not in sections:
         return None  # not directly under a run-config section (a nested key or a sweep key)
     root = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
+    if key in _OTHER_TOOLS_KEYS:
+        return f"{root}{_OTHER_TOOLS_KEYS[key]}"
     here = parts[-1] if parts else None
     names = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
     section, _, leaf = key.partition("_")

@@ -644,12 +644,16 @@ _RESPONSE_NAMES = ("response", "answer", "completion", "output", "target")
 def _sft_hint(columns: Sequence[str], cfg: DataConfig) -> str | None:
     """For data that looks like instruction tuning but lacks lorafit's SFT columns: what to set."""
     lowered = {c.lower(): c for c in columns}
+    if "conversations" in lowered:  # ShareGPT
+        return f"for chat data set data.messages={lowered['conversations']}"
     prompt = cfg.instruction if cfg.instruction in columns else None
     prompt = prompt or next((lowered[n] for n in _PROMPT_NAMES if n in lowered), None)
     response = cfg.output if cfg.output in columns else None
     response = response or next((lowered[n] for n in _RESPONSE_NAMES if n in lowered), None)
     if prompt is None:
         return None
+    if prompt == cfg.instruction and response == cfg.output:  # lorafit's SFT columns are there
+        return "this is instruction-tuning data: set model.task=causal_lm (or auto)"
     if response is None:
         return (
             f"for instruction tuning '{prompt}' needs a response column: add one, or set "
@@ -854,17 +858,36 @@ def _normalise_sft(split: _Split, cfg: DataConfig) -> Dataset:
     return Dataset.from_dict({"messages": conversations, "row": list(range(len(conversations)))})
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render
+# ShareGPT writes a turn as {"from": "human" | "gpt" | "system", "value": ...}
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def as_chat_message(message: Any) -> Any:
+    """A ShareGPT turn as a {'role', 'content'} message; anything else as given."""
+    if isinstance(message, dict) and message.get("role") is None and "from" in message:
+        speaker = str(message["from"])
+        return {"role": _SHAREGPT_ROLES.get(speaker, speaker), "content": message.get("value")}
+    return message
+
+
 def _check_messages(messages: Any, split: _Split, row: int, column: str) -> list[dict[str, str]]:
     where = f"{split.origin} row {row} column '{column}'"
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages")
     checked = []
-    for message in messages:
+    for message in map(as_chat_message, messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(
                 f"{where}: every message needs 'role' and 'content', got {str(message)[:80]!r}"
             )
-        checked.append({"role": str(message["role"]), "content": str(message["content"] or "")})
+        role = str(message["role"])
+        if role not in CHAT_ROLES:
+            raise DataError(
+                f"{where}: role {role!r} is not one of {', '.join(CHAT_ROLES)} (or ShareGPT's "
+                "'from': human / gpt / system)"
+            )
+        checked.append({"role": role, "content": str(message["content"] or "")})
     if checked[-1]["role"] != "assistant" or not checked[-1]["content"].strip():
         raise DataError(
             f"{where}: the last message must be a non-empty 'assistant' response (the training target)"
@@ -1296,6 +1319,19 @@ def _template_tail(prompt_messages: list[dict[str, str]], tokenizer: Any) -> lis
     return tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
 
 
+def fit_prompt(
+    prompt: list[int], messages: list[dict[str, str]], tokenizer: Any, budget: int
+) -> list[int]:
+    """`prompt` (the token ids of `messages` rendered) cut to `budget` tokens if longer: its head
+    (system prompt, instruction) and, room permitting, the template's tail (the assistant
+    marker). Training and `lorafit predict` cut prompts the same way."""
+    if len(prompt) <= budget:
+        return prompt
+    tail = _template_tail(messages, tokenizer)
+    keep_tail = tail if len(tail) < budget else []
+    return prompt[: budget - len(keep_tail)] + keep_tail
+
+
 def _tokenize_sft(
     conversations: list[list[dict[str, str]]], tokenizer: Any, max_length: int, split: str | None
 ) -> dict[str, list]:
@@ -1317,11 +1353,7 @@ def _tokenize_sft(
             # permitting, the template's tail, so training sees the inference format
             truncated += 1
             keep_response = min(len(response), max(max_length - len(prompt), min_response))
-            prompt_budget = max_length - keep_response
-            if len(prompt) > prompt_budget:
-                tail = _template_tail(messages[:-1], tokenizer)
-                keep_tail = tail if len(tail) < prompt_budget else []
-                prompt = prompt[: prompt_budget - len(keep_tail)] + keep_tail
+            prompt = fit_prompt(prompt, messages[:-1], tokenizer, max_length - keep_response)
             response = response[:keep_response]
         columns["input_ids"].append(prompt + response)
         columns["attention_mask"].append([1] * (len(prompt) + len(response)))

@@ -79,8 +79,9 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
 
 
 def append_jsonl(path: str | Path, obj: Any) -> None:
-    """Append one JSON line; a single write + fsync so a crash loses at most that line."""
-    line = json.dumps(obj, default=_json_default) + "\n"
+    """Append one strict JSON line (NaN -> null, as write_json); a single write + fsync so a
+    crash loses at most that line."""
+    line = json.dumps(_nan_to_null(obj), default=_json_default, allow_nan=False) + "\n"
     with open(path, "a") as fh:
         fh.write(line)
         fh.flush()

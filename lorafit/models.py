@@ -276,6 +276,8 @@ def load_base_model(
         # the temporary folder is gone: saved configs (PEFT's base_model_name_or_path) name the source
         model.name_or_path = model.config._name_or_path = source.path
         return model
+    if task == "causal_lm" and not source.gguf_file:  # a GGUF file holds a decoder
+        _check_decoder(model_cfg, source, kwargs)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = device_map or {"": _quantization_device()}
@@ -287,6 +289,23 @@ def load_base_model(
         _clear_gguf_quantizer(model)
         model.to(dtype)
     return model
+
+
+def _check_decoder(model_cfg: ModelConfig, source: ModelSource, kwargs: dict[str, Any]) -> None:
+    """Refuse an encoder for causal-LM SFT before its weights load: transformers would give BERT a
+    fresh LM head (a load report of missing keys) and SFT would fail later on the tokenizer."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error("config", source, e) from None
+    if not is_decoder_only(config):
+        raise ConfigError(
+            f"model.name_or_path={model_cfg.name_or_path} is an encoder ({config.model_type}), and "
+            "this is causal-LM instruction tuning (model.task, or instruction/output or messages "
+            "columns in the data); use a decoder such as model.name_or_path=smollm2"
+        )
 
 
 # Encoders whose position ids start after the padding index: RoBERTa has 514 positions, 512 usable.

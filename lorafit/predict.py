@@ -178,8 +178,7 @@ class Predictor:
         chosen = self._select(adapter)
         if not inputs:
             raise DataError("no inputs to predict")
-        if batch_size < 1:
-            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        check_options(batch_size, max_new_tokens, temperature)
         where = list(origins) if origins is not None else [f"input {i}" for i in range(len(inputs))]
         if chosen.loaded.task == "classification":
             text_pair = chosen.loaded.meta.get("text_pair")
@@ -188,6 +187,20 @@ class Predictor:
         prompts = [_generation_input(x, w) for x, w in zip(inputs, where)]
         return _generate(
             chosen, prompts, batch_size, max_new_tokens, temperature, progress, self.device
+        )
+
+
+def check_options(batch_size: int, max_new_tokens: int, temperature: float) -> None:
+    """Refuse option values that cannot work, before any model loads (CLI) or runs."""
+    if batch_size < 1:
+        raise DataError(f"batch size (--batch-size) must be at least 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise DataError(
+            f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}"
+        )
+    if not temperature >= 0:  # NaN too
+        raise DataError(
+            f"temperature (--temperature) must be 0 (greedy) or positive, got {temperature}"
         )
 
 
@@ -309,14 +322,16 @@ def _generate(
 ) -> list[dict[str, Any]]:
     loaded = chosen.loaded
     tokenizer, max_length = loaded.tokenizer, loaded.max_length
-    prompts = [
-        D._render_prompt([{"role": "user", "content": x}] if isinstance(x, str) else x, tokenizer)
-        for x in inputs
-    ]
+    conversations = [[{"role": "user", "content": x}] if isinstance(x, str) else x for x in inputs]
+    prompts = [D._render_prompt(messages, tokenizer) for messages in conversations]
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    # Keep the end of an over-long prompt: it holds the question and the assistant turn marker.
-    _warn_truncated(sum(len(ids) > max_length for ids in encoded), len(encoded), max_length, "end")
-    encoded = [ids[-max_length:] for ids in encoded]
+    # Cut an over-long prompt as training did: its head and the assistant turn marker.
+    kept = "the head and the assistant marker, as in training"
+    _warn_truncated(sum(len(ids) > max_length for ids in encoded), len(encoded), max_length, kept)
+    encoded = [
+        D.fit_prompt(ids, messages, tokenizer, max_length)
+        for ids, messages in zip(encoded, conversations)
+    ]
     pad_id = tokenizer.pad_token_id
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_k": 0}
@@ -424,8 +439,10 @@ def _text(value: Any, where: str) -> str:
 
 def _prompt_messages(messages: Any, where: str) -> list[dict[str, str]]:
     """Chat messages to answer; a trailing assistant message (a reference answer) is dropped."""
+    if isinstance(messages, list):
+        messages = [D.as_chat_message(m) for m in messages]
     valid = isinstance(messages, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        isinstance(m, dict) and m.get("role") in D.CHAT_ROLES and isinstance(m.get("content"), str)
         for m in messages
     )
     if valid and messages and messages[-1]["role"] == "assistant":
@@ -761,6 +778,7 @@ def parse_model_dirs(values: Iterable[str]) -> dict[str, str]:
 def predict_cli(args: Any) -> int:
     """`lorafit predict DIR [NAME=DIR ...] --input FILE|- --output FILE|-`."""
     sources = parse_model_dirs(args.model_dir)
+    check_options(args.batch_size, args.max_new_tokens, args.temperature)
     if args.adapter is not None:
         adapter_name(args.adapter, list(sources))  # an unknown name fails before any work
     if args.label_column and args.input == "-":

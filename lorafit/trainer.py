@@ -659,6 +659,12 @@ class Trainer:
             unit="step",
         )
         with progress as bar:  # closed on errors too
+            if self.start_step == 0:
+                # Step 0: where the gap starts, and what training has to beat (the frozen body
+                # with a fitted head under contrastive; the base model's loss for a causal LM).
+                # In a forked RNG: the loaders' seed draws must not shift training's dropout.
+                with torch.random.fork_rng(devices=_cuda_devices()):
+                    self._evaluate_and_select(0, self.scheduler.get_last_lr()[0], 0.0, select=False)
             for step in range(self.start_step + 1, last_step + 1):
                 lr = self.scheduler.get_last_lr()[0]
                 micro_batches = [
@@ -731,15 +737,16 @@ class Trainer:
         finally:
             _copy_into(self.trainable, saved)
 
-    def _evaluate_and_select(self, step: int, lr: float, elapsed: float) -> bool:
-        """Evaluate train sample + validation, log the gap, track the best; True = stop now."""
+    def _evaluate_and_select(self, step: int, lr: float, elapsed: float, select=True) -> bool:
+        """Evaluate train sample + validation, log the gap, track the best (unless `select` is
+        False: the untrained step 0 is logged, never kept); True = stop now."""
         tc = self.cfg.train
         self._fit_head()
         train_eval = self._train_sample_metrics()
         val = self._evaluate(self.validation_loader).metrics
         metric = self.selection.metric
         gap = _metric_gap(train_eval, val, metric)
-        improved = self.selection.update(step, val[metric], val["loss"])
+        improved = select and self.selection.update(step, val[metric], val["loss"])
         if improved:
             self.best_weights = self._snapshot()
         row = {
@@ -765,7 +772,8 @@ class Trainer:
         )
         patience = tc.early_stopping.patience
         return (
-            patience is not None
+            select
+            and patience is not None
             and step >= tc.early_stopping.min_steps
             and self.selection.evals_since_best >= patience
         )
@@ -830,6 +838,7 @@ class Trainer:
             )
 
         rows = read_jsonl(self.run.metrics) if self.is_main else []
+        start_row = next((r for r in rows if r["step"] == 0), None)  # None when resumed past it
         best_row = next((r for r in rows if r["step"] == self.selection.best_step), None)
         last_row = rows[-1] if rows else None
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -857,6 +866,7 @@ class Trainer:
             "test": {**test.metrics, "ci": ci, "ci_level": cfg.eval.ci_level},
             "test_per_class": {k: v.tolist() for k, v in test.arrays.items()},
             "train_sample_at_selected": final_train,
+            "validation_at_start": start_row["validation"] if start_row else None,
             "best_validation": best_row["validation"] if best_row else None,
             # validation of the weights that were tested (the last step's under a fixed budget)
             "validation_at_selected": selected_row["validation"] if selected_row else None,
@@ -1097,6 +1107,10 @@ def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
                 module.enable_input_require_grads()
             return
     raise ConfigError("train.gradient_checkpointing=true but this model does not support it")
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 @torch.no_grad()

@@ -107,6 +107,20 @@ def test_unknown_option_is_still_refused(capsys):
     assert "unrecognized arguments: --nope" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["--steps", "5"], "train.steps=5"),
+        (["--learning-rate=1e-4"], "train.lr=1e-4"),
+        (["--max_length", "64"], "model.max_length=64"),
+    ],
+)
+def test_an_option_spelled_like_a_setting_gets_its_override(capsys, argv, hint):
+    assert run_cli(["train", "c.yaml", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"settings are key=value overrides: {hint}" in err
+
+
 # -- printed summary -----------------------------------------------------------------------------
 
 
@@ -170,6 +184,22 @@ def test_classification_summary_gap_is_train_minus_test(capsys):
     unscaled = {**calibration, "temperature": 1.0}  # the fit asked for no softening
     cli._print_summary({**summary, "calibration": unscaled}, "runs/x")
     assert "calibrated" not in capsys.readouterr().out
+
+
+def test_summary_prints_validation_before_and_after_training(capsys):
+    test = {"accuracy": 0.7, "f1_macro": 0.7, "ece": 0.1, "nll": 0.6}
+    fields = dict(selection_metric="f1_macro", selected="last", stopped_at_step=200)
+    summary = _summary("classification", test, {}, **fields)
+    cli._print_summary(summary, "runs/x")
+    assert "trained:" not in capsys.readouterr().out  # resumed past step 0, or an older run
+    start, tested = {"f1_macro": 0.61, "accuracy": 0.5}, {"f1_macro": 0.74, "accuracy": 0.9}
+    cli._print_summary(
+        {**summary, "validation_at_start": start, "validation_at_selected": tested}, "runs/x"
+    )
+    assert (
+        "trained:    validation f1_macro 0.6100 at step 0 -> 0.7400 "
+        "(weights of the last step 200, a fixed budget)"
+    ) in capsys.readouterr().out
 
 
 def test_a_missing_cpp_core_is_a_one_line_error(tmp_path):

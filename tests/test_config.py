@@ -39,6 +39,12 @@ def test_yaml_and_overrides(tmp_path):
         (["method.name=lorra"], "method.name='lorra' is not a known method; did you mean 'lora'?"),
         (["train.output_dir=x"], "did you mean 'output.dir'"),
         (["data.text_column=review"], "did you mean 'data.text'"),
+        (["method.lora_r=4"], "did you mean 'method.r'"),
+        (["train.per_device_train_batch_size=4"], "did you mean 'train.batch_size'"),
+        (["train.gradient_accumulation_steps=2"], "did you mean 'train.grad_accum'"),
+        (["train.learning_rate=1e-4"], "did you mean 'train.lr'"),
+        (["train.bf16=true"], "did you mean 'train.mixed_precision'"),
+        (["data.response=answer"], "did you mean 'data.output'"),
         (["train.steps=-3"], "train.steps=-3 must be > 0"),
         (["train.steps=abc"], "train.steps must be an integer"),
         (["method.dropout=1.5"], "method.dropout"),
@@ -187,3 +193,13 @@ def test_calibration_means_temperature_for_classification_only():
         calibration_for(TrainConfig(calibration="temperature"), "causal_lm")
     with pytest.raises(ConfigError, match="train.calibration"):
         TrainConfig(calibration="platt")
+
+
+def test_other_tools_key_names_point_at_real_keys():
+    from lorafit.config import _OTHER_TOOLS_KEYS
+
+    for theirs, ours in _OTHER_TOOLS_KEYS.items():
+        node = RunConfig()
+        for part in ours.split("."):
+            assert hasattr(node, part), f"{theirs} -> {ours}: no {part}"
+            node = getattr(node, part)

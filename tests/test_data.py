@@ -900,6 +900,29 @@ def test_sft_bad_records(tmp_path: Path) -> None:
     assert f"{chat} row 0 column 'messages': the last message must be" in _error(
         DataConfig(path=str(chat)), "causal_lm"
     )
+    turns = [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chat = _write(tmp_path / "sharegpt_roles.jsonl", [{"messages": turns}] * 3)
+    assert "row 0 column 'messages': role 'human' is not one of system, user" in _error(
+        DataConfig(path=str(chat)), "causal_lm"
+    )
+
+
+def test_sharegpt_conversations_train_as_chat_messages(tmp_path: Path) -> None:
+    turns = [
+        {"from": "system", "value": "be brief"},
+        {"from": "human", "value": "hi"},
+        {"from": "gpt", "value": "hello"},
+    ]
+    path = _write(tmp_path / "sharegpt.jsonl", [{"conversations": turns}] * 12)
+    assert "for chat data set data.messages=conversations" in _error(DataConfig(path=str(path)))
+    cfg = DataConfig(path=str(path), messages="conversations")
+    assert data_module.infer_task(cfg) == "causal_lm"
+    first = data_module.load_task_data(cfg, "causal_lm").train[0]["messages"]
+    assert first == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
 
 
 def test_k_shot_ignores_a_given_validation_split(tmp_path: Path) -> None:
@@ -1140,6 +1163,9 @@ def test_instruction_data_errors_point_at_the_sft_fields(tmp_path: Path) -> None
     assert message.endswith(
         "for instruction tuning set data.instruction=prompt data.output=response"
     )
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+    message = _error(DataConfig(path=str(_write(tmp_path / "alpaca.jsonl", rows))))  # task given
+    assert message.endswith("this is instruction-tuning data: set model.task=causal_lm (or auto)")
     rows = [{"instruction": f"q{i}", "input": f"x{i}"} for i in range(10)]
     path = _write(tmp_path / "no_output.jsonl", rows)
     assert "'instruction' needs a response column" in _error(DataConfig(path=str(path)))

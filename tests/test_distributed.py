@@ -181,7 +181,7 @@ def test_ddp_full_finetuning_converges_with_equal_weights_on_both_ranks(trained)
     assert summary["train_sample_at_selected"]["accuracy"] >= 0.9
     assert summary["test"]["accuracy"] >= 0.75
     rows = read_jsonl(trained["runs"]["full"] / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert [r["step"] for r in rows] == [0, 10, 20, 30, 40]
     assert rows[-1]["train"]["loss"] < rows[0]["train"]["loss"]
     # both ranks computed the same test metrics (gathered, exact)
     assert ranks[0]["test"] == ranks[1]["test"]

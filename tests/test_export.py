@@ -444,6 +444,30 @@ def test_causal_lm_generation_greedy(llama_export):
     assert first == [{"generation": text}]
 
 
+def test_an_over_long_prompt_is_cut_as_training_cuts_it(llama_export, caplog):
+    from lorafit import data as D
+
+    loaded = load(llama_export)
+    tokenizer, max_length = loaded.tokenizer, loaded.max_length
+    messages = [{"role": "user", "content": "Summarise: " + " ".join(["word"] * 4 * max_length)}]
+    prompt = D._render_prompt(messages, tokenizer)
+    full = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tail = D._template_tail(messages, tokenizer)
+    assert len(full) > max_length and tail  # the template's end: the assistant marker
+    cut = D.fit_prompt(full, messages, tokenizer, max_length)
+    assert len(cut) == max_length and cut[-len(tail) :] == tail
+    assert cut[: max_length - len(tail)] == full[: max_length - len(tail)]  # "Summarise:" kept
+    # predict generates from exactly that cut
+    expected = loaded.model.generate(
+        input_ids=torch.tensor([cut]), max_new_tokens=3, do_sample=False
+    )
+    text = tokenizer.decode(expected[0, len(cut) :], skip_special_tokens=True)
+    with caplog.at_level(logging.WARNING, logger="lorafit.predict"):
+        result = Predictor(llama_export).predict([messages[0]["content"]], max_new_tokens=3)
+    assert result == [{"generation": text}]
+    assert "the head and the assistant marker, as in training" in caplog.text
+
+
 @pytest.mark.parametrize("name", ["prefix_tuning", "prompt_tuning"])
 def test_prompt_learning_generation_in_batches_equals_one_at_a_time(tiny_llama_path, work, name):
     torch.manual_seed(0)
@@ -657,12 +681,22 @@ def test_predict_refuses_missing_or_empty_text(cls_export, work, capsys):
 
 
 def test_malformed_chat_messages_are_one_line_errors(work):
-    for messages in (["hi"], [], [{"role": "assistant", "content": "x"}], "hi", [{"role": "user"}]):
+    human = [{"role": "human", "content": "hi"}]  # ShareGPT's role name
+    for messages in (
+        ["hi"],
+        [],
+        [{"role": "assistant", "content": "x"}],
+        "hi",
+        [{"role": "user"}],
+        human,
+    ):
         path = work / "messages.jsonl"
         path.write_text(json.dumps({"messages": messages}) + "\n")
         with pytest.raises(DataError, match=r"messages.jsonl line 1 column 'messages': .*'role'"):
             read_inputs(path)
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert read_inputs(path)[0]["input"] == [{"role": "user", "content": "hi"}]
+    path.write_text(json.dumps({"messages": [{"from": "human", "value": "hi"}]}) + "\n")  # ShareGPT
     assert read_inputs(path)[0]["input"] == [{"role": "user", "content": "hi"}]
 
 
@@ -806,6 +840,23 @@ def test_bad_device_is_a_one_line_error(cls_export, work, capsys):
     cuda = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
     line = _cli_error([*argv, "--device", cuda], capsys)
     assert f"--device '{cuda}'" in line and "CUDA" in line
+
+
+@pytest.mark.parametrize(
+    "option, value, named",
+    [
+        ("--batch-size", "0", "--batch-size"),
+        ("--max-new-tokens", "0", "--max-new-tokens"),
+        ("--temperature", "-1", "--temperature"),
+        ("--temperature", "nan", "--temperature"),
+    ],
+)
+def test_bad_generation_options_fail_before_any_model_loads(work, capsys, option, value, named):
+    (work / "options.txt").write_text("fine\n")
+    missing = work / "no_such_package"  # nothing is loaded: the option is checked first
+    argv = ["predict", str(missing), "--input", str(work / "options.txt"), option, value]
+    line = _cli_error(argv, capsys)
+    assert named in line and value in line.replace("-1.0", "-1")
 
 
 def test_exporting_a_runs_adapter_folder_keeps_its_provenance(cls_run, cls_export, work):

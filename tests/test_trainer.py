@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lorafit.config import SELECTION_METRICS, TrainConfig, load_config
 from lorafit.errors import ConfigError, TrainingError
-from lorafit.io import read_jsonl
+from lorafit.io import append_jsonl, read_jsonl
 from lorafit.rundir import plot_learning_curve
 from lorafit.trainer import Selection, StepBatchSampler, Trainer, train
 
@@ -109,7 +109,7 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
     assert (out / "adapter" / "tokenizer.json").is_file()  # shipped, but not the adapter's size
     assert summary["adapter_bytes"] == weights
     rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [4, 8, 12]
+    assert [r["step"] for r in rows] == [0, 4, 8, 12]
     for r in rows:
         assert set(r["train"]) >= {"loss", "accuracy", "ece"}
         assert set(r["validation"]) >= set(SELECTION_METRICS["classification"])
@@ -126,7 +126,8 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
     )
     assert summary["validation_at_selected"] == selected_row["validation"]
     assert 0 < summary["eval_time_s"] < summary["wall_time_s"]
-    assert summary["best_step"] in (4, 8, 12)
+    assert summary["best_step"] in (4, 8, 12)  # step 0 is logged, never selected
+    assert rows[0]["best"] is False and summary["validation_at_start"] == rows[0]["validation"]
     lo, hi = summary["test"]["ci"]["accuracy"]
     assert lo <= summary["test"]["accuracy"] <= hi
     assert 0 < summary["trainable_params"] < summary["total_params"]
@@ -471,6 +472,18 @@ def test_every_gap_grows_when_the_model_memorises():
         assert gap[metric] > 0 and gap["loss"] > 0 and gap["accuracy"] > 0
 
 
+def test_metrics_lines_are_strict_json(tmp_path):
+    # AUROC with one class in a validation batch is NaN; jq and JSON.parse refuse a bare NaN.
+    path = tmp_path / "metrics.jsonl"
+    append_jsonl(path, {"step": 4, "validation": {"auroc": float("nan"), "loss": np.float32(0.5)}})
+    append_jsonl(path, {"step": 8, "validation": {"auroc": float("inf"), "loss": 0.25}})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in text.splitlines()]
+    assert rows[0]["validation"] == {"auroc": None, "loss": 0.5}
+    assert rows[1]["validation"]["auroc"] is None
+
+
 def test_early_stopping_metric_of_another_task_fails_before_training(tiny_llama_path, tmp_path):
     path = tmp_path / "sft.json"
     path.write_text(json.dumps([{"instruction": f"say {i}", "output": f"{i}"} for i in range(20)]))
@@ -492,6 +505,23 @@ def test_early_stopping_metric_of_another_task_fails_before_training(tiny_llama_
         "['auto', 'loss', 'perplexity', 'top1_accuracy', 'top5_accuracy']"
     )
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_sft_refuses_an_encoder_and_rdrop_before_loading_weights(
+    tiny_llama_path, tiny_bert_path, tmp_path, capsys
+):
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps([{"instruction": f"say {i}", "output": f"{i}"} for i in range(20)]))
+    common = [f"data.path={path}", f"output.dir={tmp_path / 'run'}", "output.report_to=[]"]
+    with pytest.raises(ConfigError, match="train.rdrop applies to classification"):
+        train(
+            load_config(None, [f"model.name_or_path={tiny_llama_path}", "train.rdrop=0.5", *common])
+        )
+    with pytest.raises(ConfigError) as info:
+        train(load_config(None, [f"model.name_or_path={tiny_bert_path}", *common]))
+    assert f"model.name_or_path={tiny_bert_path} is an encoder (bert)" in str(info.value)
+    assert "model.name_or_path=smollm2" in str(info.value)
+    assert "LOAD REPORT" not in capsys.readouterr().out  # refused before any weights load
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_bert_path, sentiment_dir, tmp_path):
@@ -748,7 +778,7 @@ def test_a_run_trains_the_raised_budget_and_saves_the_settings_as_given(
     assert "budget: 12 steps, train.steps=2 raised to cover" in capsys.readouterr().out
     assert summary["steps"] == summary["stopped_at_step"] == 12
     rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [4, 8, 12] and rows[-1]["epoch"] == 3
+    assert [r["step"] for r in rows] == [0, 4, 8, 12] and rows[-1]["epoch"] == 3
     assert rows[-1]["lr"] < rows[0]["lr"]  # the schedule decays over the 12 steps, not 2
     saved = load_config(out / "config.yaml")
     assert (saved.train.steps, saved.train.min_passes) == (2, 3)
