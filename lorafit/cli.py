@@ -299,7 +299,9 @@ def _print_summary(summary: dict, run_dir: str) -> None:
         f"cost:       {summary['trainable_params']:,} trainable of {summary['total_params']:,} params, "
         f"{summary['wall_time_s']:.0f}s, peak {summary['peak_memory_mb']:.0f} MB"
     )
-    lines.append(f"plot:       {os.path.join(run_dir, 'learning_curve.png')}")
+    plot = os.path.join(run_dir, "learning_curve.png")
+    if os.path.exists(plot):  # output.plot=false writes none
+        lines.append(f"plot:       {plot}")
     print("\n".join(lines))
 
 
@@ -356,6 +358,13 @@ def _override_hint(extra: list[str]) -> str:
     return f"; settings are key=value overrides: {key}={value or '...'}"
 
 
+_RESUME_HINTS = {
+    "train": "resume with train.resume=true",
+    "compare": "run the same command again: finished runs are kept and interrupted ones "
+    "resume from their last checkpoints",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -364,7 +373,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lorafit: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("lorafit: interrupted; resume with train.resume=true", file=sys.stderr)
+        print(
+            f"lorafit: interrupted; {_RESUME_HINTS.get(args.command, '')}".rstrip("; "),
+            file=sys.stderr,
+        )
         sys.exit(130)
     if "torch.distributed" in sys.modules:  # the command used torch (`lorafit config` does not)
         from lorafit.distributed import leave_process_group

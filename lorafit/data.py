@@ -358,11 +358,24 @@ def _unused_files_note(cfg: DataConfig) -> str | None:
     )
     if not unused:
         return None
-    names = ", ".join(f"{r}_split={n!r}" for r, n in _split_names(cfg).items())
-    stem = Path(unused[0]).stem
+    split_names = _split_names(cfg)
+    names = ", ".join(f"{r}_split={n!r}" for r, n in split_names.items())
+    stems = [Path(name).stem for name in unused]
+    found = _split_files(folder, cfg)
+    # a split name with no file, close to an unused file's name: most likely a typo
+    typos = [
+        (role, close[0])
+        for role, name in split_names.items()
+        if role not in found and (close := difflib.get_close_matches(name, stems, n=1, cutoff=0.5))
+    ]
+    fix = (
+        "; ".join(f"data.{role}_split={stem} to use it as the {role} split" for role, stem in typos)
+        if typos
+        else f"to use it, e.g. as validation, set data.validation_split={stems[0]}"
+    )
     return (
         f"{folder}: {', '.join(unused)} not used (no split name matches the file name: data.{names}); "
-        f"to use it, e.g. as validation, set data.validation_split={stem}"
+        f"{'set ' if typos else ''}{fix}"
     )
 
 

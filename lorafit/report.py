@@ -439,11 +439,12 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
     cfg = sweep.config
     metric, level = cfg.metric, _pct_text(cfg.ci_level)
     counts = {s: sum(r["status"] == s for r in rows) for s in _STATUSES}
-    kept = sum(r["selected"] for r in rows)
+    finished = [r for r in rows if r["status"] != "pending"]
+    kept = sum(r["selected"] for r in finished)
     grid_note = (
-        f" The tables keep {kept} of them, per method, K and seed the grid point best on "
-        "validation."
-        if kept < len(rows)
+        f" The tables keep {kept} of the {len(finished)} finished runs, per method, K and seed "
+        "the grid point best on validation."
+        if kept < len(finished)
         else ""
     )
     # each run's bootstrap CI has the run's own level (eval.ci_level), whatever sweep.ci_level is
@@ -521,8 +522,9 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         f"p-values (of the {cfg.paired_test} test) control the family-wise error rate. "
         "Read a difference as significant at 5% only if p (Holm) < 0.05.",
         "- **Failed runs** (validation accuracy of the tested weights at or below the "
-        "majority-class rate of the validation set, Mosbach et al. 2021) and crashed runs, of "
-        "every grid point, are listed below and are not in the means.",
+        "majority-class rate of the validation set, Mosbach et al. 2021) of the kept grid "
+        "points, and crashed runs of every grid point, are listed below and are not in the "
+        "means.",
         "",
         "## Cost",
         "",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import itertools
 import json
@@ -37,7 +38,7 @@ from typing import Any, NamedTuple, Union
 import yaml
 
 from lorafit.config import RunConfig, _f, _unknown_key, apply_overrides, from_dict, load_yaml
-from lorafit.errors import ConfigError
+from lorafit.errors import ConfigError, LorafitError
 from lorafit.io import write_json, write_text
 from lorafit.rundir import RunDir, changed_settings, read_summary
 
@@ -203,7 +204,11 @@ def build_sweep(data: dict[str, Any]) -> Sweep:
             raise ConfigError(f"sweep.methods.{name} must be a mapping of run config sections")
         entry.setdefault("method", {}).setdefault("name", name)
         _check_not_owned(entry, f"sweep.methods.{name}")
-        from_dict(RunConfig, entry, prefix=f"sweep.methods.{name}.")
+        try:
+            from_dict(RunConfig, entry, prefix=f"sweep.methods.{name}.")
+        except ConfigError as e:  # a bad value names its run-config key: say where it is set
+            where = f"sweep.methods.{name}"
+            raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         methods[name] = entry
     cfg.methods = methods
     cfg.grid = {name: _parse_grid(name, grid) for name, grid in cfg.grid.items()}
@@ -352,7 +357,12 @@ def run_status(run: Run, state: SweepState) -> str:
                     f"has ({'; '.join(changed[:3])}); restore them or choose a new sweep.dir"
                 )
         return "completed"
-    return "crashed" if state.get(run).get("status") == "crashed" else "pending"
+    recorded = state.get(run)
+    if recorded.get("status") != "crashed":
+        return "pending"
+    # a crash under other settings (a config mistake since fixed) is not this run's result
+    same = recorded.get("config_sha256") in (None, run.config.fingerprint())
+    return "crashed" if same else "pending"
 
 
 def execute(
@@ -391,7 +401,11 @@ def execute(
         slots.put(slot)
     devices = _worker_devices()
 
+    stopping = threading.Event()  # Ctrl-C: launch nothing more
+
     def work(run: Run) -> Outcome:
+        if stopping.is_set():
+            return Outcome(False, "not started: the sweep was interrupted", 0.0)
         slot = slots.get()
         name = run.id.replace("/", "__")
         try:
@@ -400,7 +414,13 @@ def execute(
             with _run_lock(sweep.dir / "locks" / f"{name}.lock", run) as lock_fd:
                 if RunDir(run.dir).is_complete():  # it finished meanwhile
                     return Outcome(True, None, 0.0)
-                state.record(run, status="running", error=None, started=time.time())
+                state.record(
+                    run,
+                    status="running",
+                    error=None,
+                    started=time.time(),
+                    config_sha256=run.config.fingerprint(),
+                )
                 config_path = sweep.dir / "configs" / f"{name}.yaml"
                 log_path = sweep.dir / "logs" / f"{name}.log"
                 _prepare_run_dir_for_launch(run)
@@ -413,6 +433,8 @@ def execute(
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 env = _worker_env(slot, sweep.config.workers, devices)
                 env[LOCK_FD_VARIABLE] = str(lock_fd)
+                if stopping.is_set():
+                    return Outcome(False, "not started: the sweep was interrupted", 0.0)
                 return launch(run, config_path, log_path, env)
         finally:
             slots.put(slot)
@@ -420,7 +442,8 @@ def execute(
     done_before = len(sweep.runs) - len(todo)
     bar = tqdm(total=len(sweep.runs), initial=done_before, desc="compare", disable=not progress)
     bar.set_postfix_str(f"{len(todo)} to run, {sweep.config.workers} worker(s)")
-    with ThreadPoolExecutor(max_workers=sweep.config.workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=sweep.config.workers)
+    try:
         futures = {}
         earlier_seconds = {}  # process time of the launches a resumed run continues
         for run in todo:
@@ -449,7 +472,17 @@ def execute(
             bar.set_postfix_str(f"{run.id}: {'ok' if done else 'CRASHED'}")
             if not done:
                 bar.write(f"lorafit compare: {run.id} crashed: {error}")
-    bar.close()
+    except KeyboardInterrupt:
+        # Launch nothing more, and stop the trainings in flight (a Ctrl-C in a terminal reaches
+        # them too; `kill -INT` of the sweep does not). Their runs stay "running" in state.json,
+        # which a rerun of the same command resumes from their last checkpoints.
+        stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        interrupt_children()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
     return counts
 
 
@@ -495,8 +528,11 @@ def _resumes(run: Run) -> bool:
 
 
 def _prepare_run_dir_for_launch(run: Run) -> None:
-    """Continue from the newest checkpoint; a folder without one holds nothing worth keeping."""
-    if run.dir.exists() and not _resumes(run):
+    """Continue from the newest checkpoint; a folder without one, or trained with other
+    settings (a crash before the config was fixed), holds nothing worth keeping."""
+    if not run.dir.exists():
+        return
+    if not _resumes(run) or changed_settings(run.dir, run.config):
         shutil.rmtree(run.dir)
 
 
@@ -564,6 +600,21 @@ def die_with_sweep() -> None:
         sys.exit(1)
 
 
+# The trainings `launch_subprocess` has running, for `interrupt_children`.
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+def interrupt_children() -> None:
+    """SIGINT to every running training this process launched: each stops as after a Ctrl-C,
+    its last checkpoint on disk."""
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGINT)
+
+
 def launch_subprocess(run: Run, config_path: Path, log_path: Path, env: dict) -> Outcome:
     """`python -m lorafit train CONFIG` with its output in the log; the error is its last line."""
     start = time.perf_counter()
@@ -571,13 +622,21 @@ def launch_subprocess(run: Run, config_path: Path, log_path: Path, env: dict) ->
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} lorafit train {config_path}\n")
         log.flush()
         lock = env.get(LOCK_FD_VARIABLE)
-        code = subprocess.call(
+        child = subprocess.Popen(
             [sys.executable, "-m", "lorafit", "train", str(config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**env, PARENT_PID_VARIABLE: str(os.getpid())},
             pass_fds=(int(lock),) if lock else (),
+            start_new_session=True,  # a terminal's Ctrl-C reaches the sweep, which forwards one
         )
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(child)
+        try:
+            code = child.wait()
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(child)
     seconds = time.perf_counter() - start
     if code == 0:
         return Outcome(True, None, seconds)
@@ -638,7 +697,7 @@ def run_compare(
             return CompareResult(sweep.dir / "report.md", [])
         sweep.config.workers = max(sweep.config.workers, world)
     if not report_only:
-        _refuse_causal_lm(sweep)
+        _check_data(sweep)
     elif not any(RunDir(run.dir).is_complete() for run in sweep.runs):
         raise ConfigError(
             f"--report-only: no run of this sweep has finished in {sweep.dir} (sweep.dir); "
@@ -647,14 +706,14 @@ def run_compare(
     state = SweepState(sweep.dir / "state.json")
     for run in sweep.runs:
         run_status(run, state)  # refuses finished runs made with other settings: before any write
-    write_text(
-        sweep.dir / "sweep.yaml",
-        f"# lorafit compare {shlex.quote(str(sweep.dir / 'sweep.yaml'))} --report-only\n"
-        + yaml.safe_dump(
-            {"sweep": _plain(sweep.config), "base": sweep.base}, sort_keys=False, width=100
-        ),
-    )
-    if not report_only:
+    if not report_only:  # a --report-only what-if (other seeds, a metric) leaves the record alone
+        write_text(
+            sweep.dir / "sweep.yaml",
+            f"# lorafit compare {shlex.quote(str(sweep.dir / 'sweep.yaml'))} --report-only\n"
+            + yaml.safe_dump(
+                {"sweep": _plain(sweep.config), "base": sweep.base}, sort_keys=False, width=100
+            ),
+        )
         execute(sweep, retry_failed=retry_failed, launch=launch)
     path = report.write_report(sweep)
     print(f"report: {path}")
@@ -663,24 +722,39 @@ def run_compare(
     return CompareResult(path, crashed)
 
 
-def _refuse_causal_lm(sweep: Sweep) -> None:
-    """The report ranks methods by a classification metric: refuse SFT runs before training
-    (data that is local; a hub dataset's task is known once its runs finish: the report refuses)."""
-    from lorafit.data import infer_task, looks_local
+def _check_data(sweep: Sweep) -> None:
+    """Load each distinct data setting of the grid once (one seed per K) before training, so a
+    wrong column, a K the data cannot give or SFT data is one error, not a crash per run; its
+    warnings (an unused test file, leakage) print here, in the sweep's own output. Hub datasets
+    are left to the runs (no download up front)."""
+    from lorafit.data import infer_task, load_task_data, looks_local
 
     checked = set()
     for run in sweep.runs:
         task, data = run.config.model.task, run.config.data
-        # what infer_task reads; the grid's K and seeds do not change it
-        decides = (task, data.path, data.name, data.delimiter, data.train_split)
-        decides += (data.messages, data.instruction, data.output)
+        if data.path is None or not looks_local(data.path):
+            continue
+        # the seed changes which rows are drawn, not whether they can be
+        setting = dataclasses.asdict(dataclasses.replace(data, seed=0))
+        decides = json.dumps([task, setting], sort_keys=True, default=str)
         if decides in checked:
             continue
         checked.add(decides)
-        if task == "auto" and data.path is not None and looks_local(data.path):
-            task = infer_task(data)
+        try:
+            task = infer_task(data) if task == "auto" else task
+            if task != "causal_lm":
+                load_task_data(data, task)
+        except LorafitError as e:
+            raise ConfigError(f"{run.id}: {_sweep_keys(str(e))}") from None
         if task == "causal_lm":
             raise causal_lm_error(sweep, run.id)
+
+
+def _sweep_keys(message: str) -> str:
+    """A run's data error in the sweep's own keys: data.k_shot is sweep.k_shots, data.x base.data.x."""
+    message = re.sub(r"(?<![\w.])data\.k_shot_unit\b", "sweep.k_shot_unit", message)
+    message = re.sub(r"(?<![\w.])data\.k_shot\b", "sweep.k_shots", message)
+    return re.sub(r"(?<![\w.])data\.(?!k_shot)(\w+)", r"base.data.\1", message)
 
 
 def causal_lm_error(sweep: Sweep, run_id: str) -> ConfigError:

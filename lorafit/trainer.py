@@ -705,7 +705,10 @@ class Trainer:
                     )
                     break
         self.train_seconds = time.perf_counter() - start_time
-        self.examples_per_s = examples_seen / max(self.train_seconds, 1e-9)
+        # None when this launch trained no step (resumed from the last step's checkpoint)
+        self.examples_per_s = (
+            examples_seen / max(self.train_seconds, 1e-9) if examples_seen else None
+        )
         self.stopped_at = step
         return self.finish()
 

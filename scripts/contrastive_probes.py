@@ -11,6 +11,9 @@
     python scripts/contrastive_probes.py augment --datasets sst2 mr
     python scripts/contrastive_probes.py label_prompts --datasets sst2 mr
     python scripts/contrastive_probes.py setfit_pairs --datasets sst2 mr
+    python scripts/contrastive_probes.py bitfit --datasets sst2 mr
+    python scripts/contrastive_probes.py end_to_end --datasets sst2 mr
+    python scripts/contrastive_probes.py simcse --datasets sst2 mr
 
 `head`: the frozen MiniLM body, and the fitted head alone varied: logistic regression with
 C = 1/l2 in {0.01, 0.1, 1, 10, 100}, on raw or L2-normalised embeddings. Asks whether the head
@@ -55,6 +58,22 @@ other-label example, batches of 16 pairs, the same cosine-MSE loss. `full-setfit
 are SetFit's defaults (20 rounds, one epoch: 80 steps at K=16 x 2; lr 2e-5 for the full body);
 `full-200` / `lora-200` keep lorafit's 200 steps and learning rates. Asks whether the pair
 sampling of the prototype that led to the contrastive default explains its larger gain.
+
+`bitfit`: the contrastive recipe with only the encoder's biases trained (BitFit, Ben Zaken et al.
+2022; 0.1% of MiniLM's weights) at lr 1e-3 and 3e-3, everything else the full-FT defaults. Asks
+whether a much smaller trainable set than LoRA's generalises better from 32 labels.
+
+`end_to_end`: SetFit's second phase. The default LoRA run, then its temperature undone and 20
+and 50 more steps of cross-entropy through the LoRA body (lr 3e-5) and the fitted head (lr 1e-2)
+on the same 32 rows, the dev set evaluated after each. Asks whether tuning body and head together
+after the pair loss adds what the fitted head cannot.
+
+`simcse`: unsupervised SimCSE (Gao et al. 2021) on 2,000 unlabelled pool texts before the
+default run: 100 steps of batches of 32, each text's second dropout view its positive and the
+batch its negatives (temperature 0.05), training the same LoRA weights at lr 3e-4; then the
+default run continues from them. Prints the fitted head's dev accuracy on the frozen body and
+after SimCSE, then the run's. Asks whether adapting the sentence embedding to the domain's
+text first helps.
 
 All of them use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
 same 16 + 16 examples per class as its runs) and never open a test split. One line per data seed
@@ -186,6 +205,74 @@ def probe_interpolate(dataset: str, folder: Path, seed: int, out: Path) -> str:
     return f"run {100 * summary['test']['accuracy']:.1f} | " + " | ".join(cells)
 
 
+BITFIT_LRS = (1e-3, 3e-3)
+
+
+def probe_bitfit(dataset: str, folder: Path, seed: int, out: Path) -> str:
+    cells = []
+    for lr in BITFIT_LRS:
+        extra = ("method.name=full", f"train.lr={lr:g}")
+        trainer = trainer_for(dataset, folder, seed, out / f"bitfit-{lr:g}", extra=extra)
+        # BitFit: only the encoder's biases learn (the optimiser skips weights without a grad)
+        for name, param in trainer.model.named_parameters():
+            param.requires_grad_(name.endswith(".bias") and ".head." not in f".{name}")
+        trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        accuracy = 100 * trainer.train()["test"]["accuracy"]
+        cells.append(f"lr {lr:g} ({trained:,} biases): {accuracy:.1f}")
+    return " | ".join(cells)
+
+
+END_TO_END_STEPS = (20, 50)
+END_TO_END_LRS = {"body": 3e-5, "head": 1e-2}  # LoRA's 3e-4 / 10: a gentle second phase
+
+
+def probe_end_to_end(dataset: str, folder: Path, seed: int, out: Path) -> str:
+    import torch.nn.functional as F
+
+    from lorafit.evaluate import model_inputs, output_logits
+
+    trainer = trainer_for(dataset, folder, seed, out / "end_to_end")
+    summary = trainer.train()  # pair loss, then the fitted, calibrated head
+    cells = [f"run {100 * summary['test']['accuracy']:.1f}"]
+    model, head = trainer.model, trainer.model.head
+    with torch.no_grad():  # undo the temperature: cross-entropy starts from the fitted logits
+        temperature = (summary.get("calibration") or {}).get("temperature", 1.0)
+        head.weight.mul_(temperature)
+        head.bias.mul_(temperature)
+    head.requires_grad_(True)
+    body = [p for n, p in model.named_parameters() if p.requires_grad and ".head." not in f".{n}"]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": body, "lr": END_TO_END_LRS["body"]},
+            {"params": list(head.parameters()), "lr": END_TO_END_LRS["head"]},
+        ],
+        weight_decay=0.0,
+    )
+    loader = torch.utils.data.DataLoader(
+        trainer.train_set,
+        batch_size=trainer.cfg.train.batch_size,
+        shuffle=True,
+        collate_fn=trainer.collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    step = 0
+    while step < max(END_TO_END_STEPS):
+        for batch in loader:
+            model.train()
+            logits = output_logits(model(**model_inputs(batch)))  # [B, C]
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step in END_TO_END_STEPS:
+                accuracy = 100 * trainer._evaluate(trainer.test_loader).metrics["accuracy"]
+                cells.append(f"+{step} CE steps: {accuracy:.1f}")
+            if step == max(END_TO_END_STEPS):
+                break
+    return " | ".join(cells)
+
+
 def unlabelled_rows(trainer, seed: int):
     """UNLABELLED pool rows (a Dataset) outside the run's train/validation draw, shuffled by seed."""
     import dataclasses
@@ -199,6 +286,52 @@ def unlabelled_rows(trainer, seed: int):
     rows = [i for i, text in enumerate(pool["text"]) if text not in drawn]
     random.Random(seed).shuffle(rows)
     return pool.select(rows[:UNLABELLED])
+
+
+SIMCSE = {"steps": 100, "batch_size": 32, "temperature": 0.05, "lr": 3e-4}
+
+
+def probe_simcse(dataset: str, folder: Path, seed: int, out: Path) -> str:
+    import itertools
+
+    import torch.nn.functional as F
+
+    from lorafit import data as D
+    from lorafit.evaluate import model_inputs
+
+    trainer = trainer_for(dataset, folder, seed, out / "simcse")
+    model = trainer.model
+    frozen = fitted_head_accuracy(*train_and_dev_embeddings(trainer), trainer.num_classes)
+    rows = D.tokenize(
+        unlabelled_rows(trainer, seed),
+        trainer.tokenizer,
+        trainer.task,
+        trainer.cfg.model.max_length,
+    )
+    loader = torch.utils.data.DataLoader(
+        rows,
+        batch_size=SIMCSE["batch_size"],
+        shuffle=True,
+        drop_last=True,
+        collate_fn=trainer.collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA (the head is frozen)
+    optimizer = torch.optim.AdamW(trainable, lr=SIMCSE["lr"])
+    model.train()
+    for batch in itertools.islice(itertools.cycle(loader), SIMCSE["steps"]):
+        inputs = model_inputs(batch)  # the pool rows' labels are never read
+        # two passes, two dropout masks: each row's other view is its positive, the batch negatives
+        first = F.normalize(model(**inputs, return_embedding=True)[1], dim=-1)  # [B, H]
+        second = F.normalize(model(**inputs, return_embedding=True)[1], dim=-1)  # [B, H]
+        similarity = first @ second.T / SIMCSE["temperature"]  # [B, B]
+        loss = F.cross_entropy(similarity, torch.arange(len(similarity)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    adapted = fitted_head_accuracy(*train_and_dev_embeddings(trainer), trainer.num_classes)
+    accuracy = 100 * trainer.train()["test"]["accuracy"]
+    return f"frozen {frozen:.1f} | after SimCSE {adapted:.1f} | then the default run {accuracy:.1f}"
 
 
 def embed_rows(trainer, rows) -> tuple:
@@ -565,6 +698,9 @@ PROBES = {
     "augment": probe_augment,
     "label_prompts": probe_label_prompts,
     "setfit_pairs": probe_setfit_pairs,
+    "bitfit": probe_bitfit,
+    "end_to_end": probe_end_to_end,
+    "simcse": probe_simcse,
 }
 
 

@@ -1129,6 +1129,10 @@ def test_folder_files_that_match_no_split_are_reported(tmp_path: Path, caplog) -
     assert "dev.csv not used" in caplog.text
     td = load_task_data(DataConfig(path=str(tmp_path), validation_split="dev"), "classification")
     assert "not used" not in td.source and len(td.validation) == 6
+    typo = DataConfig(path=str(tmp_path), validation_split="dev", test_split="tst")
+    td = load_task_data(typo, "classification")  # test carved from train: say why
+    assert "test.csv not used" in td.source
+    assert "set data.test_split=test to use it as the test split" in td.source
 
 
 def test_k_shot_total_that_leaves_a_class_out_is_noted(tmp_path: Path) -> None:

@@ -185,6 +185,7 @@ def test_example_configs_parse_and_follow_the_protocol():
         (["sweep.methods.lora.train.stepz=3"], "did you mean 'sweep.methods.lora.train.steps'"),
         (["sweep.methods.lora.data.seed=3"], "sweep.methods.lora.data.seed is set by sweep.seeds"),
         (["sweep.grid.nope={train.lr: [1]}"], "sweep.grid.nope names no method"),
+        (["sweep.methods.lora.method.name=lroa"], "sweep.methods.lora: method.name='lroa' is not"),
         (["sweep.grid.lora={train.lr: 1e-4}"], "sweep.grid.lora.train.lr must be a non-empty list"),
         (["sweep.grid.lora={method.dropout: [1.5]}"], "method.dropout=1.5 must be in [0, 1)"),
         (["sweep.grid.lora={data.seed: [1]}"], "sweep.grid.lora.data.seed cannot be searched"),
@@ -264,6 +265,24 @@ def test_finished_runs_are_skipped_and_crashed_ones_retried_on_request(tmp_path)
     assert (lora["n_ok"], lora["n_crashed"]) == ("2", "0")
 
 
+def test_runs_that_crashed_under_other_settings_are_rerun_from_scratch(tmp_path):
+    path = _sweep_file(tmp_path, {"seeds": [1]})
+    crashing = FakeTrainer({("lora", 1): "crash", ("full", 1): "crash"})
+    run_compare(path, [], launch=crashing)  # e.g. a wrong base.data.label: every run crashes
+    stale = tmp_path / "sweep" / "runs" / "lora" / "k8" / "seed1"
+    (stale / "checkpoints" / "step-2").mkdir(parents=True)  # from the crashed settings
+    (stale / "config.yaml").write_text("train: {weight_decay: 0.01}\n")
+    fixed, resumable = FakeTrainer({}), []
+
+    def launch(run, config_path, log_path, env) -> Outcome:
+        resumable.append((run.dir / "checkpoints").exists())
+        return fixed(run, config_path, log_path, env)
+
+    run_compare(path, ["base.train.weight_decay=0.02"], launch=launch)  # the mistake fixed
+    assert sorted(fixed.calls) == ["full/k8/seed1", "lora/k8/seed1"]  # no --retry-failed needed
+    assert resumable == [False, False]  # the old settings' checkpoint was not resumed
+
+
 def test_interrupted_run_is_rerun_from_scratch_without_checkpoint(tmp_path):
     sweep = load_sweep(_sweep_file(tmp_path, {"seeds": [1]}))
     stale = sweep.runs[0].dir
@@ -288,6 +307,41 @@ def test_process_time_of_a_resumed_run_counts_every_launch(tmp_path):
     state = json.loads((tmp_path / "sweep" / "state.json").read_text())["runs"]
     assert state[restarted.id]["process_time_s"] == 2.5
     assert state[resumed.id]["process_time_s"] == 1.0 + 2.5
+
+
+def test_ctrl_c_launches_nothing_more_and_a_rerun_resumes(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path, {"seeds": [1, 2]}))  # 4 runs, one worker
+    calls = []
+
+    def interrupted(run, config_path, log_path, env) -> Outcome:
+        calls.append(run.id)
+        (run.dir / "checkpoints" / "step-2").mkdir(parents=True)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while this run trains
+        time.sleep(0.2)
+        return Outcome(False, "exit code 130: lorafit: interrupted", 1.0)
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(sweep, launch=interrupted, progress=False)
+    assert len(calls) == 1  # the three queued runs were never launched
+    state = json.loads((tmp_path / "sweep" / "state.json").read_text())["runs"]
+    assert state[calls[0]]["status"] == "running"  # not crashed: a rerun resumes it
+    rerun = FakeTrainer({})
+    counts = execute(sweep, launch=rerun, progress=False)
+    assert counts["completed"] == 4 and calls[0] in rerun.calls
+
+
+def test_interrupt_children_stops_the_launched_trainings():
+    from lorafit import sweep as S
+
+    child = subprocess.Popen(["sleep", "30"])
+    with S._CHILDREN_LOCK:
+        S._CHILDREN.add(child)
+    try:
+        S.interrupt_children()
+        assert child.wait(timeout=10) == -signal.SIGINT
+    finally:
+        with S._CHILDREN_LOCK:
+            S._CHILDREN.discard(child)
 
 
 def test_subprocess_launcher_reports_the_error_line(tmp_path):
@@ -326,9 +380,12 @@ def test_report_only_runs_nothing_and_lists_missing_runs(tmp_path):
     def refuse(*args):
         raise AssertionError("report-only must not train")
 
+    recorded = (tmp_path / "sweep" / "sweep.yaml").read_text()
     text = run_compare(path, [], report_only=True, launch=refuse).report.read_text()
     assert "lora/k8/seed2" in text.split("## Not run yet")[1]
     assert _summary_row(tmp_path / "sweep", "lora")["n_pending"] == "1"
+    # a what-if with other seeds leaves the sweep's record alone: it still rebuilds as run
+    assert (tmp_path / "sweep" / "sweep.yaml").read_text() == recorded
 
 
 def test_report_only_on_a_sweep_that_never_ran_is_an_error(tmp_path):
@@ -671,19 +728,25 @@ def test_killed_run_names_the_signal_not_the_progress_bar(tmp_path, monkeypatch)
     sweep = load_sweep(_sweep_file(tmp_path, {"seeds": [1]}))
     bar = "train:  67%|██████▋   | 8/12 [00:01<00:00, 7.1step/s, loss=0.31]"
 
-    def killed(args, stdout, **kwargs):
-        stdout.write(f"classification | lora on tiny\r{bar}\r{bar}")
-        return -9
+    def child(output: str, code: int):
+        class Child:  # what launch_subprocess uses of a Popen
+            def __init__(self, args, stdout, **kwargs):
+                stdout.write(output)
 
-    monkeypatch.setattr(subprocess, "call", killed)
+            def wait(self):
+                return code
+
+        return Child
+
+    monkeypatch.setattr(
+        subprocess, "Popen", child(f"classification | lora on tiny\r{bar}\r{bar}", -9)
+    )
     outcome = launch_subprocess(sweep.runs[0], tmp_path / "c.yaml", tmp_path / "a.log", {})
     assert outcome.error == "killed by signal 9 (SIGKILL; out of memory?)"
 
-    def failed(args, stdout, **kwargs):
-        stdout.write(f"Traceback ...\nValueError: boom\n{bar}\r{bar}\n")
-        return 1
-
-    monkeypatch.setattr(subprocess, "call", failed)
+    monkeypatch.setattr(
+        subprocess, "Popen", child(f"Traceback ...\nValueError: boom\n{bar}\r{bar}\n", 1)
+    )
     outcome = launch_subprocess(sweep.runs[0], tmp_path / "c.yaml", tmp_path / "b.log", {})
     assert outcome.error == "exit code 1: ValueError: boom"
 
@@ -787,6 +850,28 @@ def test_causal_lm_sweeps_are_refused_before_training(tmp_path):
     launcher = FakeTrainer({})
     with pytest.raises(ConfigError, match=r"full/k8/seed1 is causal-LM instruction tuning"):
         run_compare(path, [], launch=launcher)
+    assert launcher.calls == [] and not (tmp_path / "sweep" / "sweep.yaml").exists()
+
+
+def test_data_mistakes_are_one_error_before_any_run(tmp_path):
+    data = tmp_path / "reviews.csv"
+    rows = [
+        f"review number {i} is {'great' if i % 2 else 'bad'},{'Happy' if i % 2 else 'Sad'}"
+        for i in range(40)
+    ]
+    data.write_text("review_body,customer_mood\n" + "\n".join(rows) + "\n")
+    base = {"model": {"name_or_path": "unused"}, "data": {"path": str(data), "label": "mood"}}
+    launcher = FakeTrainer({})
+    with pytest.raises(ConfigError) as info:
+        run_compare(_sweep_file(tmp_path, {"seeds": [1, 2]}, base=base), [], launch=launcher)
+    message = str(info.value)
+    assert message.startswith("full/k8/seed1: ") and "no column 'mood' (base.data.label)" in message
+    base["data"].update(label="customer_mood", text="review_body")
+    with pytest.raises(ConfigError) as info:
+        run_compare(_sweep_file(tmp_path, {"k_shots": [100]}, base=base), [], launch=launcher)
+    assert "sweep.k_shots" in str(info.value) and "data.k_shot" not in str(info.value).replace(
+        "sweep.k_shots", ""
+    )
     assert launcher.calls == [] and not (tmp_path / "sweep" / "sweep.yaml").exists()
 
 
