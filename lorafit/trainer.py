@@ -58,6 +58,7 @@ from lorafit.evaluate import (
     scored_positions,
 )
 from lorafit.io import append_jsonl, read_jsonl, write_json, write_text
+from lorafit.models import resolve_model_source
 from lorafit.objectives import fit_logistic_head, pair_cosine_loss
 from lorafit.rundir import (
     RunDir,
@@ -291,6 +292,7 @@ class Trainer:
                         "run (another output.dir, or output.overwrite=true)"
                     )
         set_seed(cfg.train.seed)
+        resolve_model_source(cfg.model)  # a wrong model.name_or_path fails before the data loads
 
         # data: normalised columns, K-shot sampled per seed, then tokenised
         self.task = cfg.model.task if cfg.model.task != "auto" else D.infer_task(cfg.data)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit.config import SELECTION_METRICS, TrainConfig, load_config
-from lorafit.errors import ConfigError, TrainingError
+from lorafit.errors import ConfigError, ModelError, TrainingError
 from lorafit.io import append_jsonl, read_jsonl
 from lorafit.rundir import plot_learning_curve
 from lorafit.trainer import Selection, StepBatchSampler, Trainer, train
@@ -522,6 +522,20 @@ def test_sft_refuses_an_encoder_and_rdrop_before_loading_weights(
     assert f"model.name_or_path={tiny_bert_path} is an encoder (bert)" in str(info.value)
     assert "model.name_or_path=smollm2" in str(info.value)
     assert "LOAD REPORT" not in capsys.readouterr().out  # refused before any weights load
+
+
+def test_a_wrong_model_path_fails_before_the_data_loads(tmp_path, monkeypatch):
+    from lorafit import data as D
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the model path was checked")
+
+    monkeypatch.setattr(D, "load_task_data", no_data)
+    monkeypatch.setattr(D, "infer_task", no_data)
+    overrides = [f"model.name_or_path={tmp_path / 'no_model'}", f"data.path={tmp_path}"]
+    overrides += [f"output.dir={tmp_path / 'run'}", "output.report_to=[]"]
+    with pytest.raises(ModelError, match="no_model' does not exist"):
+        train(load_config(None, overrides))
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_bert_path, sentiment_dir, tmp_path):
