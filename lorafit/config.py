@@ -383,6 +383,11 @@ def objective_for(train_cfg: TrainConfig, task: str) -> str:
             raise ConfigError(
                 "train.rdrop applies to classification; set train.rdrop=0 for causal LMs"
             )
+        if task == "causal_lm" and train_cfg.batch_sampling == "class_pairs":
+            raise ConfigError(
+                "train.batch_sampling=class_pairs needs a classification task; "
+                "set train.batch_sampling=random (or by_length)"
+            )
         return objective
     if task != "classification":
         raise ConfigError(

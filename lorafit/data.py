@@ -500,7 +500,9 @@ def _load_hub(path: str, name: str | None) -> DatasetDict:
     try:
         loaded = load_dataset(path, name)
     except Exception as e:
-        local = "e.g. data.path=../shared/data/sst2 (lorafit demo: --data ../shared/data/sst2)"
+        local = "e.g. data.path=my_data.csv or a folder with train/test files"
+        if path == HUB_DEMO_DATASET:
+            local = "e.g. data.path=../shared/data/sst2 (lorafit demo: --data ../shared/data/sst2)"
         if not online:
             problem = f"the hub cannot be reached and '{path}' is not in the local cache"
         elif isinstance(e, ConnectionError):

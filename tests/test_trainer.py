@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit.config import SELECTION_METRICS, TrainConfig, load_config
+from lorafit.config import SELECTION_METRICS, TrainConfig, load_config, objective_for
 from lorafit.errors import ConfigError, ModelError, TrainingError
 from lorafit.io import append_jsonl, read_jsonl
 from lorafit.rundir import plot_learning_curve
@@ -820,7 +820,7 @@ def test_pairs_note_and_auto_batch_sampling_follow_the_same_label_pairs_per_batc
     assert "too few classes have two examples" in pairs_note(auto, True, "random", [1] * 77)
     assert batch_sampling_for(pairs, False, [16, 16]) == "class_pairs"
     with pytest.raises(ConfigError, match="train.batch_sampling=class_pairs needs a classif"):
-        batch_sampling_for(pairs, False, None)
+        objective_for(pairs, "causal_lm")  # at setup, before the model loads
     note = pairs_note(auto, True, "class_pairs", many)
     assert note.startswith("pairs: a random batch of 8 holds 0.3 same-label pairs on average")
     assert (
