@@ -40,18 +40,25 @@ def _add_compare(sub) -> None:
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="package a run's adapter (or a merged model) for deployment")
     p.add_argument("run_dir", help="run directory (or the adapter/ folder inside one)")
-    p.add_argument("--out", required=True, help="output folder (must not exist yet)")
+    p.add_argument("--out", required=True, help="output folder (new, or empty)")
     p.add_argument(
         "--merge", action="store_true", help="write a merged full model (no PEFT needed)"
     )
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=_positive_float,
         default=None,
         help="max |merged - adapter| logit difference accepted by --merge "
         "(default 1e-3 for float32 compute, 5e-2 for bf16/fp16)",
     )
     p.set_defaults(func=_cmd_export)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _add_predict(sub) -> None:

@@ -127,11 +127,17 @@ def infer_task(cfg: DataConfig) -> str:
 
 
 def tokenize(
-    dataset: Dataset, tokenizer: Any, task: str, max_length: int, split: str | None = None
+    dataset: Dataset,
+    tokenizer: Any,
+    task: str,
+    max_length: int,
+    split: str | None = None,
+    warn: bool = True,
 ) -> Dataset:
     """Normalised rows -> input_ids, attention_mask (+ token_type_ids), labels, row.
 
-    `split` ("train", ...) names the rows in the truncation warning.
+    `split` ("train", ...) names the rows in the truncation warning; `warn=False` leaves the
+    warning to the caller (`lorafit predict` words its own).
 
     Causal LM: the prompt is rendered with the tokenizer's chat template (Alpaca-style without
     one) and the labels are IGNORE_INDEX on every prompt token, so the loss covers the response.
@@ -140,7 +146,8 @@ def tokenize(
         texts = dataset["text"][:]
         pairs = dataset["text_pair"][:] if "text_pair" in dataset.column_names else None
         encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-        _warn_truncated_texts(tokenizer, texts, pairs, encoded["input_ids"], max_length, split)
+        if warn:
+            _warn_truncated_texts(tokenizer, texts, pairs, encoded["input_ids"], max_length, split)
         columns = {
             name: encoded[name]
             for name in ("input_ids", "attention_mask", "token_type_ids")
@@ -160,6 +167,19 @@ def _in_split(split: str | None) -> str:
     return f" in the {split} split" if split else ""
 
 
+def count_truncated(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, ids: list, max_length: int
+) -> int:
+    """How many rows, tokenised to `ids` with truncation at max_length, lost tokens."""
+    full = [i for i, row in enumerate(ids) if len(row) >= max_length]  # only these may be cut
+    if not full:
+        return 0
+    lengths = tokenizer(
+        [texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None
+    )["input_ids"]
+    return sum(len(row) > max_length for row in lengths)
+
+
 def _warn_truncated_texts(
     tokenizer: Any,
     texts: list[str],
@@ -169,13 +189,7 @@ def _warn_truncated_texts(
     split: str | None,
 ) -> None:
     """Log once how many classification rows lost tokens to max_length (only the start is read)."""
-    full = [i for i, row in enumerate(ids) if len(row) >= max_length]  # only these may be cut
-    if not full:
-        return
-    lengths = tokenizer(
-        [texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None
-    )["input_ids"]
-    truncated = sum(len(row) > max_length for row in lengths)
+    truncated = count_truncated(tokenizer, texts, pairs, ids, max_length)
     if truncated:
         logger.warning(
             "%d of %d texts%s exceed model.max_length=%d tokens and were truncated (the start "

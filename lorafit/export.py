@@ -353,23 +353,24 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
     """The device to load on (None: cpu); refuses a name torch does not know or CUDA without one."""
     if device is None:
         return None
+    named = f"device={str(device)!r} (--device)"  # the same check for the API and the CLI
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError):
         chosen = None
     if chosen is None or chosen.type not in ("cpu", "cuda", "mps"):
-        raise ModelError(f"--device {str(device)!r} is not a device; use cpu, cuda or cuda:N")
+        raise ModelError(f"{named} is not a device; use cpu, cuda or cuda:N")
     if chosen.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ModelError(f"--device {str(device)!r}: CUDA is not available; use --device cpu")
+            raise ModelError(f"{named}: CUDA is not available; use cpu")
         if chosen.index is not None and chosen.index >= count:
             raise ModelError(
-                f"--device {str(device)!r}: CUDA has {count} device(s) (cuda:0 to "
+                f"{named}: CUDA has {count} device(s) (cuda:0 to "
                 f"cuda:{count - 1}); choose one of them"
             )
     if chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelError(f"--device {str(device)!r}: MPS is not available; use --device cpu")
+        raise ModelError(f"{named}: MPS is not available; use cpu")
     return chosen
 
 
@@ -455,9 +456,17 @@ def export_run(
     """
     package = open_package(run_dir)
     if package.kind not in ("run", "saved"):
+        article = "an" if package.kind[0] in "aeiou" else "a"
         raise ModelError(
-            f"{package.root} is a {package.kind} folder; export takes a run directory "
+            f"{package.root} is {article} {package.kind} folder; export takes a run directory "
             "(or the adapter/ folder inside one)"
+        )
+    if package.kind == "run" and not RunDir(package.root).is_complete():
+        # adapter/ is saved just before summary.json: a run killed between the two
+        raise ModelError(
+            f"{package.root} is a run that has not finished (no completed summary.json); resume "
+            f"it with `lorafit train {shlex.quote(str(RunDir(package.root).config))} "
+            "train.resume=true`, then export it"
         )
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -584,7 +593,14 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
 @torch.no_grad()
 def max_logit_difference(a: nn.Module, b: nn.Module, tokenizer: Any, task: str) -> float:
     """max |logits_a - logits_b| on SAMPLE_TEXTS (causal LM: over the attended positions)."""
+    backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust object
+    padding = backend.padding if backend is not None else None
     batch = tokenizer(SAMPLE_TEXTS, padding=True, return_tensors="pt")
+    if backend is not None:  # padding=True stays switched on, and would be saved in tokenizer.json
+        if padding is None:
+            backend.no_padding()
+        else:
+            backend.enable_padding(**padding)
     mask = batch["attention_mask"].bool()
 
     def logits(model: nn.Module) -> torch.Tensor:

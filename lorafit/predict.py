@@ -176,6 +176,8 @@ class Predictor:
         causal LM: {"generation"} (temperature 0 = greedy).
         """
         chosen = self._select(adapter)
+        if isinstance(inputs, str):  # iterating it would predict each character
+            raise DataError("inputs must be a list of texts; for one text pass [text]")
         if not inputs:
             raise DataError("no inputs to predict")
         check_options(batch_size, max_new_tokens, temperature)
@@ -235,6 +237,7 @@ def _classification_inputs(
                     f"{origin}: classification inputs must be texts, got {type(value).__name__}"
                     " (this model was not trained on sentence pairs)"
                 )
+            _text(value, origin)  # an empty text is refused, as in a file
         return list(inputs), None
     for value, origin in zip(inputs, where):
         if not _is_pair(value):
@@ -242,6 +245,8 @@ def _classification_inputs(
                 f"{origin}: this model was trained on sentence pairs (data.text_pair="
                 f"{text_pair}); give each input as [text, text_pair]"
             )
+        _text(value[0], origin)
+        _text(value[1], origin)
     return [v[0] for v in inputs], [v[1] for v in inputs]
 
 
@@ -279,17 +284,18 @@ def _classify(
 ) -> list[dict[str, Any]]:
     loaded = chosen.loaded
     tokenizer, max_length = loaded.tokenizer, loaded.max_length
-    full_lengths = [len(ids) for ids in tokenizer(texts, pairs)["input_ids"]]
-    _warn_truncated(sum(n > max_length for n in full_lengths), len(texts), max_length, "start")
     columns = {"text": texts, "row": list(range(len(texts)))}
     if pairs is not None:  # tokenised as tokenizer(text, text_pair), as in training
         columns["text_pair"] = pairs
     rows = Dataset.from_dict(columns)
-    features = D.tokenize(rows, tokenizer, "classification", max_length).to_list()
+    features = D.tokenize(rows, tokenizer, "classification", max_length, warn=False).to_list()
+    ids = [f["input_ids"] for f in features]
+    truncated = D.count_truncated(tokenizer, texts, pairs, ids, max_length)
+    _warn_truncated(truncated, len(texts), max_length, "start")
     collate = D.Collator(tokenizer, "classification")
     names = loaded.label_names
     results: list[dict[str, Any]] = [{} for _ in texts]
-    order = D.longest_first(full_lengths)
+    order = D.longest_first([len(row) for row in ids])
     with tqdm(total=len(texts), unit="ex", desc="predict", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = collate([features[i] for i in order[start : start + batch_size]])
@@ -454,7 +460,7 @@ def _prompt_messages(messages: Any, where: str) -> list[dict[str, str]]:
 
 def _generation_input(value: Any, where: str) -> str | list[dict[str, str]]:
     if isinstance(value, str):
-        return value
+        return _text(value, where)
     if _is_pair(value):
         raise DataError(f"{where}: a causal LM takes a text or chat messages, not a [text, pair]")
     return _prompt_messages(value, where)
@@ -497,9 +503,16 @@ def _row_from_record(
         return row
     column = _text_column(list(record), chosen)
     if column is None:
+        separated = len(record) == 1 and any(sep in next(iter(record)) for sep in ";\t|")
+        fix = (  # one column whose name holds another separator: a ;-separated csv
+            "the file looks separated by another character than its extension's; save it "
+            "comma-separated (.csv) or tab-separated (.tsv)"
+            if separated
+            else "pass --text-column"
+        )
         raise DataError(
             f"{origin}: no text column ({', '.join(chosen.text)}); columns: "
-            f"{', '.join(record)}; pass --text-column"
+            f"{', '.join(record)}; {fix}"
         )
     text = _text(record[column], f"{origin} column '{column}'")
     if chosen.instruction_input and column == chosen.instruction_input[0]:
@@ -748,7 +761,8 @@ def _stream(predictor: Predictor, columns: Columns, args: Any, options: dict[str
     """stdin -> stdout, one line at a time: a text, or a JSON object, string or [text, text_pair]."""
     count = 0
     for n, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
+        if not line.strip():  # not an input: say so, a client pairing lines 1:1 would drift
+            print(f"lorafit: stdin line {n} is blank: skipped, no output line", file=sys.stderr)
             continue
         where = f"stdin line {n}"
         row = _row_from_record(_stdin_record(line.strip(), where), where, columns, args.adapter)
@@ -787,6 +801,8 @@ def predict_cli(args: Any) -> int:
         raise DataError("--metrics writes the scores of --label-column; pass it too")
     if args.input == "-" and args.output != "-":
         raise DataError("--input - streams to stdout; use --output - with it")
+    if args.output not in ("-", None) and Path(args.output).resolve() == Path(args.input).resolve():
+        raise DataError(f"--output {args.output} is the --input file; write to another file")
     columns = {
         name: input_columns(
             args.text_column, args.text_pair_column, open_package(folder).meta, args.label_column

@@ -426,6 +426,7 @@ def test_truncation_warning_counts_long_inputs(cls_export, caplog):
     with caplog.at_level(logging.WARNING, logger="lorafit.predict"):
         Predictor(cls_export).predict([LONG, "short", LONG + " again"])
     assert "2 of 3 inputs exceed max_length=16 tokens and were truncated" in caplog.text
+    assert "raise model.max_length" not in caplog.text  # one warning, not training's too
 
 
 def test_causal_lm_generation_greedy(llama_export):
@@ -836,10 +837,10 @@ def test_bad_device_is_a_one_line_error(cls_export, work, capsys):
     (work / "device.txt").write_text("fine\n")
     argv = ["predict", str(cls_export), "--input", str(work / "device.txt")]
     line = _cli_error([*argv, "--device", "foo"], capsys)
-    assert "--device 'foo'" in line and "cpu" in line
+    assert "device='foo' (--device)" in line and "cpu" in line
     cuda = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
     line = _cli_error([*argv, "--device", cuda], capsys)
-    assert f"--device '{cuda}'" in line and "CUDA" in line
+    assert f"device='{cuda}' (--device)" in line and "CUDA" in line
 
 
 @pytest.mark.parametrize(
@@ -857,6 +858,42 @@ def test_bad_generation_options_fail_before_any_model_loads(work, capsys, option
     argv = ["predict", str(missing), "--input", str(work / "options.txt"), option, value]
     line = _cli_error(argv, capsys)
     assert named in line and value in line.replace("-1.0", "-1")
+
+
+def test_the_merge_check_leaves_the_saved_tokenizer_as_trained(cls_export, cls_merged):
+    def padding(folder):
+        return json.loads((folder / "tokenizer.json").read_text())["padding"]
+
+    assert padding(cls_merged) == padding(cls_export)  # the check's padding=True not saved
+
+
+def test_predict_input_mistakes_are_one_line_errors(cls_export, work, capsys):
+    predictor = Predictor(cls_export)
+    with pytest.raises(DataError, match=r"a list of texts; for one text pass \[text\]"):
+        predictor.predict("the movie was great")  # not 19 one-character inputs
+    with pytest.raises(DataError, match="input 1: empty text"):
+        predictor.predict(["the movie was great", "   "])  # as a file's empty cell is refused
+    texts = work / "same.txt"
+    texts.write_text("the movie was great\n")
+    argv = ["predict", str(cls_export), "--input", str(texts), "--output", str(texts)]
+    assert "is the --input file" in _cli_error(argv, capsys)
+    assert texts.read_text() == "the movie was great\n"  # not overwritten
+    semicolons = work / "semi.csv"
+    semicolons.write_text("review;label\nthe movie was great;pos\n")
+    line = _cli_error(["predict", str(cls_export), "--input", str(semicolons)], capsys)
+    assert "looks separated by another character" in line and "--text-column" not in line
+    assert run_cli(["export", "x", "--out", "y", "--merge", "--tolerance", "-1"]) == 2
+    assert "--tolerance: must be a positive number" in capsys.readouterr().err
+
+
+def test_blank_stdin_lines_are_named_on_stderr(cls_export, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the movie was great\n\nawful film\n"))
+    assert run_cli(["predict", str(cls_export), "--input", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2
+    assert "stdin line 2 is blank: skipped, no output line" in err
 
 
 def test_exporting_a_runs_adapter_folder_keeps_its_provenance(cls_run, cls_export, work):
@@ -885,4 +922,10 @@ def test_export_of_an_unfinished_or_adapterless_run_says_why(cls_run, work, caps
     )
     line = _cli_error(["export", str(no_adapter), "--out", str(work / "x")], capsys)
     assert "was run with output.save_adapter=false" in line
+    assert not (work / "x").exists()
+    # killed after adapter/ was saved, before summary.json
+    no_summary = shutil.copytree(cls_run, work / "no_summary")
+    (no_summary / "summary.json").unlink()
+    line = _cli_error(["export", str(no_summary), "--out", str(work / "x")], capsys)
+    assert "is a run that has not finished" in line and "train.resume=true" in line
     assert not (work / "x").exists()
