@@ -326,7 +326,20 @@ def load(
     if package.kind == "peft":
         return _load_plain_peft(package, base_model, device)
     model_cfg = _model_config(package, base_model)
-    if (package.manifest or {}).get("kind") == "merged":  # it carries its own weights
+    merged = (package.manifest or {}).get("kind") == "merged"
+    if base_model is not None and merged:
+        logger.warning(
+            "base_model=%r (--base-model) is not used: %s is a merged package "
+            "that carries its own weights",
+            base_model,
+            package.root,
+        )
+    elif base_model is not None:
+        try:
+            resolve_model_source(model_cfg)
+        except ModelError as e:
+            raise ModelError(f"base_model={base_model!r} (--base-model): {e}") from None
+    if merged:  # it carries its own weights
         model_cfg = ModelConfig(
             **{**vars(model_cfg), "name_or_path": str(package.weights_dir), "gguf_file": None}
         )

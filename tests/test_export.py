@@ -886,6 +886,14 @@ def test_predict_input_mistakes_are_one_line_errors(cls_export, work, capsys):
     assert "--tolerance: must be a positive number" in capsys.readouterr().err
 
 
+def test_a_wrong_base_model_names_the_option(cls_export, cls_merged, work, caplog):
+    with pytest.raises(ModelError, match=r"base_model='/nope' \(--base-model\): .*does not exist"):
+        load(cls_export, base_model="/nope")
+    with caplog.at_level(logging.WARNING, logger="lorafit.export"):
+        load(cls_merged, base_model="/nope")  # a merged package carries its own weights
+    assert "base_model='/nope' (--base-model) is not used" in caplog.text
+
+
 def test_blank_stdin_lines_are_named_on_stderr(cls_export, monkeypatch, capsys):
     import io
 
