@@ -712,6 +712,7 @@ def score_predictions(
         evaluated = evaluate_logits(log_probs, labels, len(names), eval_cfg, keep_per_example=True)
         ci = confidence_intervals(evaluated.per_example, "classification", len(names), eval_cfg)
         scores[name] = {**evaluated.metrics, "n": len(indices), "ci": ci}
+        scores[name]["ci_level"] = eval_cfg.ci_level  # as summary.json's test block has it
         for i, label in zip(indices, labels.tolist()):
             results[i]["true_label"] = names[label]
     return scores

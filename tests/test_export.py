@@ -599,6 +599,7 @@ def test_predict_scores_against_a_label_column(cls_run, cls_export, work, capsys
     for key in ("nll", "ece"):  # from probabilities written to 6 decimals
         assert scores[key] == pytest.approx(summary["test"][key], abs=1e-4), key
     assert scores["ci"]["accuracy"] == pytest.approx(summary["test"]["ci"]["accuracy"])
+    assert scores["ci_level"] == summary["test"]["ci_level"]
     assert f"against 'label': accuracy {scores['accuracy']:.4f} (95% CI " in err
     expected = [json.loads(line)["label"] for line in test_file.read_text().splitlines()]
     with open(table) as fh:
