@@ -629,9 +629,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         for key, item in value.items():
-            if (
-                item is None and isinstance(key, str) and ":" in key
-            ):  # YAML read {a:4} as {'a:4': None}
+            # YAML reads {r:4} (no space after the colon) as {'r:4': None}
+            if item is None and isinstance(key, str) and ":" in key:
                 name, _, given = key.partition(":")
                 raise ConfigError(
                     f"{where} key {key!r} has no value: YAML needs a space after the colon, "

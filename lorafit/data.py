@@ -364,7 +364,8 @@ def _unused_files_note(cfg: DataConfig) -> str | None:
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
         return None
-    used = set(_split_files(folder, cfg).values())
+    found = _split_files(folder, cfg)
+    used = set(found.values())
     unused = sorted(
         f.name
         for f in folder.iterdir()
@@ -375,7 +376,6 @@ def _unused_files_note(cfg: DataConfig) -> str | None:
     split_names = _split_names(cfg)
     names = ", ".join(f"{r}_split={n!r}" for r, n in split_names.items())
     stems = [Path(name).stem for name in unused]
-    found = _split_files(folder, cfg)
     # a split name with no file, close to an unused file's name: most likely a typo
     typos = [
         (role, close[0])

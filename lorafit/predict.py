@@ -802,7 +802,7 @@ def predict_cli(args: Any) -> int:
         raise DataError("--metrics writes the scores of --label-column; pass it too")
     if args.input == "-" and args.output != "-":
         raise DataError("--input - streams to stdout; use --output - with it")
-    if args.output not in ("-", None) and Path(args.output).resolve() == Path(args.input).resolve():
+    if args.output != "-" and Path(args.output).resolve() == Path(args.input).resolve():
         raise DataError(f"--output {args.output} is the --input file; write to another file")
     columns = {
         name: input_columns(

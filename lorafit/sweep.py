@@ -404,8 +404,6 @@ def execute(
     stopping = threading.Event()  # Ctrl-C: launch nothing more
 
     def work(run: Run) -> Outcome:
-        if stopping.is_set():
-            return Outcome(False, "not started: the sweep was interrupted", 0.0)
         slot = slots.get()
         name = run.id.replace("/", "__")
         try:
@@ -433,7 +431,7 @@ def execute(
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 env = _worker_env(slot, sweep.config.workers, devices)
                 env[LOCK_FD_VARIABLE] = str(lock_fd)
-                if stopping.is_set():
+                if stopping.is_set():  # picked up while the sweep was being interrupted
                     return Outcome(False, "not started: the sweep was interrupted", 0.0)
                 return launch(run, config_path, log_path, env)
         finally:
