@@ -98,7 +98,7 @@ class DataConfig:
     )
     k_shot: int | None = _f(None, "Training examples per class (LM-BFF); None uses the whole pool.")
     k_shot_unit: str = _f("per_class", "per_class: K per class; total: K examples, stratified.")
-    train_size: float | None = _f(
+    train_size: int | float | None = _f(
         None, "Instead of k_shot: a fraction (<1) or a number (>=1) of train rows."
     )
     validation_k: int | None = _f(

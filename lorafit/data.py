@@ -85,6 +85,7 @@ class TaskData:
     test: Dataset
     label_names: list[str] | None  # id order (classification); None for causal LM
     source: str  # one line: where each split came from and how it was sampled
+    warnings: list[str]  # leakage, imbalance, unused files...: logged once when loaded, kept here
 
 
 @dataclass
@@ -108,15 +109,15 @@ def load_task_data(cfg: DataConfig, task: str) -> TaskData:
             "without K-shot sampling use data.validation_fraction"
         )
     raw = _read_splits(cfg)
-    unused = _warn(_unused_files_note(cfg))
+    warnings = _warn(_unused_files_note(cfg))
     if task == "classification":
         label_names, pools = _normalise_classification(raw, cfg)
     else:
         label_names, pools = None, {role: _normalise_sft(split, cfg) for role, split in raw.items()}
-    train, validation, test, notes = _assign_splits(pools, cfg, label_names)
+    train, validation, test, notes, split_warnings = _assign_splits(pools, cfg, label_names)
     origins = ", ".join(f"{role}: {raw[role].origin}" for role in pools)
-    notes = unused + notes
-    return TaskData(task, train, validation, test, label_names, f"{origins}; " + "; ".join(notes))
+    source = f"{origins}; " + "; ".join(notes)
+    return TaskData(task, train, validation, test, label_names, source, warnings + split_warnings)
 
 
 def infer_task(cfg: DataConfig) -> str:
@@ -1040,10 +1041,12 @@ def _fraction_size(n: int, fraction: float, what: str, origin: str) -> int:
 
 def _assign_splits(
     pools: dict[str, Dataset], cfg: DataConfig, label_names: list[str] | None
-) -> tuple[Dataset, Dataset, Dataset, list[str]]:
-    """Given or carved test, then (K-shot) train and validation from the train pool."""
+) -> tuple[Dataset, Dataset, Dataset, list[str], list[str]]:
+    """Given or carved test, then (K-shot) train and validation from the train pool; returns the
+    splits, the sampling notes and the warnings."""
     pool = pools["train"]
     notes: list[str] = []
+    warnings: list[str] = []
     if "test" in pools:
         test = pools["test"]
         notes.append("test: the given test split")
@@ -1071,16 +1074,16 @@ def _assign_splits(
             )
 
     if label_names is not None:
-        notes.extend(_warn(_classes_without_rows_note(pool, label_names, cfg.min_words)))
-        notes.extend(_warn(_labels_differing_in_case_note(label_names)))
+        warnings.extend(_warn(_classes_without_rows_note(pool, label_names, cfg.min_words)))
+        warnings.extend(_warn(_labels_differing_in_case_note(label_names)))
 
     given_validation = "validation" in pools and "test" in pools
     if cfg.k_shot is not None:
         train, validation = _k_shot(pool, cfg, label_names)
         if cfg.k_shot_unit == "per_class" and label_names is not None:
-            notes.extend(_warn(_imbalance_note(pool, label_names)))
+            warnings.extend(_warn(_imbalance_note(pool, label_names)))
         elif label_names is not None:
-            notes.extend(_warn(_classes_left_out_note(pool, train, label_names, cfg.k_shot)))
+            warnings.extend(_warn(_classes_left_out_note(pool, train, label_names, cfg.k_shot)))
         unit = (
             "per class"
             if cfg.k_shot_unit == "per_class" and label_names is not None
@@ -1134,13 +1137,13 @@ def _assign_splits(
             )
     validation_in_pool = cfg.k_shot is not None or not given_validation
     keys = {name: _row_keys(d) for name, d in (("train", train), ("validation", validation))}
-    notes.extend(_warn(_leakage_note(pool, keys, test, validation_in_pool)))
-    notes.extend(_warn(_validation_overlap_note(keys)))
-    return train, validation, test, notes
+    warnings.extend(_warn(_leakage_note(pool, keys, test, validation_in_pool)))
+    warnings.extend(_warn(_validation_overlap_note(keys)))
+    return train, validation, test, notes, warnings
 
 
 def _warn(note: str | None) -> list[str]:
-    """A note worth a warning: logged once, and returned for `TaskData.source`."""
+    """A note worth a warning: logged once, and returned for `TaskData.warnings`."""
     if note is None:
         return []
     logger.warning(note)

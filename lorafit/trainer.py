@@ -427,7 +427,8 @@ class Trainer:
             f"train {len(self.train_set)}, validation {len(self.validation_set)}, test {len(self.test_set)} | "
             f"trainable {self.model_info['trainable_params']:,} / {self.model_info['total_params']:,} params"
         )
-        self._print(f"data: {self.data.source}")  # where each split came from, leakage notes
+        # where each split came from; its warnings (leakage...) were logged when the data loaded
+        self._print(f"data: {self.data.source}")
         note = dist.backend_note(acc)
         if note:
             self._print(note)
@@ -885,6 +886,7 @@ class Trainer:
             "validation_label_counts": _label_counts(self.validation_set, self.num_classes),
             "num_test": len(self.test_set),
             "data_source": self.data.source,
+            "data_warnings": self.data.warnings,
             "trainable_params": self.model_info["trainable_params"],
             "total_params": self.model_info["total_params"],
             "peak_memory_mb": peak_rss_mb,

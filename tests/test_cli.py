@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,18 @@ def test_empty_output_folder_is_used(tmp_path, tiny_bert_path, sentiment_dir):
     argv = tiny_overrides(tiny_bert_path, sentiment_dir, out)
     assert run_cli(["train", *argv]) == 0
     assert (out / "summary.json").exists()
+
+
+def test_a_data_warning_prints_once(tmp_path, tiny_bert_path, sentiment_dir, capsys, caplog):
+    # every test text of sentiment_dir is also a train text: the leakage warning
+    argv = tiny_overrides(tiny_bert_path, sentiment_dir, tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        assert run_cli(["train", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "data: train: " in out and "leakage" not in out  # the data: line leaves it to the log
+    assert caplog.text.count("leakage: 16 of 16 test rows") == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data_warnings"][0].startswith("leakage: 16 of 16 test rows")
 
 
 # -- argument parsing ----------------------------------------------------------------------------

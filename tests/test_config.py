@@ -150,6 +150,10 @@ def test_optional_fields_are_type_checked_and_coerced(tmp_path):
         load_config(None, ["train.head_lr=fast"])
     with pytest.raises(ConfigError, match="method.r must be an integer"):
         load_config(None, ["method.r=big"])
+    # data.train_size is a count or a fraction: a count is saved as written, 16 not 16.0
+    count = load_config(None, ["data.path=d", "data.train_size=16"])
+    assert "train_size: 16\n" in count.to_yaml()
+    assert load_config(None, ["data.path=d", "data.train_size=0.25"]).data.train_size == 0.25
 
 
 def test_per_method_settings_are_documented_as_method_defaults():

@@ -77,6 +77,11 @@ def _texts_by_row(split: datasets.Dataset) -> dict[int, str]:
     return dict(zip(split["row"][:], split["text"][:]))
 
 
+def _warned(td) -> str:
+    """The data warnings of a load, one per line."""
+    return "\n".join(td.warnings)
+
+
 # -- sources ----------------------------------------------------------------------------------
 
 
@@ -380,14 +385,15 @@ def test_test_rows_also_in_the_train_pool_are_reported(
         f"leakage: 2 of 4 test rows also appear in the train pool ({in_drawn} of them "
         "in the drawn train/validation rows; same text and text_pair)"
     )
-    assert expected in td.source
+    assert td.warnings == [expected + "; test scores may be optimistic, deduplicate the data files"]
+    assert "leakage" not in td.source
     assert expected in caplog.text and "deduplicate" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lorafit.data"):
         clean = load_task_data(
             DataConfig(path=str(tmp_path), k_shot=2, seed=1, test_split=None), "classification"
         )
-    assert "leakage" not in clean.source and "leakage" not in caplog.text
+    assert not any("leakage" in w for w in clean.warnings) and "leakage" not in caplog.text
 
 
 def test_validation_rows_repeating_a_training_input_are_reported(tmp_path: Path) -> None:
@@ -397,11 +403,12 @@ def test_validation_rows_repeating_a_training_input_are_reported(tmp_path: Path)
     td = load_task_data(DataConfig(path=str(tmp_path), k_shot=4, seed=0), "classification")
     repeated = sum(t in set(td.train["text"][:]) for t in td.validation["text"][:])
     assert repeated > 0
-    assert f"leakage: {repeated} of 8 validation rows repeat a training input" in td.source
+    expected = f"leakage: {repeated} of 8 validation rows repeat a training input"
+    assert any(w.startswith(expected) for w in td.warnings)
     fresh = [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(40)]
     _write(tmp_path / "train.csv", fresh)
     td = load_task_data(DataConfig(path=str(tmp_path), k_shot=4, seed=0), "classification")
-    assert "validation rows repeat" not in td.source
+    assert not any("validation rows repeat" in w for w in td.warnings)
 
 
 def test_k_shot_per_class_keeps_a_listed_class_without_training_rows(
@@ -422,7 +429,7 @@ def test_k_shot_per_class_keeps_a_listed_class_without_training_rows(
     assert Counter(td.validation["label"][:]) == {0: 2, 1: 2}
     assert td.test["label"][:] == [0, 1, 2]
     note = "no rows in the train pool for data.labels class 'c': it stays in the label space"
-    assert note in td.source and caplog.text.count(note) == 1
+    assert note in _warned(td) and caplog.text.count(note) == 1
 
 
 def test_head_fit_sample_is_stratified_fixed_and_keeps_every_class() -> None:
@@ -1080,11 +1087,11 @@ def test_k_shot_per_class_on_an_imbalanced_pool_is_noted(tmp_path: Path, caplog)
     path = _write(tmp_path / "d.csv", _rows({"ok": 95, "complaint": 5}))
     with caplog.at_level(logging.WARNING, logger="lorafit.data"):
         td = load_task_data(DataConfig(path=str(path), k_shot=2), "classification")
-    assert "imbalanced train pool ('ok' 76, 'complaint' 4 rows)" in td.source
+    assert "imbalanced train pool ('ok' 76, 'complaint' 4 rows)" in _warned(td)
     assert "data.k_shot_unit=total" in caplog.text
     balanced = _write(tmp_path / "b.csv", _rows({"ok": 60, "complaint": 40}))
     td = load_task_data(DataConfig(path=str(balanced), k_shot=2), "classification")
-    assert "imbalanced" not in td.source
+    assert "imbalanced" not in _warned(td)
 
 
 def test_classification_truncation_is_counted_once(caplog) -> None:
@@ -1125,14 +1132,15 @@ def test_folder_files_that_match_no_split_are_reported(tmp_path: Path, caplog) -
     _write(tmp_path / "test.csv", _rows({"a": 3, "b": 3}))
     with caplog.at_level(logging.WARNING, logger="lorafit.data"):
         td = load_task_data(DataConfig(path=str(tmp_path)), "classification")
-    assert f"{tmp_path}: dev.csv not used" in td.source and "data.validation_split=dev" in td.source
+    warned = _warned(td)
+    assert f"{tmp_path}: dev.csv not used" in warned and "data.validation_split=dev" in warned
     assert "dev.csv not used" in caplog.text
     td = load_task_data(DataConfig(path=str(tmp_path), validation_split="dev"), "classification")
-    assert "not used" not in td.source and len(td.validation) == 6
+    assert "not used" not in _warned(td) and len(td.validation) == 6
     typo = DataConfig(path=str(tmp_path), validation_split="dev", test_split="tst")
     td = load_task_data(typo, "classification")  # test carved from train: say why
-    assert "test.csv not used" in td.source
-    assert "set data.test_split=test to use it as the test split" in td.source
+    assert "test.csv not used" in _warned(td)
+    assert "set data.test_split=test to use it as the test split" in _warned(td)
 
 
 def test_k_shot_total_that_leaves_a_class_out_is_noted(tmp_path: Path) -> None:
@@ -1140,11 +1148,11 @@ def test_k_shot_total_that_leaves_a_class_out_is_noted(tmp_path: Path) -> None:
     cfg = DataConfig(path=str(path), k_shot=4, k_shot_unit="total")
     td = load_task_data(cfg, "classification")
     assert set(td.train["label"][:]) == {1}
-    assert "train: no rows of class 'complaint' (data.k_shot=4 in total" in td.source
+    assert "train: no rows of class 'complaint' (data.k_shot=4 in total" in _warned(td)
     td = load_task_data(
         DataConfig(path=str(path), k_shot=40, k_shot_unit="total"), "classification"
     )
-    assert "no rows of class" not in td.source
+    assert "no rows of class" not in _warned(td)
 
 
 def test_a_file_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
