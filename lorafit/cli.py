@@ -380,10 +380,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lorafit: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            f"lorafit: interrupted; {_RESUME_HINTS.get(args.command, '')}".rstrip("; "),
-            file=sys.stderr,
-        )
+        if os.environ.get("RANK", "0") == "0":  # under a launcher, one line, not one per rank
+            print(
+                f"lorafit: interrupted; {_RESUME_HINTS.get(args.command, '')}".rstrip("; "),
+                file=sys.stderr,
+            )
         sys.exit(130)
     if "torch.distributed" in sys.modules:  # the command used torch (`lorafit config` does not)
         from lorafit.distributed import leave_process_group

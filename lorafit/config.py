@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data", "k_shot_unit", self.k_shot_unit, ("per_class", "total"))
         _check_positive("data", "k_shot", self.k_shot)
+        _check_positive("data", "seed", self.seed, allow_zero=True)  # numpy seeds are >= 0
         _check_positive("data", "validation_k", self.validation_k)
         _check_positive("data", "train_size", self.train_size)
         _check_positive("data", "min_words", self.min_words, allow_zero=True)
@@ -339,6 +341,7 @@ class TrainConfig:
             self.early_stopping = EarlyStoppingConfig()
         for name in ("steps", "batch_size", "grad_accum", "lr", "eval_every", "train_eval_size"):
             _check_positive("train", name, getattr(self, name))
+        _check_positive("train", "seed", self.seed, allow_zero=True)  # numpy seeds are >= 0
         _check_positive("train", "head_lr", self.head_lr)
         _check_positive("train", "head_fit_size", self.head_fit_size)
         _check_positive("train", "warmup", self.warmup, allow_zero=True)
@@ -600,6 +603,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check/convert a YAML value to the annotated type (int -> float allowed)."""
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
+        if value is None:  # a section whose keys are all commented out
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of keys, got {value!r}")
         return from_dict(hint, value, prefix=f"{where}.")
@@ -650,14 +655,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 5e-4 as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every `> 0` check
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads no/yes/on/off as switches
+            raise ConfigError(
+                f"{where} must be a string, got {value!r}; quote the value, e.g. 'no' or 'off'"
+            )
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return str(value)
     return value
@@ -678,22 +689,50 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
 
 
-def _parse_scalar(text: str) -> Any:
-    """`k=v` values are parsed as YAML scalars/lists: 5e-4 -> float, [a,b] -> list, null -> None."""
+def _parse_scalar(text: str, hint: Any, item: str) -> Any:
+    """A `k=v` value, parsed as a YAML scalar or list (5e-4 -> float, [a,b] -> list, null -> None),
+    except that a setting holding text keeps the text as typed (revision=1.10, not 1.1)."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
+        if text.lstrip()[:1] in ("[", "{"):
+            raise ConfigError(
+                f"override '{item}': {text.strip()!r} is not a valid YAML list or mapping; "
+                "close its brackets, e.g. [query,value]"
+            ) from None
         return text
-    if isinstance(value, str):
+    if _holds_text(hint) and isinstance(value, (bool, int, float)):
+        return text.strip()
+    if isinstance(value, str) and not _holds_text(hint):
         try:  # YAML 1.1 reads 5e-4 as a string
-            return float(value) if any(c in value for c in "eE.") else value
+            number = float(value) if any(c in value for c in "eE.") else None
         except ValueError:
             return value
+        return value if number is None or not math.isfinite(number) else number
     return value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides to a nested dict (validated later by from_dict)."""
+def _holds_text(hint: Any) -> bool:
+    """Whether a setting of this type holds text (str, or str | None), not a number or switch."""
+    args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    return str in args and not {bool, int, float} & set(args)
+
+
+def _hint_at(schema: type, parts: list[str]) -> Any:
+    """The type of the dotted setting `parts` in dataclass `schema` (None where unknown)."""
+    hint: Any = schema
+    for part in parts:
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = _hints(hint).get(part)
+    return hint
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], schema: type | None = None
+) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a nested dict (validated later by from_dict);
+    `schema`, the dataclass the dict becomes, tells which settings hold text."""
     data = json.loads(json.dumps(data or {}))
     for item in overrides:
         if "=" not in item:
@@ -707,8 +746,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = _parse_scalar(raw)
+        hint = _hint_at(schema, parts) if schema is not None else None
+        node[parts[-1]] = _parse_scalar(raw, hint, item)
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if not isinstance(key, str):
+            continue
+        if key in seen:
+            problem = f"key {key!r} appears twice; merge the two into one"
+            raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats
+)
 
 
 def load_yaml(
@@ -727,7 +789,7 @@ def load_yaml(
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass a YAML file such as {example}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -740,7 +802,7 @@ def load_yaml(
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """YAML file (optional) + `key=value` overrides -> validated RunConfig."""
     data = load_yaml(path) if path else {}
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [], RunConfig)
     return from_dict(RunConfig, data)
 
 

@@ -20,6 +20,7 @@ libraries' progress bars and warnings on the other ranks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -167,7 +168,9 @@ def share_cpu_threads(accelerator) -> None:
 
 
 def quiet_libraries() -> None:
-    """Non-main ranks: no progress bars, no warnings from datasets/transformers/peft."""
+    """Non-main ranks: no progress bars, no warnings from lorafit (rank 0 prints the data
+    warnings), datasets, transformers or peft."""
+    logging.getLogger("lorafit").setLevel(logging.ERROR)
     with contextlib.suppress(Exception):
         import datasets
 

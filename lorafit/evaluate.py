@@ -198,7 +198,8 @@ def evaluate_logits(
 def _computed(acc: M.ClassificationMetrics) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """(scalar metrics with "loss" = NLL, per-class arrays) of an accumulated evaluation."""
     out = acc.compute()
-    scalars = {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
+    # counts stay integers in metrics.jsonl and summary.json ("n": 872, not 872.0)
+    scalars = {k: int(v) if k == "n" else float(v) for k, v in out.items() if np.ndim(v) == 0}
     scalars["loss"] = scalars["nll"]
     arrays = {k: np.asarray(v) for k, v in out.items() if np.ndim(v) > 0}
     return scalars, arrays
@@ -294,8 +295,8 @@ def _evaluate_causal_lm(model, dataloader, accelerator, keep):
         "perplexity": float(np.exp(min(loss, 700.0))),
         "top1_accuracy": float(arr["top1"].sum() / n_tokens),
         "top5_accuracy": float(arr["top5"].sum() / n_tokens),
-        "n_tokens": float(arr["n_tokens"].sum()),
-        "n": float(len(arr["row"])),
+        "n_tokens": int(arr["n_tokens"].sum()),
+        "n": len(arr["row"]),
     }
     per_example = None
     if keep:

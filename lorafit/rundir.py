@@ -152,15 +152,15 @@ def _same(a: Any, b: Any) -> bool:
 def check_run_dir(root: str | Path, overwrite: bool, resume: bool) -> None:
     """Refuse an output.dir that holds something a new run must not mix into or delete."""
     root = Path(root)
-    if resume or not root.exists() or not any(root.iterdir()):
+    if not root.exists() or not any(root.iterdir()):
         return
-    if not is_run_dir(root):
+    if not is_run_dir(root):  # resume included: it would write a run beside the folder's files
         raise ConfigError(
             f"output.dir {root} is not empty and is not a lorafit run directory, so lorafit will "
             "not write into it or delete it (even with output.overwrite=true); choose another "
             "output.dir or delete that folder yourself"
         )
-    if not overwrite:
+    if not overwrite and not resume:
         raise ConfigError(
             f"output.dir {root} already holds a run; pass train.resume=true to continue "
             "it, output.overwrite=true to replace it, or choose another output.dir"

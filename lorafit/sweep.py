@@ -159,6 +159,14 @@ class Run:
 
 
 @dataclass
+class SweepFile:
+    """The shape of a compare config, which types its `key=value` overrides."""
+
+    sweep: SweepConfig
+    base: RunConfig
+
+
+@dataclass
 class Sweep:
     config: SweepConfig
     base: dict[str, Any]
@@ -175,7 +183,7 @@ def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> S
     data = (
         load_yaml(path, example="configs/compare_sst2_ci.yaml", saved="sweep.yaml") if path else {}
     )
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [], SweepFile)
     return build_sweep(data)
 
 

@@ -538,6 +538,14 @@ class Trainer:
             return
         acc = self.accelerator
         ckpt = load_checkpoint(checkpoints[-1], rank=acc.process_index)
+        if ckpt["num_ranks"] != acc.num_processes:
+            # rank r of W takes global batches r, r+W, ...: another W would replay or skip
+            # batches, and the step budget and the per-rank dropout streams depend on W too
+            raise ConfigError(
+                f"train.resume: {checkpoints[-1]} was written by {ckpt['num_ranks']} process(es), "
+                f"this launch has {acc.num_processes}; resume with {ckpt['num_ranks']} "
+                "process(es), or start a new run (another output.dir, or output.overwrite=true)"
+            )
         if self.sharded:
             dist.write_full(acc, self.model, self.trainable, ckpt["trainable"])
         else:
@@ -548,11 +556,6 @@ class Trainer:
             self._print("resume: no optimizer state in the checkpoint; the optimizer restarts")
         self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(*ckpt["rng"])
-        if ckpt["num_ranks"] != acc.num_processes:
-            self._print(
-                f"resume: checkpoint written by {ckpt['num_ranks']} process(es), now "
-                f"{acc.num_processes}: the training order continues, dropout streams differ"
-            )
         self.selection.load(ckpt["trainer"]["selection"])
         self.elapsed_before = ckpt["trainer"]["elapsed_s"]
         self.eval_seconds_before = ckpt["trainer"].get("eval_s", 0.0)  # absent before 2026-11

@@ -36,15 +36,17 @@ def tiny_overrides(model_path, data_dir, out, **extra) -> list[str]:
 # -- output.overwrite ----------------------------------------------------------------------------
 
 
-def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, capsys):
+@pytest.mark.parametrize("setting", ["output.overwrite", "train.resume"])
+def test_a_folder_that_is_not_a_run_is_never_written_into(
+    tmp_path, capsys, tiny_bert_path, sentiment_dir, setting
+):
     victim = tmp_path / "victim"
     (victim / "sub").mkdir(parents=True)
     (victim / "notes.txt").write_text("important\n")
     (victim / "config.yaml").write_text("train: {steps: 3}\n")  # a hand-written config
-    argv = tiny_overrides(
-        "unused", tmp_path / "missing.csv", victim, **{"output.overwrite": "true"}
-    )
+    argv = tiny_overrides(tiny_bert_path, sentiment_dir, victim, **{setting: "true"})
     assert run_cli(["train", *argv]) == 2
+    assert sorted(p.name for p in victim.iterdir()) == ["config.yaml", "notes.txt", "sub"]
     assert (victim / "notes.txt").read_text() == "important\n" and (victim / "sub").is_dir()
     assert (victim / "config.yaml").read_text() == "train: {steps: 3}\n"
     error = capsys.readouterr().err.strip()

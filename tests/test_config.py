@@ -51,6 +51,15 @@ def test_yaml_and_overrides(tmp_path):
         (["train.schedule=step"], "train.schedule='step' is not valid"),
         (["data.k_shot=4", "data.train_size=0.5"], "exclusive"),
         (["train.resume=maybe"], "train.resume must be true or false"),
+        (["train.lr=nan"], "train.lr must be a finite number, got nan"),
+        (["train.seed=-1"], "train.seed=-1 must be >= 0"),
+        (["data.seed=-1"], "data.seed=-1 must be >= 0"),
+        (["train.lr=inf"], "train.lr must be a finite number, got inf"),
+        (["data.labels=[no, yes]"], "data.labels must be a string, got False; quote the value"),
+        (
+            ["method.target_modules=[query,value"],
+            "'[query,value' is not a valid YAML list or mapping; close its brackets",
+        ),
         (["oops"], "must look like section.key=value"),
         (["model.pool_layers=0"], "model.pool_layers=0 must be > 0"),
         (
@@ -85,6 +94,20 @@ def test_bad_config_names_the_key(override, message):
         load_config(None, override)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_key_given_twice_is_refused_and_an_empty_section_is_empty(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train: {steps: 5}\ndata: {k_shot: 4}\ntrain:\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml line 3: .*key 'train' appears twice"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  lr: 1e-3\n  steps: 5\n  lr: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"line 4: .*key 'lr' appears twice"):
+        load_config(nested)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("train:\n  # steps: 3\n")
+    assert load_config(empty).train == load_config(None).train
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):
@@ -150,6 +173,10 @@ def test_optional_fields_are_type_checked_and_coerced(tmp_path):
         load_config(None, ["train.head_lr=fast"])
     with pytest.raises(ConfigError, match="method.r must be an integer"):
         load_config(None, ["method.r=big"])
+    # text settings keep the text as typed: a commit prefix, a tag, a column named 1e5
+    typed = load_config(None, ["model.revision=7e10423", "data.text=1e5", "data.label=1.10"])
+    assert (typed.model.revision, typed.data.text, typed.data.label) == ("7e10423", "1e5", "1.10")
+    assert load_config(None, ["model.revision=null"]).model.revision is None
     # data.train_size is a count or a fraction: a count is saved as written, 16 not 16.0
     count = load_config(None, ["data.path=d", "data.train_size=16"])
     assert "train_size: 16\n" in count.to_yaml()

@@ -566,3 +566,30 @@ def test_a_sharding_template_that_accelerate_runs_as_ddp_is_named(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert "DeepSpeed" in backend_note(ddp)
+
+
+def test_rank_1_keeps_lorafit_warnings_and_the_interrupt_line_to_rank_0(monkeypatch, capsys):
+    import logging
+
+    from lorafit import cli
+
+    logger = logging.getLogger("lorafit")
+    before = logger.level
+    try:
+        dist.quiet_libraries()  # what a non-main rank runs once its Accelerator exists
+        assert not logging.getLogger("lorafit.data").isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(before)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        args = cli.parse_args(["config"])
+        monkeypatch.setattr(cli, "parse_args", lambda argv, args=args: args)
+        args.func = interrupted
+        with pytest.raises(SystemExit) as info:
+            cli.main(["config"])
+        assert info.value.code == 130
+        assert capsys.readouterr().err.count("lorafit: interrupted") == lines

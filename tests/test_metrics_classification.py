@@ -232,6 +232,13 @@ def test_shape_and_dtype_mismatch_raise(logits, labels):
         _compute(logits, labels, 3)
 
 
+def test_float_labels_and_a_fractional_class_count_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"integer array of class ids, got dtype float32; convert"):
+        _compute(np.zeros((4, 3), np.float32), np.zeros(4, np.float32), 3)
+    with pytest.raises(ValueError, match="num_classes must be a whole number >= 2, got 2.5"):
+        ClassificationMetrics(2.5)
+
+
 def test_non_contiguous_input_is_copied():
     rng = np.random.default_rng(7)
     wide = random_logits(rng, 50, 6)

@@ -157,6 +157,8 @@ def test_input_errors():
         bootstrap_ci(np.array([], np.int64), np.array([], np.int64))
     with pytest.raises(ValueError, match="level"):
         bootstrap_ci(np.array([0]), np.array([0]), level=95)
+    with pytest.raises(ValueError, match="seed must be a non-negative 64-bit integer, got 1.5"):
+        bootstrap_ci(np.array([0]), np.array([0]), seed=1.5)
 
 
 def test_single_example_bootstrap():
@@ -174,6 +176,17 @@ def test_mean_ci_matches_scipy():
         assert student_t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-10)
     single = mean_ci([0.5])
     assert single.estimate == 0.5 and np.isnan(single.low)
+    with pytest.raises(ValueError, match=r"finite values; values\[1\] is inf"):
+        mean_ci([0.5, np.inf])
+
+
+def test_an_infinite_nll_gives_infinite_bounds_not_nan():
+    # a label with probability 0 has NLL inf; interpolating between two inf replicates gave NaN
+    labels = np.r_[np.zeros(150, np.int64), np.ones(150, np.int64)]
+    for n_infinite, low in ((1, 1.0), (20, np.inf)):
+        nll = np.r_[np.full(n_infinite, np.inf), np.ones(300 - n_infinite)]
+        interval = bootstrap_ci(labels, labels, nll=nll)["nll"]
+        assert (interval.estimate, interval.low, interval.high) == (np.inf, low, np.inf)
 
 
 def test_missing_extension_fails_with_build_instructions():
@@ -298,5 +311,7 @@ def test_hierarchical_input_errors():
         hierarchical_paired_test([[0, 1], [0, 1]], [y, y], [y, y], [y, [0]])
     with pytest.raises(ValueError, match="at least one seed"):
         hierarchical_paired_test([], [], [], [])
+    with pytest.raises(ValueError, match="one array per seed.*'preds_b': 1"):
+        hierarchical_paired_test([[0, 1], [0, 1]], [y, y], [y, y], [y])
     with pytest.raises(ValueError, match="metric"):
         hierarchical_paired_test([[0, 1]], [y], [y], [y], metric="auc")

@@ -122,6 +122,8 @@ def test_errors_name_the_problem():
         token_stats(logits, np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="float32"):
         token_stats(np.zeros((3, 4), np.int32), np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match=r"lacks \['n_tokens', 'top1_hits', 'top5_hits'\]"):
+        TokenMetrics().merge({"nll_sum": 1.0})
 
 
 def test_empty_and_all_ignored_batches():

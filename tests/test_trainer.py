@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,7 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
     assert summary["status"] == "completed"
     assert summary["num_train"] == 16 and summary["num_validation"] == 16
     assert summary["num_test"] == 40
+    assert summary["test"]["n"] == 40 and isinstance(summary["test"]["n"], int)  # 40, not 40.0
     assert "train: 8 per class" in summary["data_source"]  # the K-shot draw, as printed
     assert summary["validation_label_counts"] == [8, 8]
     selected_row = (
@@ -370,6 +372,8 @@ def test_causal_lm_sft_run(tiny_llama_path, tmp_path):
     assert len(preds) == summary["num_test"] and all(p["n_tokens"] > 0 for p in preds)
     total = sum(p["nll_sum"] for p in preds) / sum(p["n_tokens"] for p in preds)
     assert total == pytest.approx(test["loss"], rel=1e-6)
+    assert test["n_tokens"] == sum(p["n_tokens"] for p in preds) and test["n"] == len(preds)
+    assert isinstance(test["n_tokens"], int) and isinstance(test["n"], int)
     assert (out / "adapter" / "adapter_config.json").is_file()
     for row in read_jsonl(out / "metrics.jsonl"):
         assert set(row["validation"]) >= set(SELECTION_METRICS["causal_lm"])
@@ -556,6 +560,17 @@ def test_resume_after_kill_matches_uninterrupted(tiny_bert_path, sentiment_dir, 
     from lorafit.checkpoint import load_checkpoint
 
     evaluated_before_kill = load_checkpoint(out / "checkpoints" / "step-8")["trainer"]["eval_s"]
+    # a checkpoint of 2 processes resumed by 1 would replay batches: refused, the run untouched
+    two = tmp_path / "two_processes"
+    shutil.copytree(out, two)
+    state_path = two / "checkpoints" / "step-8" / "state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "rng_ranks": [state["rng"]]}))
+    metrics_before = (two / "metrics.jsonl").read_text()
+    two_args = tiny_overrides(tiny_bert_path, sentiment_dir, two, **extra)
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this launch has 1"):
+        Trainer(load_config(None, [*two_args, "train.resume=true"])).setup()
+    assert (two / "metrics.jsonl").read_text() == metrics_before
     trainer = Trainer(load_config(None, [*args, "train.resume=true"]))
     trainer.setup()
     resumed = trainer.train()

@@ -84,7 +84,10 @@ def as_labels(labels, name: str = "labels") -> np.ndarray:
     if array.size == 0:  # an empty list is float64 to numpy: an empty batch all the same
         array = array.astype(np.int64)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer array, got dtype {array.dtype}")
+        raise ValueError(
+            f"{name} must be an integer array of class ids, got dtype {array.dtype}; "
+            "convert it, e.g. labels.astype(int) or labels.long()"
+        )
     return np.ascontiguousarray(array, dtype=np.int64)
 
 

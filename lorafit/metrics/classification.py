@@ -19,8 +19,8 @@ class ClassificationMetrics:
     """
 
     def __init__(self, num_classes: int, ece_bins: int = 15, store_scores: bool = True):
-        if int(num_classes) < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if num_classes != int(num_classes) or int(num_classes) < 2:
+            raise ValueError(f"num_classes must be a whole number >= 2, got {num_classes}")
         if int(ece_bins) < 1:
             raise ValueError(f"ece_bins must be >= 1, got {ece_bins}")
         self.num_classes = int(num_classes)

@@ -156,6 +156,16 @@ def hierarchical_paired_test(
         raise ValueError(f"metric must be one of {sorted(_METRIC_COLUMNS)}, got {metric!r}")
     if int(n_resamples) < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    counts = {
+        "rows": len(rows),
+        "labels": len(labels),
+        "preds_a": len(preds_a),
+        "preds_b": len(preds_b),
+    }
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"give one array per seed in each of rows, labels, preds_a, preds_b; got {counts}"
+        )
     indicators, n_seeds = _cluster_indicators(rows, labels, preds_a, preds_b, num_classes)
     seed_differences = _seed_differences(indicators.sum(axis=0), n_seeds, metric)
     difference = float(seed_differences.mean())
@@ -237,6 +247,9 @@ def mean_ci(values, level: float = 0.95) -> ConfidenceInterval:
     x = np.asarray(values, dtype=np.float64).reshape(-1)
     if x.size == 0:
         raise ValueError("mean_ci needs at least one value")
+    if not np.isfinite(x).all():
+        first = int(np.flatnonzero(~np.isfinite(x))[0])
+        raise ValueError(f"mean_ci needs finite values; values[{first}] is {x[first]}")
     _check_level(level)
     mean = float(x.mean())
     if x.size == 1:
@@ -333,7 +346,7 @@ def _resample(y, a, b, values, num_classes, n_resamples, level, seed, permute):
     _check_level(level)
     if int(n_resamples) < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    if not 0 <= int(seed) < 2**64:
+    if seed != int(seed) or not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed must be a non-negative 64-bit integer, got {seed}")
     return kernels.resample_stats(
         y, a, b, values, num_classes, int(n_resamples), int(seed), permute
@@ -364,8 +377,14 @@ def _metric_from_counts(label_count, pred_count, hit_count, metric: str) -> np.n
 
 
 def _percentile_bounds(replicates: np.ndarray, level: float) -> tuple[float, float]:
-    low, high = np.quantile(replicates, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    return float(low), float(high)
+    quantiles = [(1.0 - level) / 2.0, (1.0 + level) / 2.0]
+    with np.errstate(invalid="ignore"):
+        bounds = np.quantile(replicates, quantiles)
+    # between two infinite replicates (an inf NLL) the interpolation is inf - inf = NaN
+    bounds = np.where(
+        np.isnan(bounds), np.quantile(replicates, quantiles, method="nearest"), bounds
+    )
+    return float(bounds[0]), float(bounds[1])
 
 
 def _percentile_ci(estimate: float, replicates: np.ndarray, level: float) -> ConfidenceInterval:

@@ -86,6 +86,11 @@ class TokenMetrics:
 
     def merge(self, state: dict) -> None:
         """Adds another state; any dict with the four totals works (e.g. gathered sums)."""
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"the state to merge lacks {missing}; pass another TokenMetrics' state()"
+            )
         self._totals["nll_sum"] += float(state["nll_sum"])
         for key in ("n_tokens", "top1_hits", "top5_hits"):
             self._totals[key] += int(state[key])
