@@ -88,6 +88,11 @@ def _add_predict(sub) -> None:
     p.add_argument("--adapter", default=None, help="adapter name when several are loaded")
     p.add_argument("--text-column", default=None, help="text column of csv/tsv/jsonl input")
     p.add_argument(
+        "--delimiter",
+        default=None,
+        help="field separator of a csv/tsv input, e.g. ';' (default: ',' for .csv, tab for .tsv)",
+    )
+    p.add_argument(
         "--text-pair-column",
         default=None,
         help="second text column for a sentence-pair model (default: the one it was trained on)",

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +176,13 @@ def count_truncated(
     full = [i for i, row in enumerate(ids) if len(row) >= max_length]  # only these may be cut
     if not full:
         return 0
+    # one token past max_length tells a cut row; it also keeps transformers from warning about
+    # sequences longer than the model's limit, which lorafit never feeds it
     lengths = tokenizer(
-        [texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None
+        [texts[i] for i in full],
+        [pairs[i] for i in full] if pairs is not None else None,
+        truncation=True,
+        max_length=max_length + 1,
     )["input_ids"]
     return sum(len(row) > max_length for row in lengths)
 
@@ -748,8 +754,18 @@ def _normalise_classification(
     raw = dict(raw)
     keys: dict[str, list] = {}
     label_columns: dict[str, str] = {}
-    for role, split in list(raw.items()):
-        label_columns[role] = _label_column(split, cfg)
+    for role, split in sorted(raw.items(), key=lambda item: item[0] != "train"):  # train first
+        try:
+            label_columns[role] = _label_column(split, cfg)
+        except DataError:
+            if role == "train":
+                raise
+            # an unlabelled file for prediction, placed beside the training files
+            raise DataError(
+                f"{split.origin}: the {role} split has no label column '{cfg.label}' "
+                f"(data.label); add its labels, or set data.{role}_split=null to carve a "
+                f"labelled {role} set from train (lorafit predict reads unlabelled files)"
+            ) from None
         keys[role] = _label_keys(split, label_columns[role])
         if role == "test" and all(k is None for k in keys[role]):
             # hidden test labels (GLUE on the hub): behave as if no test split was given
@@ -1159,10 +1175,11 @@ def _classes_without_rows_note(
         return None
     after = f" (after data.min_words={min_words})" if min_words else ""
     names = ", ".join(f"'{name}'" for name in missing)
+    classes = "class" if len(missing) == 1 else "classes"
     return (
-        f"no rows in the train pool{after} for data.labels class {names}: it stays in the label "
-        f"space but is never trained on, so its test rows count as errors; add training rows for "
-        f"it or drop it from data.labels and the test file"
+        f"no rows in the train pool{after} for data.labels {classes} {names}: kept in the label "
+        "space but never trained on, so test rows of that label count as errors; add training "
+        "rows for each or drop it from data.labels and the test file"
     )
 
 
@@ -1174,10 +1191,18 @@ def _classes_left_out_note(
     if not left_out:
         return None
     names = ", ".join(f"'{label_names[c]}'" for c in left_out[:5])
+    # per_class draws K for training and K for validation from every class: say what fits
+    smallest = min(_class_counts(_strata(pool)).values())
+    per_class = (
+        f"data.k_shot_unit=per_class with data.k_shot <= {smallest // 2} (the smallest class "
+        f"has {smallest} pool rows)"
+        if smallest >= 2
+        else "data.k_shot_unit=per_class once every class has 2 or more pool rows"
+    )
     return (
         f"train: no rows of class {names}{', ...' if len(left_out) > 5 else ''} (data.k_shot={k} in "
         f"total, shared in proportion to the pool): the model never predicts it; raise data.k_shot "
-        f"or set data.k_shot_unit=per_class"
+        f"or set {per_class}"
     )
 
 
@@ -1194,17 +1219,18 @@ def _capped(
 
 
 def _labels_differing_in_case_note(label_names: list[str]) -> str | None:
-    """'Pos' and 'pos' are two classes to lorafit; almost always a typo in the data."""
+    """'Pos' and 'pos' are two classes to lorafit; almost always a typo in the data. So are two
+    Unicode spellings of 'négatif' (a composed and a decomposed é), which print alike."""
     by_folded: dict[str, list[str]] = {}
     for name in label_names:
-        by_folded.setdefault(name.casefold(), []).append(name)
+        by_folded.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(name)
     clashes = [names for names in by_folded.values() if len(names) > 1]
     if not clashes:
         return None
     shown = "; ".join(" vs ".join(repr(n) for n in names) for names in clashes[:3])
     return (
-        f"labels that differ only in case are separate classes: {shown}; if they mean the "
-        f"same class, spell them one way in the data"
+        f"labels that differ only in case or Unicode form are separate classes: {shown}; if "
+        f"they mean the same class, spell them one way in the data"
     )
 
 

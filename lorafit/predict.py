@@ -503,16 +503,9 @@ def _row_from_record(
         return row
     column = _text_column(list(record), chosen)
     if column is None:
-        separated = len(record) == 1 and any(sep in next(iter(record)) for sep in ";\t|")
-        fix = (  # one column whose name holds another separator: a ;-separated csv
-            "the file looks separated by another character than its extension's; save it "
-            "comma-separated (.csv) or tab-separated (.tsv)"
-            if separated
-            else "pass --text-column"
-        )
         raise DataError(
             f"{origin}: no text column ({', '.join(chosen.text)}); columns: "
-            f"{', '.join(record)}; {fix}"
+            f"{', '.join(record)}; pass --text-column"
         )
     text = _text(record[column], f"{origin} column '{column}'")
     if chosen.instruction_input and column == chosen.instruction_input[0]:
@@ -546,7 +539,10 @@ def _true_label(record: Any, column: str, origin: str) -> Any:
 
 
 def read_inputs(
-    path: str | Path, columns: Columns = InputColumns(), adapter: str | None = None
+    path: str | Path,
+    columns: Columns = InputColumns(),
+    adapter: str | None = None,
+    delimiter: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of a csv/tsv/jsonl/json/parquet/txt file: {"input", "origin", optional "id", "adapter"}.
 
@@ -560,9 +556,11 @@ def read_inputs(
         )
     if not path.is_file():
         raise DataError(f"input file {path} not found")
+    if delimiter is not None and (suffix not in (".csv", ".tsv") or len(delimiter) != 1):
+        raise DataError(f"--delimiter is one character for a .csv or .tsv input, got {delimiter!r}")
     rows, blank = [], []
     try:
-        for record, origin in _records(path, suffix):
+        for record, origin in _records(path, suffix, delimiter):
             if record is _BLANK:
                 blank.append(origin.rsplit(" ", 1)[-1])
             else:
@@ -584,8 +582,9 @@ def read_inputs(
 _BLANK = object()  # a blank line of a .txt or JSON-lines input
 
 
-def _records(path: Path, suffix: str) -> Iterable[tuple[Any, str]]:
-    """(record, origin) of each input in the file: a text, a JSON value or a table row.
+def _records(path: Path, suffix: str, delimiter: str | None = None) -> Iterable[tuple[Any, str]]:
+    """(record, origin) of each input in the file: a text, a JSON value or a table row;
+    `delimiter` overrides the csv/tsv separator of the extension.
 
     A blank line of a .txt or JSON-lines file yields (_BLANK, origin): it is skipped."""
     if suffix == ".parquet":  # the training formats: parquet, and .json as one list
@@ -614,14 +613,31 @@ def _records(path: Path, suffix: str) -> Iterable[tuple[Any, str]]:
                         raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
                 yield record, f"{path} line {n}"
         else:  # TSV files carry bare quote characters, so quoting is off (as in lorafit.data)
+            separator = delimiter or ("\t" if suffix == ".tsv" else ",")
             reader = csv.DictReader(
                 fh,
-                delimiter="\t" if suffix == ".tsv" else ",",
-                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
+                delimiter=separator,
+                quoting=csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL,
             )
+            header = reader.fieldnames or []
+            other = [c for c in ";\t|," if c != separator and len(header) == 1 and c in header[0]]
+            if other:  # one column whose name holds another separator: e.g. a ;-separated csv
+                raise DataError(
+                    f"{path}: the header {header[0]!r} is one column; the file looks separated "
+                    f"by {other[0]!r}, not {separator!r}: pass --delimiter '{other[0]}'"
+                )
             # "line N" of the file, as for jsonl/txt ("row N" would read as the output's 0-based row)
             for record in reader:
-                yield record, f"{path} line {reader.line_num}"
+                origin = f"{path} line {reader.line_num}"
+                # fields past the header (csv keys them None) would be dropped, the text cut short;
+                # a missing field is None, and an empty text or label is named where it is read
+                extra = record.pop(None, None)
+                if extra:
+                    raise DataError(
+                        f"{origin}: {len(header) + len(extra)} fields, the header has "
+                        f"{len(header)}; quote a text that holds the separator {separator!r}"
+                    )
+                yield record, origin
 
 
 def _parquet_records(path: Path) -> list[dict[str, Any]]:
@@ -719,18 +735,24 @@ def score_predictions(
 
 
 def _label_id(row: dict[str, Any], names: list[str]) -> int:
-    """A true label as the model's label id: its name ("positive"), or its id (0, "1")."""
+    """A true label as the model's label id: its name ("positive"), or its id (0, "1") where no
+    label name is a number (labels 1/3/5: "1" is the name, never id 1)."""
     raw = row["true_label"]
     text = str(raw).strip()
     if re.fullmatch(r"[+-]?\d+\.0*", text):  # 1.0 is 1, as in training data (docs/data.md)
         text = str(int(float(text)))
     if text in names:
         return names.index(text)
-    if not isinstance(raw, bool) and text.isdigit() and int(text) < len(names):
+    numbered = any(re.fullmatch(r"[+-]?\d+", name) for name in names)
+    if not numbered and not isinstance(raw, bool) and text.isdigit() and int(text) < len(names):
         return int(text)
+    ids = (
+        "; its labels are numbers, so a value is read as a label name, never as an id"
+        if numbered
+        else f" (or their ids 0-{len(names) - 1})"
+    )
     raise DataError(
-        f"{row['origin']}: unknown label {raw!r}; the model's labels are "
-        f"{', '.join(names)} (or their ids 0-{len(names) - 1})"
+        f"{row['origin']}: unknown label {raw!r}; the model's labels are {', '.join(names)}{ids}"
     )
 
 
@@ -810,7 +832,11 @@ def predict_cli(args: Any) -> int:
         )
         for name, folder in sources.items()
     }
-    rows = None if args.input == "-" else read_inputs(args.input, columns, args.adapter)
+    rows = (
+        None
+        if args.input == "-"
+        else read_inputs(args.input, columns, args.adapter, delimiter=args.delimiter)
+    )
     predictor = Predictor(sources, base_model=args.base_model, device=args.device)
     options = {
         "batch_size": args.batch_size,

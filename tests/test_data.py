@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -428,7 +429,7 @@ def test_k_shot_per_class_keeps_a_listed_class_without_training_rows(
     assert Counter(td.train["label"][:]) == {0: 2, 1: 2}
     assert Counter(td.validation["label"][:]) == {0: 2, 1: 2}
     assert td.test["label"][:] == [0, 1, 2]
-    note = "no rows in the train pool for data.labels class 'c': it stays in the label space"
+    note = "no rows in the train pool for data.labels class 'c': kept in the label space"
     assert note in _warned(td) and caplog.text.count(note) == 1
 
 
@@ -875,7 +876,13 @@ def test_labels_differing_only_in_case_are_named(tmp_path: Path, caplog) -> None
     path = _write(tmp_path / "case.csv", _rows({"pos": 20, "Pos": 20, "neg": 20}))
     with caplog.at_level("WARNING"):
         load_task_data(DataConfig(path=str(path), k_shot=4), "classification")
-    assert "labels that differ only in case are separate classes: 'Pos' vs 'pos'" in caplog.text
+    assert "differ only in case or Unicode form are separate classes: 'Pos' vs 'pos'" in caplog.text
+    caplog.clear()
+    composed, decomposed = "n\u00e9gatif", "ne\u0301gatif"  # print alike, compare unequal
+    path = _write(tmp_path / "nfd.csv", _rows({composed: 20, decomposed: 20, "positif": 20}))
+    with caplog.at_level("WARNING"):
+        load_task_data(DataConfig(path=str(path), k_shot=4), "classification")
+    assert f"separate classes: {decomposed!r} vs {composed!r}" in caplog.text
 
 
 def test_empty_split_and_file_errors(tmp_path: Path) -> None:
@@ -1126,6 +1133,22 @@ def test_one_based_integer_labels_with_names_say_so(tmp_path: Path) -> None:
     assert td.label_names == ["4", "3", "2", "1"]
 
 
+def test_an_unlabelled_test_file_is_named_with_the_fix(tmp_path: Path) -> None:
+    _write(tmp_path / "train.csv", _rows({"a": 10, "b": 10}))
+    (tmp_path / "test.csv").write_text("text\nnew text to predict\n")
+    with pytest.raises(DataError) as info:
+        load_task_data(DataConfig(path=str(tmp_path)), "classification")
+    assert str(info.value) == (
+        f"{tmp_path / 'test.csv'}: the test split has no label column 'label' (data.label); add "
+        "its labels, or set data.test_split=null to carve a labelled test set from train "
+        "(lorafit predict reads unlabelled files)"
+    )
+    carved = load_task_data(DataConfig(path=str(tmp_path), test_split=None), "classification")
+    assert len(carved.test) == 4
+    with pytest.raises(DataError, match=r"train.csv: .*no column 'gold'"):  # a typo: train's error
+        load_task_data(DataConfig(path=str(tmp_path), label="gold"), "classification")
+
+
 def test_folder_files_that_match_no_split_are_reported(tmp_path: Path, caplog) -> None:
     _write(tmp_path / "train.csv", _rows({"a": 10, "b": 10}))
     _write(tmp_path / "dev.csv", _rows({"a": 3, "b": 3}))
@@ -1149,6 +1172,10 @@ def test_k_shot_total_that_leaves_a_class_out_is_noted(tmp_path: Path) -> None:
     td = load_task_data(cfg, "classification")
     assert set(td.train["label"][:]) == {1}
     assert "train: no rows of class 'complaint' (data.k_shot=4 in total" in _warned(td)
+    # the per_class fix it offers is one the data can give: K train + K validation per class
+    fix = "data.k_shot_unit=per_class with data.k_shot <= 2 (the smallest class has 4 pool rows)"
+    assert fix in _warned(td)
+    load_task_data(dataclasses.replace(cfg, k_shot=2, k_shot_unit="per_class"), "classification")
     td = load_task_data(
         DataConfig(path=str(path), k_shot=40, k_shot_unit="total"), "classification"
     )

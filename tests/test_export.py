@@ -880,9 +880,19 @@ def test_predict_input_mistakes_are_one_line_errors(cls_export, work, capsys):
     assert "is the --input file" in _cli_error(argv, capsys)
     assert texts.read_text() == "the movie was great\n"  # not overwritten
     semicolons = work / "semi.csv"
-    semicolons.write_text("review;label\nthe movie was great;pos\n")
+    semicolons.write_text("review;label\nthe movie was great, and long;pos\n")  # Excel's csv
     line = _cli_error(["predict", str(cls_export), "--input", str(semicolons)], capsys)
-    assert "looks separated by another character" in line and "--text-column" not in line
+    assert "the header 'review;label' is one column; the file looks separated by ';'" in line
+    assert "pass --delimiter ';'" in line
+    argv = ["predict", str(cls_export), "--input", str(semicolons), "--output", "-"]
+    assert run_cli([*argv, "--delimiter", ";", "--text-column", "review"]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] in ("neg", "pos")
+    torn = work / "torn.csv"  # an unquoted comma: the text would be cut at it
+    torn.write_text("text,label\ngreat,pos\nbad, really bad,neg\nfine\n")
+    line = _cli_error(["predict", str(cls_export), "--input", str(torn)], capsys)
+    assert line.endswith(
+        "torn.csv line 3: 3 fields, the header has 2; quote a text that holds the separator ','"
+    )
     assert run_cli(["export", "x", "--out", "y", "--merge", "--tolerance", "-1"]) == 2
     assert "--tolerance: must be a positive number" in capsys.readouterr().err
 
@@ -938,3 +948,18 @@ def test_export_of_an_unfinished_or_adapterless_run_says_why(cls_run, work, caps
     line = _cli_error(["export", str(no_summary), "--out", str(work / "x")], capsys)
     assert "is a run that has not finished" in line and "train.resume=true" in line
     assert not (work / "x").exists()
+
+
+def test_a_true_label_is_a_name_or_an_id_never_both_in_one_model():
+    from lorafit.predict import _label_id
+
+    row = lambda value: {"true_label": value, "origin": "f.csv line 2"}  # noqa: E731
+    words = ["neg", "pos"]
+    assert [_label_id(row(v), words) for v in ("pos", 0, "1", 1.0)] == [1, 0, 1, 1]
+    stars = ["1", "3", "5"]  # labels that are numbers: a value is a name, never an id
+    assert [_label_id(row(v), stars) for v in ("1", 3, "5.0")] == [0, 1, 2]
+    for value in (0, 2):
+        with pytest.raises(
+            DataError, match=rf"unknown label {value}; .* 1, 3, 5; its labels are numbers"
+        ):
+            _label_id(row(value), stars)
