@@ -93,5 +93,6 @@ def calibration_line(
     )
     return (
         f"calibration: temperature {temperature:.3g} fitted on {n} validation examples "
-        f"(validation ECE {ece_before:.3f} -> {ece_after:.3f}{note})"
+        f"(validation ECE {ece_before:.3f} -> {ece_after:.3f}, on the rows it was fitted on{note}; "
+        "the test block below has the held-out effect)"
     )

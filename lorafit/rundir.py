@@ -225,7 +225,7 @@ def plot_learning_curve(
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("train (fixed sample) vs validation: the gap is the overfitting")
+    fig.suptitle("train (fixed sample) vs validation: read the gap's growth from step 0")
     fig.tight_layout()
     write_with(out_path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)

@@ -85,12 +85,12 @@ def test_the_run_line_says_what_the_fit_means():
     line = calibration_line(2.5, 16, 0.25, 0.05, 0.75)
     assert line == (
         "calibration: temperature 2.5 fitted on 16 validation examples (validation ECE 0.250 -> "
-        "0.050)"
+        "0.050, on the rows it was fitted on; the test block below has the held-out effect)"
     )
     line = calibration_line(2.5, 16, 0.12, 0.16, 0.75)
     assert line.endswith(
-        "0.120 -> 0.160; T minimises validation NLL, and binned ECE on few "
-        "examples can move either way)"
+        "0.120 -> 0.160, on the rows it was fitted on; T minimises validation NLL, and binned "
+        "ECE on few examples can move either way; the test block below has the held-out effect)"
     )
 
 
