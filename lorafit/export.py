@@ -554,7 +554,11 @@ def _write_merged(package: Package, staging: Path, tolerance: float | None) -> d
     if meta["method"] in ("full", "head"):
         raise ModelError(
             f"method {meta['method']} has no adapter to merge; export without --merge "
-            "(full: the package already holds the whole model)"
+            + (
+                "(the package already holds the whole model)"
+                if meta["method"] == "full"
+                else "(the package holds the trained head; the encoder is the base model's)"
+            )
         )
     adapter_model, tokenizer, _ = _guarded(package, lambda: Meth.load_trained(package.weights_dir))
     float_meta = copy.deepcopy(meta)
@@ -580,7 +584,14 @@ def _write_merged(package: Package, staging: Path, tolerance: float | None) -> d
         **float_meta,
         "method": "full",
         "merged_from": meta["method"],
-        "method_config": {**meta["method_config"], "name": "full"},
+        # a full model: the adapter's own settings (AdaLoRA's total_step, target modules) would
+        # not load as full-model settings; merged_from and the original package keep them
+        "method_config": {
+            **meta["method_config"],
+            "name": "full",
+            "peft_kwargs": {},
+            "target_modules": "auto",
+        },
     }
     Meth.save_trained(merged, staging, tokenizer=tokenizer)
     as_sequence_classifier = isinstance(merged, TextClassifier) and _save_as_sequence_classifier(

@@ -915,9 +915,9 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         not hasattr(body, "merge_and_unload")
         or body.peft_config[body.active_adapter].is_prompt_learning
     ):
-        method = body.peft_config[body.active_adapter].peft_type
+        method = str(body.peft_config[body.active_adapter].peft_type.value).lower()
         raise ModelError(
-            f"{method} adapters cannot be merged into the weights; export without --merge"
+            f"method.name={method} adapters cannot be merged into the weights; export without --merge"
         )
     _unwrap_modules_to_save(body)
     merged = body.merge_and_unload()

@@ -963,3 +963,37 @@ def test_a_true_label_is_a_name_or_an_id_never_both_in_one_model():
             DataError, match=rf"unknown label {value}; .* 1, 3, 5; its labels are numbers"
         ):
             _label_id(row(value), stars)
+
+
+def test_a_merged_adapter_with_its_own_settings_loads_as_a_full_model(
+    tiny_bert_path, work, cls_run
+):
+    # cls_run wrote work / "data". AdaLoRA always saves peft_kwargs (total_step), and target
+    # modules may be named: the merged package is a full model and must load as one
+    settings = {
+        "method.name": "adalora",
+        "method.target_modules": "[query,value]",
+        "train.steps": 4,
+        "data.k_shot": 4,
+        "output.plot": "false",
+    }
+    run = work / "adalora_run"
+    train(load_config(None, tiny_overrides(tiny_bert_path, work / "data", run, **settings)))
+    merged = export_run(run, work / "adalora_merged", merge=True)
+    meta = json.loads((merged / "lorafit_model.json").read_text())
+    assert meta["merged_from"] == "adalora" and meta["method_config"]["peft_kwargs"] == {}
+    texts = ["a wonderful film", "a dull and boring film"]
+    probs = [
+        Predictor(p).predict(texts) for p in (merged, export_run(run, work / "adalora_export"))
+    ]
+    for merged_row, adapter_row in zip(*probs):
+        assert merged_row["probs"] == pytest.approx(adapter_row["probs"], abs=1e-5)
+
+
+def test_a_prompt_learning_merge_is_refused_by_method_name(tiny_bert_path, work, cls_run):
+    settings = {"method.name": "prompt_tuning", "train.steps": 2, "output.plot": "false"}
+    run = work / "prompt_run"
+    train(load_config(None, tiny_overrides(tiny_bert_path, work / "data", run, **settings)))
+    with pytest.raises(ModelError, match=r"^method.name=prompt_tuning adapters cannot be merged"):
+        export_run(run, work / "prompt_merged", merge=True)
+    assert not (work / "prompt_merged").exists()
