@@ -591,9 +591,14 @@ def _delimiter_hint(split: _Split, columns: Sequence[str]) -> str | None:
     return f"its one column looks separated by {fix}" if fix else None
 
 
+def other_separator(header: str, used: str | None = None) -> str | None:
+    """The separator (;, tab, |, comma) a header line holds other than `used`, if any."""
+    return next((sep for sep in (";", "\t", "|", ",") if sep in header and sep != used), None)
+
+
 def _separator_fix(header: str, used: str | None = None) -> str | None:
     """ "';': set data.delimiter=';'" when a header line holds a separator other than `used`."""
-    found = next((sep for sep in (";", "\t", "|", ",") if sep in header and sep != used), None)
+    found = other_separator(header, used)
     if found is None:
         return None
     shown = "\\t" if found == "\t" else found  # as typed on the command line

@@ -620,11 +620,11 @@ def _records(path: Path, suffix: str, delimiter: str | None = None) -> Iterable[
                 quoting=csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL,
             )
             header = reader.fieldnames or []
-            other = [c for c in ";\t|," if c != separator and len(header) == 1 and c in header[0]]
+            other = D.other_separator(header[0], separator) if len(header) == 1 else None
             if other:  # one column whose name holds another separator: e.g. a ;-separated csv
                 raise DataError(
                     f"{path}: the header {header[0]!r} is one column; the file looks separated "
-                    f"by {other[0]!r}, not {separator!r}: pass --delimiter '{other[0]}'"
+                    f"by {other!r}, not {separator!r}: pass --delimiter '{other}'"
                 )
             # "line N" of the file, as for jsonl/txt ("row N" would read as the output's 0-based row)
             for record in reader:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -209,24 +210,12 @@ def _t_interval(
     df = variance**2 * (n_seeds - 1) / seed_variance**2 if seed_variance > 0.0 else math.inf
     se = math.sqrt(variance)
     if math.isinf(df) or df > 1e6:
-        quantile = _normal_quantile(0.5 + level / 2)
+        quantile = statistics.NormalDist().inv_cdf(0.5 + level / 2)
         p_value = math.erfc(abs(difference) / se / math.sqrt(2.0))
     else:
         quantile = student_t_quantile(0.5 + level / 2, df)
         p_value = 2.0 * (1.0 - _student_t_cdf(abs(difference) / se, df))
     return difference - quantile * se, difference + quantile * se, min(1.0, p_value)
-
-
-def _normal_quantile(probability: float) -> float:
-    """Quantile of the standard normal (bisection on erf; no scipy needed at run time)."""
-    low, high = -40.0, 40.0
-    for _ in range(200):
-        middle = (low + high) / 2.0
-        if 0.5 * math.erfc(-middle / math.sqrt(2.0)) < probability:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2.0
 
 
 def token_bootstrap_ci(
