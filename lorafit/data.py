@@ -763,8 +763,8 @@ def _normalise_classification(
         try:
             label_columns[role] = _label_column(split, cfg)
         except DataError:
-            if role == "train":
-                raise
+            if role == "train" or _delimiter_hint(split, split.dataset.column_names):
+                raise  # the train file's own error, or the file's separator is the cause
             # an unlabelled file for prediction, placed beside the training files
             raise DataError(
                 f"{split.origin}: the {role} split has no label column '{cfg.label}' "

@@ -1147,6 +1147,9 @@ def test_an_unlabelled_test_file_is_named_with_the_fix(tmp_path: Path) -> None:
     assert len(carved.test) == 4
     with pytest.raises(DataError, match=r"train.csv: .*no column 'gold'"):  # a typo: train's error
         load_task_data(DataConfig(path=str(tmp_path), label="gold"), "classification")
+    (tmp_path / "test.csv").write_text("text;label\na new text;a\n")  # labelled, other separator
+    with pytest.raises(DataError, match=r"test.csv: .*its one column looks separated by ';'"):
+        load_task_data(DataConfig(path=str(tmp_path)), "classification")
 
 
 def test_folder_files_that_match_no_split_are_reported(tmp_path: Path, caplog) -> None:
