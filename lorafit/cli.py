@@ -247,7 +247,8 @@ def _cmd_config(args) -> int:
             f"head_lr={'lr' if row['head_lr'] is None else format(row['head_lr'], 'g')} "
             f"steps={row['steps']} min_passes={row['min_passes']:g} "
             f"select_best={str(row['select_best']).lower()} "
-            f"r={row['r'] if row['r'] is not None else '-'} pool_layers={row['pool_layers']}"
+            f"r={row['r'] if row['r'] is not None else '-'} pool_layers={row['pool_layers']} "
+            f"refit={str(row['refit']).lower()}"
         )
         print(f"  {'':<13} evidence: {row['why']}")
     return 0
@@ -300,7 +301,14 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     if start and tested and start.get(metric) is not None and tested.get(metric) is not None:
         lines.append(
             f"trained:    validation {metric} {start[metric]:.4f} at step 0 -> "
-            f"{tested[metric]:.4f} ({_tested(summary, metric)})"
+            f"{tested[metric]:.4f} ({_selected(summary, metric)})"
+        )
+    refit = summary.get("refit")
+    if refit:
+        lines.append(
+            f"refit:      the tested model was trained again from the start on train + "
+            f"validation ({refit['num_train']} rows, {refit['steps']} steps; train.refit); the "
+            "validation numbers are the monitored run's"
         )
     if summary.get("stopped_early"):
         lines.append(
@@ -334,7 +342,15 @@ def _majority_class(summary: dict) -> str | None:
 
 
 def _tested(summary: dict, metric: str) -> str:
-    """Which weights were tested: the best validation step, or the last under a fixed budget."""
+    """Which weights were tested: the refit's, else the monitored run's selected ones."""
+    if summary.get("refit"):
+        return f"the refit's last step {summary['refit']['steps']}"
+    return _selected(summary, metric)
+
+
+def _selected(summary: dict, metric: str) -> str:
+    """The monitored run's selected weights: the best validation step, or the last under a
+    fixed budget."""
     if summary.get("selected") == "best":
         return f"weights of step {summary['best_step']}, best by validation {metric}"
     return f"weights of the last step {summary['stopped_at_step']}, a fixed budget"

@@ -320,6 +320,12 @@ class TrainConfig:
         "Contrastive objective: fit the head on a fixed class-stratified sample of this many "
         "training examples (all when fewer; None: all).",
     )
+    refit: bool | None = _f(
+        None,
+        "After the monitored run, train again from the start on train + validation for its "
+        "selected steps and test that model (None: on for K-shot classification under the "
+        "lora, qlora, full and head recipes).",
+    )
     calibration: str = _f(
         "auto",
         "After training, fit a temperature on the validation split and fold it into the head "
@@ -417,6 +423,21 @@ def calibration_for(train_cfg: TrainConfig, task: str) -> str:
             "use train.calibration=none for causal LMs"
         )
     return train_cfg.calibration
+
+
+def refit_for(cfg: RunConfig, task: str) -> bool:
+    """Whether the run trains again on train + validation after the monitored run (None: the
+    method's recipe decides, for classification runs whose validation is a K-shot draw from the
+    training data; a validation split the user gave is never trained on by default)."""
+    from lorafit import recipes
+
+    if cfg.train.refit is not None:
+        return cfg.train.refit
+    return (
+        recipes.recipe_for(cfg.method.name).refit
+        and task == "classification"
+        and cfg.data.k_shot is not None
+    )
 
 
 def selection_metric_for(train_cfg: TrainConfig, task: str) -> str:

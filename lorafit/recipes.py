@@ -35,13 +35,15 @@ class Recipe:
     objective: str = "ce"  # train.objective; auto: contrastive for classification, else ce
     r: int | None = None  # LoRA rank (PEFT methods with a rank); alpha defaults to 2 * r
     pool_layers: int = 1  # model.pool_layers: pool the mean of the last N layers (token poolings)
+    refit: bool = False  # K-shot classification: train again on train + validation (train.refit)
     why: str = ""  # one line of evidence (dev accuracy %), printed by `lorafit config`
 
 
 # Shared by the LoRA family: rank 8, alpha 2r, all linear layers of the blocks
 # (method.target_modules=auto resolves to them for known architectures), 10% warmup (the
 # train.warmup default), linear decay, a fixed budget, the last step kept, and the SetFit-style
-# contrastive objective (the head fitted by logistic regression; lorafit/objectives.py).
+# contrastive objective (the head fitted by logistic regression; lorafit/objectives.py); on
+# K-shot data the run is then refit on train + validation (train.refit; docs/training.md).
 _LORA = dict(
     lr=3e-4,
     steps=200,
@@ -50,6 +52,7 @@ _LORA = dict(
     select_best=False,
     r=8,
     objective="auto",
+    refit=True,
 )
 
 RECIPES: dict[str, Recipe] = {
@@ -71,6 +74,7 @@ RECIPES: dict[str, Recipe] = {
         head_lr=1e-2,
         select_best=False,
         objective="auto",
+        refit=True,
         why="Contrastive, dev (train split) SST-2 / MR / AG News 67.0 / 73.3 / 86.8 at lr 5e-5 "
         "vs 66.9 / 71.3 / 85.2 at 2e-5 and 68.2 / 71.9 / 85.2 at 1e-4; at 1,024 rows 5 passes "
         "84.0 / 82.9 vs 200 steps 84.0 / 78.0.",
@@ -81,6 +85,7 @@ RECIPES: dict[str, Recipe] = {
         head_lr=None,
         select_best=False,
         pool_layers=3,
+        refit=True,
         why="Linear probe on the checkpoint pooling of the last 3 layers' mean; dev (train split) "
         "SST-2 / MR / AG News 65.5 / 68.9 / 81.8 vs 63.9 / 65.1 / 78.8 on the last layer alone; "
         "no pass floor: at 1,024 rows 5 passes were level with 200 steps (81.3 / 76.0 vs "

@@ -178,6 +178,8 @@ def _summary_fields(summary: dict, validation: dict, metric: str) -> dict[str, A
         "best_step": summary.get("best_step"),
         "stopped_at_step": summary.get("stopped_at_step"),
         "num_train": summary.get("num_train"),
+        # rows the tested model was refit on (train + validation; train.refit), else None
+        "refit_num_train": (summary.get("refit") or {}).get("num_train"),
         "num_validation": summary.get("num_validation"),
         "num_test": summary.get("num_test"),
         "num_classes": len(summary.get("label_names") or []) or None,
@@ -501,6 +503,13 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         )
     m = sum(e.get("p_holm") is not None for e in table)
     lines.append("")
+    if any(r.get("refit_num_train") for r in rows if r["selected"]):
+        lines.append(
+            "- **refit**: runs with train.refit (the K-shot default of lora, qlora, full and "
+            "head) were trained again on train + validation after the monitored run: their "
+            "test metric, gap and ECE are of that model; validation (and the failed-run check) "
+            "is of the monitored run."
+        )
     if any(e["n_grid_incomplete"] for e in table):
         lines.append(
             "- **grid incomplete**: in some seeds the grid point was chosen among the ones that "

@@ -189,11 +189,14 @@ def plot_learning_curve(
     metric: str,
     best_step: int | None,
     tested_step: int | None,
+    refit_rows: int | None = None,
 ):
     """Train vs validation loss and metric over steps: the overfitting picture at a glance.
 
     A solid line marks the step whose weights were tested; a dashed one the best validation
-    step when that is another (train.select_best=false keeps the last step)."""
+    step when that is another (train.select_best=false keeps the last step). After a refit
+    (`refit_rows` rows of train + validation) the solid line marks the monitored run's step
+    whose length the refit trained for: the refit itself has no validation curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +216,10 @@ def plot_learning_curve(
                 ax.plot(steps, values, style, label=f"{split}", markersize=3)
         if tested_step is not None:
             which = "best" if tested_step == best_step else "last"
-            ax.axvline(tested_step, color="black", label=f"tested: {which} step {tested_step}")
+            label = f"tested: {which} step {tested_step}"
+            if refit_rows:
+                label = f"{which} step {tested_step}: its length refit on {refit_rows} rows, tested"
+            ax.axvline(tested_step, color="black", label=label)
         if best_step is not None and best_step != tested_step:
             ax.axvline(
                 best_step,
@@ -225,7 +231,10 @@ def plot_learning_curve(
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("train (fixed sample) vs validation: read the gap's growth from step 0")
+    title = "train (fixed sample) vs validation: read the gap's growth from step 0"
+    if refit_rows:
+        title += "\n(the monitored run; the tested model was refit on train + validation)"
+    fig.suptitle(title)
     fig.tight_layout()
     write_with(out_path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)

@@ -14,6 +14,7 @@
     python scripts/contrastive_probes.py bitfit --datasets sst2 mr
     python scripts/contrastive_probes.py end_to_end --datasets sst2 mr
     python scripts/contrastive_probes.py simcse --datasets sst2 mr
+    python scripts/contrastive_probes.py fold_validation --datasets sst2 mr ag_news [--method full]
 
 `head`: the frozen MiniLM body, and the fitted head alone varied: logistic regression with
 C = 1/l2 in {0.01, 0.1, 1, 10, 100}, on raw or L2-normalised embeddings. Asks whether the head
@@ -74,6 +75,13 @@ batch its negatives (temperature 0.05), training the same LoRA weights at lr 3e-
 default run continues from them. Prints the fitted head's dev accuracy on the frozen body and
 after SimCSE, then the run's. Asks whether adapting the sentence embedding to the domain's
 text first helps.
+
+`fold_validation`: the default run (of `--method`, LoRA unless set) trained from the start on
+its 16 training rows per class followed by its 16 validation rows per class, the same steps
+and settings: what `train.refit` does after the monitored run (up to the dropout stream, which
+the refit restarts from the seed). Asks what the validation labels are worth once a fixed
+budget has left them nothing to select. Validation is then in-sample, so only the dev score
+counts.
 
 All of them use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
 same 16 + 16 examples per class as its runs) and never open a test split. One line per data seed
@@ -146,6 +154,7 @@ def lora_trainer(
         f"train.seed={train_seed}",
         "method.name=lora",
         "train.eval_every=200",
+        "train.refit=false",  # the probes measure the monitored run (fold_validation: the refit)
         f"output.dir={run_dir}",
         "output.overwrite=true",
         *QUIET,
@@ -688,6 +697,27 @@ def probe_label_prompts(dataset: str, folder: Path, seed: int, out: Path) -> str
     return " | ".join(cells)
 
 
+def probe_fold_validation(
+    dataset: str, folder: Path, seed: int, out: Path, method: str = "lora"
+) -> str:
+    import datasets
+
+    import lorafit.data as D
+
+    load = D.load_task_data
+
+    def train_on_both(cfg, task):  # the 16 validation rows per class join the 16 training rows
+        data = load(cfg, task)
+        data.train = datasets.concatenate_datasets([data.train, data.validation])
+        return data
+
+    with mock.patch.object(D, "load_task_data", train_on_both):
+        extra = (f"method.name={method}",)
+        trainer = trainer_for(dataset, folder, seed, out / f"fold_validation-{method}", extra=extra)
+    rows = len(trainer.data.train)
+    return f"trained on {rows} rows: {100 * trainer.train()['test']['accuracy']:.1f}"
+
+
 PROBES = {
     "head": probe_head,
     "interpolate": probe_interpolate,
@@ -701,6 +731,7 @@ PROBES = {
     "bitfit": probe_bitfit,
     "end_to_end": probe_end_to_end,
     "simcse": probe_simcse,
+    "fold_validation": probe_fold_validation,
 }
 
 
@@ -712,6 +743,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "select"))
     p.add_argument("--frozen-only", action="store_true", help="layers: skip the LoRA run")
     p.add_argument("--trained", action="store_true", help="head: on a trained LoRA body")
+    p.add_argument("--method", default="lora", help="fold_validation: the method to run")
     p.add_argument(
         "--variants",
         nargs="+",
@@ -730,6 +762,7 @@ def main() -> None:
                 "layers": {"frozen_only": args.frozen_only},
                 "head": {"trained": args.trained},
                 "setfit_pairs": {"variants": args.variants},
+                "fold_validation": {"method": args.method},
             }.get(args.probe, {})
             line = probe(dataset, folders[dataset], seed, out / "probes", **extra)
             print(f"{dataset} seed {seed}: {line}", flush=True)

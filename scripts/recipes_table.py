@@ -156,6 +156,12 @@ VARIANTS = {
         "--lr-2e-5-methods",
         "also run these methods with train.lr=2e-5 (full: the default before 5e-5)",
     ),
+    "lorafit_norefit": Variant(
+        ["train.refit=false"],
+        "lorafit defaults, `train.refit=false` (the monitored run tested: the defaults before the refit)",
+        "--no-refit-methods",
+        "also run these methods with train.refit=false (the defaults before the refit)",
+    ),
 }
 
 

@@ -304,6 +304,7 @@ def run_one(out: Path, folders: dict, dataset: str, method: str, overrides: list
         f"train.seed={seed}",
         f"method.name={method}",
         "train.select_best=false",
+        "train.refit=false",  # every checkpoint is scored on dev: the monitored run is the run
         "train.eval_every=25",
         "train.checkpoint_every=25",
         "train.keep_checkpoints=1000",

@@ -287,6 +287,7 @@ def test_config_prints_what_each_method_default_resolves_to(capsys):
         assert f"lr={recipe.lr:g}" in line and f"steps={recipe.steps}" in line
         assert f"pool_layers={recipe.pool_layers}" in line
         assert f"min_passes={recipe.min_passes:g}" in line
+        assert f"refit={str(recipe.refit).lower()}" in line
         assert recipe_for(name).why in out
     assert "(other PEFT)" in out
 

@@ -3,7 +3,7 @@
 import pytest
 
 from lorafit import recipes
-from lorafit.config import MethodConfig, RunConfig, TrainConfig, load_config
+from lorafit.config import MethodConfig, RunConfig, TrainConfig, load_config, refit_for
 from lorafit.errors import ConfigError
 
 
@@ -48,6 +48,23 @@ def test_method_name_is_case_insensitive_and_other_peft_methods_get_generic():
     cfg = load_config(None, ["method.name=ia3"])
     assert (cfg.train.lr, cfg.train.steps) == (recipes.GENERIC.lr, recipes.GENERIC.steps)
     assert recipes.recipe_for("loha") is recipes.GENERIC
+
+
+@pytest.mark.parametrize(
+    ("overrides", "task", "expected"),
+    [
+        (["data.k_shot=16"], "classification", True),  # validation drawn from the labelled pool
+        (["data.k_shot=16", "method.name=head"], "classification", True),
+        ([], "classification", False),  # a validation split the user gave: never trained on
+        (["data.k_shot=16"], "causal_lm", False),
+        (["data.k_shot=16", "method.name=ia3"], "classification", False),  # no evidence
+        (["data.k_shot=16", "train.refit=false"], "classification", False),
+        (["train.refit=true"], "classification", True),  # set: any run
+        (["train.refit=true", "method.name=ia3"], "causal_lm", True),
+    ],
+)
+def test_refit_defaults_to_k_shot_classification_under_the_recipes(overrides, task, expected):
+    assert refit_for(load_config(None, overrides), task) is expected
 
 
 def test_the_pass_floor_goes_with_the_default_budget_only():

@@ -90,12 +90,13 @@ class FakeTrainer:
             spec.get("val_acc", 0.9),
             spec.get("val_loss"),
             ci_level=spec.get("ci_level", 0.95),
+            refit=spec.get("refit"),
         )
         return Outcome(True, None, 2.5)
 
 
 def write_fake_run(
-    run, labels, correct, val_acc, val_loss=None, train_acc=1.0, ci_level=0.95
+    run, labels, correct, val_acc, val_loss=None, train_acc=1.0, ci_level=0.95, refit=None
 ) -> None:
     preds = np.where(correct, labels, 1 - labels)
     accuracy = float(correct.mean())
@@ -130,6 +131,7 @@ def write_fake_run(
         "wall_time_s": 10.0,
         "eval_time_s": 2.5,
         "config_sha256": run.config.fingerprint(),
+        "refit": refit,
     }
     write_json(run.dir / "summary.json", summary)
 
@@ -538,6 +540,17 @@ def test_paired_test_detects_a_real_difference_and_not_a_null_one(tmp_path):
     assert "Holm-Bonferroni" in text and "2 comparisons" in text
     assert "Δ vs full [95% CI, seeds × test rows]" in text
     assert "(8 seeds)" in text
+
+
+def test_the_report_says_when_a_tested_model_was_refit(tmp_path):
+    run_compare(_sweep_file(tmp_path, {"seeds": [1]}), [], launch=FakeTrainer({}))
+    assert "**refit**" not in (tmp_path / "sweep" / "summary.md").read_text()
+    plan = {("lora", 2): {"correct": _mask(0.8), "refit": {"steps": 3, "num_train": 32}}}
+    (tmp_path / "b").mkdir()
+    run_compare(_sweep_file(tmp_path / "b", {"seeds": [2]}), [], launch=FakeTrainer(plan))
+    text = (tmp_path / "b" / "sweep" / "summary.md").read_text()
+    assert "- **refit**: runs with train.refit" in text
+    assert _summary_row(tmp_path / "b" / "sweep", "lora")  # the row is there as before
 
 
 def test_a_one_seed_comparison_says_its_ci_covers_test_rows_only(tmp_path):

@@ -143,6 +143,84 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
     assert load_config(out / "config.yaml").fingerprint() == summary["config_sha256"]
 
 
+def _without_dropout(model_path: str, folder: Path) -> str:
+    """A copy of the tiny model with dropout off: runs that differ in RNG use train alike."""
+    shutil.copytree(model_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def _saved_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The trained weights a run saved (an adapter, or a full model)."""
+    files = sorted((run / "adapter").glob("*.safetensors"))
+    assert files, run
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_refit_equals_a_fresh_run_on_train_plus_validation(
+    method, tiny_bert_path, sentiment_dir, tmp_path
+):
+    """The refit trains from the initial weights on the K-shot train rows followed by the
+    validation rows: the same weights as a new run given those rows as its training file."""
+    model = _without_dropout(tiny_bert_path, tmp_path / "model")
+    extra = {"method.name": method, "method.dropout": 0.0, "train.calibration": "none"}
+    if method == "full":  # set, as any method can; LoRA's recipe has it on for K-shot data
+        extra["train.refit"] = "true"
+    trainer = Trainer(
+        load_config(None, tiny_overrides(model, sentiment_dir, tmp_path / "refit", **extra))
+    )
+    trainer.setup()
+    assert trainer.refit
+    refit = trainer.train()
+    assert refit["refit"] == {"steps": 12, "num_train": 32}
+    assert refit["num_train"] == 16 and refit["num_validation"] == 16
+    # the monitored run's curve is kept as it was: 16 training rows, validation held out
+    assert [r["step"] for r in read_jsonl(tmp_path / "refit" / "metrics.jsonl")] == [0, 4, 8, 12]
+
+    both = tmp_path / "both"
+    both.mkdir()
+    rows = [
+        {"text": text, "label": trainer.label_names[label]}
+        for split in (trainer.data.train, trainer.data.validation)
+        for text, label in zip(split["text"], split["label"])
+    ]
+    for name, split_rows in (("train", rows), ("validation", rows[16:])):
+        (both / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    shutil.copy(sentiment_dir / "test.jsonl", both / "test.jsonl")
+    given = {**extra, "train.refit": "null", "data.k_shot": "null"}
+    fresh = run_tiny(model, both, tmp_path / "fresh", **given)
+    assert fresh["refit"] is None and fresh["num_train"] == 32  # a given validation: not by default
+
+    a, b = _saved_weights(tmp_path / "refit"), _saved_weights(tmp_path / "fresh")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert refit["test"]["accuracy"] == fresh["test"]["accuracy"]
+    assert refit["test"]["nll"] == pytest.approx(fresh["test"]["nll"], rel=1e-4)
+    # and the refit moved the weights away from the monitored run's
+    monitored = run_tiny(
+        model, sentiment_dir, tmp_path / "monitored", **{**extra, "train.refit": "false"}
+    )
+    assert monitored["refit"] is None
+    c = _saved_weights(tmp_path / "monitored")
+    assert any(not torch.allclose(a[k], c[k]) for k in a)
+
+
+def test_refit_keeps_the_monitored_runs_temperature(tiny_bert_path, sentiment_dir, tmp_path):
+    """Validation has been trained on by the refit: the temperature is the one fitted on it
+    before, and what the summary reports as validation is the monitored run's."""
+    out = tmp_path / "run"
+    summary = run_tiny(tiny_bert_path, sentiment_dir, out, **{"train.calibration": "temperature"})
+    assert summary["refit"]["num_train"] == 32
+    last = read_jsonl(out / "metrics.jsonl")[-1]  # the monitored run's step 12
+    before = summary["calibration"]["validation_before"]
+    assert before["nll"] == pytest.approx(last["validation"]["nll"], rel=1e-5)
+    assert summary["validation_at_selected"] == last["validation"]
+
+
 def test_saved_adapter_reproduces_test_predictions(tiny_bert_path, sentiment_dir, tmp_path):
     from lorafit import data as D
     from lorafit.methods import load_trained
@@ -377,6 +455,24 @@ def test_causal_lm_sft_run(tiny_llama_path, tmp_path):
     assert (out / "adapter" / "adapter_config.json").is_file()
     for row in read_jsonl(out / "metrics.jsonl"):
         assert set(row["validation"]) >= set(SELECTION_METRICS["causal_lm"])
+
+
+def test_causal_lm_refit_trains_on_the_validation_responses_too(tiny_llama_path, tmp_path):
+    """train.refit=true on an SFT run (never the default there): the tested model saw the
+    validation rows, and the curve is the monitored run's."""
+    records = [
+        {"instruction": f"say the word number {i}", "input": "", "output": f"word {i % 5} done"}
+        for i in range(40)
+    ]
+    common = ["data.train_size=12", "train.steps=4", "train.eval_every=2", "eval.batch_size=8"]
+    summary = _tiny_sft_run(tiny_llama_path, tmp_path, records, *common, "train.refit=true")
+    assert summary["refit"] == {"steps": 4, "num_train": 12 + summary["num_validation"]}
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 2, 4]
+    assert summary["calibration"] is None and np.isfinite(summary["test"]["loss"])
+    (tmp_path / "m").mkdir()
+    monitored = _tiny_sft_run(tiny_llama_path, tmp_path / "m", records, *common)
+    assert monitored["refit"] is None  # off by default for causal LMs
+    assert monitored["test"]["loss"] != pytest.approx(summary["test"]["loss"], abs=1e-6)
 
 
 def test_causal_lm_sft_run_with_length_grouped_batches(tiny_llama_path, tmp_path, monkeypatch):
