@@ -431,6 +431,12 @@ def refit_for(cfg: RunConfig, task: str) -> bool:
     training data; a validation split the user gave is never trained on by default)."""
     from lorafit import recipes
 
+    if cfg.train.refit and cfg.method.name.lower() == "adalora":
+        raise ConfigError(
+            "train.refit does not apply to method.name=adalora: its rank budget is scheduled "
+            "over the monitored run's steps and keeps that run's importance scores; set "
+            "train.refit=false"
+        )
     if cfg.train.refit is not None:
         return cfg.train.refit
     return (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import resource
@@ -72,6 +73,12 @@ from lorafit.rundir import (
     prepare_run_dir,
     truncate_metrics,
 )
+
+logger = logging.getLogger(__name__)
+
+# A refit whose training-sample metric ends this share below the monitored run's is reported
+# as possibly diverged (both trained on those rows; a healthy refit is level or better).
+REFIT_WARN_DROP = 0.1
 
 # Test hook: SIGKILL this process after the given optimisation step (checkpoint written first),
 # so the tests can check that `resume=true` continues to the same result after a hard kill.
@@ -385,11 +392,17 @@ class Trainer:
                     "set train.refit=false"
                 )
             self.refit = False  # the default: the monitored run is tested, as without a refit
-        # the refit starts over from these (the seeded initialisation, before any resume)
+            self._print("refit: off under DeepSpeed (train.refit); the monitored run is tested")
+        # the refit starts over from these (the seeded initialisation, before any resume): a
+        # CPU copy of the trainable weights, and the fp16 loss scaler's starting state
         self.initial_weights = (
             dist.read_full(acc, self.model, self.trainable) if self.refit else None
         )
+        self.initial_scaler = (
+            acc.scaler.state_dict() if self.refit and acc.scaler is not None else None
+        )
         self.refit_summary: dict | None = None  # set by _refit
+        self.monitored_selected: str | None = None  # "best" / "last", kept by _refit
 
         self.selection = Selection(
             metric=selection_metric,
@@ -766,16 +779,36 @@ class Trainer:
         left, so its validation numbers are the monitored run's and only test sees the refit.
         Not checkpointed: an interrupted refit starts over from the last checkpoint on resume.
         """
-        cfg = self.cfg
-        selected = cfg.train.select_best and self.best_weights is not None
-        steps = self.selection.best_step if selected else self.stopped_at
+        cfg, acc = self.cfg, self.accelerator
+        self.monitored_selected = self._selected()
+        steps = self.selection.best_step if self.monitored_selected == "best" else self.stopped_at
         self._use_selected_weights()
         self._fit_head()
         calibration = self._calibrate()  # on the monitored run's validation
+        # the monitored run's score on the training sample: a refit that ends far below it on
+        # the same rows has diverged (finish warns); nothing held out is needed to see that
+        monitored_train = self._train_sample_metrics()
 
-        # start over: the initial weights, a fresh optimiser state, schedule and EMA, the seed
-        dist.write_full(self.accelerator, self.model, self.trainable, self.initial_weights)
+        # train + validation; validation's rows renumbered after train's, so that a row number
+        # names one example (a given validation file numbers its rows from 0 too)
+        offset = max(self.train_set["row"], default=-1) + 1
+        validation = self.validation_set.map(
+            lambda batch: {"row": [row + offset for row in batch["row"]]}, batched=True
+        )
+        self.train_set = datasets.concatenate_datasets([self.train_set, validation])
+        if not cfg.train.select_best:  # a fixed budget keeps its pass floor on the larger set
+            floor = dataclasses.replace(self.train_cfg, steps=steps)
+            steps = budget_steps(floor, acc.num_processes, len(self.train_set), self.task)
+        self._prepare_head_fit()
+        label_counts = _label_counts(self.train_set, self.num_classes)
+        self.batch_sampling = batch_sampling_for(cfg.train, self.contrastive, label_counts)
+
+        # start over: the initial weights, a fresh optimiser state, schedule, EMA and loss
+        # scale, the seed; the schedule has the monitored run's shape, over `steps`
+        dist.write_full(acc, self.model, self.trainable, self.initial_weights)
         self.optimizer.state.clear()
+        if self.initial_scaler is not None:
+            acc.scaler.load_state_dict(self.initial_scaler)
         tc = dataclasses.replace(self.train_cfg, steps=steps)
         self.scheduler = _make_scheduler(self.optimizer, tc)
         self.ema = EMA(self.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -783,8 +816,6 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(tc.seed)
-        self.train_set = datasets.concatenate_datasets([self.train_set, self.validation_set])
-        self._prepare_head_fit()
         self._print(
             f"refit: training again from the start on train + validation ({self.num_train} + "
             f"{len(self.validation_set)} rows) for {steps} steps; validation numbers are the "
@@ -804,8 +835,26 @@ class Trainer:
             "steps": steps,
             "num_train": len(self.train_set),
             "calibration": calibration,
+            "monitored_train_sample": monitored_train,
         }
         return examples_seen
+
+    def _check_refit(self, refit_train: dict) -> None:
+        """Warn when the refit scores far below the monitored run on the training sample (rows
+        both trained on): a diverged refit that no validation number would show."""
+        metric = self.selection.metric
+        higher = self.selection.higher_is_better
+        before = self.refit_summary["monitored_train_sample"].get(metric)
+        after = refit_train.get(metric)
+        if before is None or after is None:
+            return
+        worse = (before - after) if higher else (after - before)
+        if worse > REFIT_WARN_DROP * max(abs(before), 1e-12):
+            logger.warning(
+                f"refit: the refit model's training-sample {metric} is {after:.4f} against "
+                f"{before:.4f} for the monitored run; it may have diverged (lower train.lr, "
+                "or compare with train.refit=false)"
+            )
 
     # ------------------------------------------------------------------------------- evaluation
     def _evaluate(self, loader, keep=False) -> EvalResult:
@@ -913,6 +962,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     # ----------------------------------------------------------------------------------- finish
+    def _selected(self) -> str:
+        """Which weights the monitored run keeps: "best" (a restored best step) or "last"."""
+        if self.monitored_selected is not None:  # after a refit: what the monitored run kept
+            return self.monitored_selected
+        return "best" if self.cfg.train.select_best and self.best_weights is not None else "last"
+
     def _use_selected_weights(self) -> None:
         """Put the weights to test into the model: the best step's, else the EMA's or the last."""
         if self.cfg.train.select_best and self.best_weights is not None:
@@ -934,6 +989,8 @@ class Trainer:
                 self._fold_temperature(calibration["temperature"])
         metric = self.selection.metric
         final_train = self._train_sample_metrics()
+        if self.refit_summary is not None:
+            self._check_refit(final_train)
         test = self._evaluate(self.test_loader, keep=True)
         ci = confidence_intervals(test.per_example, self.task, self.num_classes, cfg.eval)
         if calibration:  # what calibration changed on test: the same logits before the scaling
@@ -949,7 +1006,7 @@ class Trainer:
         best_row = next((r for r in rows if r["step"] == self.selection.best_step), None)
         last_row = rows[-1] if rows else None
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        selected = "best" if cfg.train.select_best and self.best_weights is not None else "last"
+        selected = self._selected()
         selected_row = best_row if selected == "best" else last_row
         summary = {
             "status": "completed",
@@ -985,7 +1042,7 @@ class Trainer:
             "num_validation": len(self.validation_set),
             # the tested model was trained again on train + validation (train.refit)
             "refit": (
-                {k: self.refit_summary[k] for k in ("steps", "num_train")}
+                {k: self.refit_summary[k] for k in ("steps", "num_train", "monitored_train_sample")}
                 if self.refit_summary
                 else None
             ),

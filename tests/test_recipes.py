@@ -67,6 +67,14 @@ def test_refit_defaults_to_k_shot_classification_under_the_recipes(overrides, ta
     assert refit_for(load_config(None, overrides), task) is expected
 
 
+def test_refit_refuses_adalora_whose_rank_schedule_belongs_to_the_monitored_run():
+    with pytest.raises(ConfigError, match="train.refit does not apply to method.name=adalora"):
+        refit_for(load_config(None, ["method.name=adalora", "train.refit=true"]), "classification")
+    assert not refit_for(
+        load_config(None, ["method.name=adalora", "data.k_shot=8"]), "classification"
+    )
+
+
 def test_the_pass_floor_goes_with_the_default_budget_only():
     assert load_config(None, []).train.min_passes == recipes.MIN_PASSES
     assert load_config(None, ["method.name=full"]).train.min_passes == recipes.MIN_PASSES

@@ -159,14 +159,15 @@ def _saved_weights(run: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize(("method", "objective"), [("lora", "auto"), ("full", "ce")])
 def test_refit_equals_a_fresh_run_on_train_plus_validation(
-    method, tiny_bert_path, sentiment_dir, tmp_path
+    method, objective, tiny_bert_path, sentiment_dir, tmp_path
 ):
     """The refit trains from the initial weights on the K-shot train rows followed by the
     validation rows: the same weights as a new run given those rows as its training file."""
     model = _without_dropout(tiny_bert_path, tmp_path / "model")
     extra = {"method.name": method, "method.dropout": 0.0, "train.calibration": "none"}
+    extra["train.objective"] = objective  # contrastive: a fitted head; ce: a trained one
     if method == "full":  # set, as any method can; LoRA's recipe has it on for K-shot data
         extra["train.refit"] = "true"
     trainer = Trainer(
@@ -175,7 +176,7 @@ def test_refit_equals_a_fresh_run_on_train_plus_validation(
     trainer.setup()
     assert trainer.refit
     refit = trainer.train()
-    assert refit["refit"] == {"steps": 12, "num_train": 32}
+    assert (refit["refit"]["steps"], refit["refit"]["num_train"]) == (12, 32)
     assert refit["num_train"] == 16 and refit["num_validation"] == 16
     # the monitored run's curve is kept as it was: 16 training rows, validation held out
     assert [r["step"] for r in read_jsonl(tmp_path / "refit" / "metrics.jsonl")] == [0, 4, 8, 12]
@@ -219,6 +220,68 @@ def test_refit_keeps_the_monitored_runs_temperature(tiny_bert_path, sentiment_di
     before = summary["calibration"]["validation_before"]
     assert before["nll"] == pytest.approx(last["validation"]["nll"], rel=1e-5)
     assert summary["validation_at_selected"] == last["validation"]
+
+
+def test_refit_after_early_stopping_trains_the_best_steps_and_reports_them(
+    tiny_bert_path, sentiment_dir, tmp_path
+):
+    """select_best: the refit runs the best step's count; the summary and the CLI still
+    describe the monitored run's best step, not its last evaluation."""
+    extra = {
+        "train.objective": "ce",
+        "train.select_best": "true",
+        "train.early_stopping.patience": 1,
+        "train.steps": 40,
+        "train.lr": 5e-2,
+    }
+    summary = run_tiny(tiny_bert_path, sentiment_dir, tmp_path / "run", **extra)
+    rows = {r["step"]: r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")}
+    assert summary["selected"] == "best" and summary["refit"]["steps"] == summary["best_step"]
+    assert summary["validation_at_selected"] == rows[summary["best_step"]]["validation"]
+
+
+def test_refit_keeps_the_pass_floor_on_train_plus_validation(
+    tiny_bert_path, sentiment_dir, tmp_path
+):
+    """A fixed budget raised to 5 passes over 16 rows (20 steps of 4) refits 5 passes over
+    the 32 rows of train + validation (40 steps), as a new run on them would."""
+    extra = {"train.steps": 2, "train.min_passes": 5, "train.eval_every": 50}
+    summary = run_tiny(tiny_bert_path, sentiment_dir, tmp_path / "run", **extra)
+    assert summary["steps"] == 20
+    assert (summary["refit"]["steps"], summary["refit"]["num_train"]) == (40, 32)
+
+
+def test_refit_numbers_a_given_validation_files_rows_after_the_training_rows(
+    tiny_bert_path, tmp_path
+):
+    """Both files number their rows from 0: in the refit's training set each row number must
+    name one example, or the train sample is scored on a validation row's embedding."""
+    rows = sentiment_rows(72, 5)
+    for name, part in (("train", rows[:16]), ("validation", rows[16:32]), ("test", rows[32:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    extra = {"data.k_shot": "null", "train.refit": "true", "train.calibration": "none"}
+    overrides = tiny_overrides(tiny_bert_path, tmp_path, tmp_path / "run", **extra)
+    trainer = Trainer(load_config(None, overrides))
+    trainer.setup()
+    summary = trainer.train()
+    assert sorted(trainer.train_set["row"]) == list(range(32))
+    direct = trainer._evaluate(trainer.train_sample_loader).metrics
+    reported = summary["train_sample_at_selected"]
+    assert reported["accuracy"] == direct["accuracy"]
+    assert reported["loss"] == pytest.approx(direct["loss"], rel=1e-5)
+
+
+def test_a_refit_far_below_the_monitored_run_on_the_training_sample_is_reported(caplog):
+    trainer = Trainer.__new__(Trainer)  # only the check: the selection and the two scores
+    trainer.selection = Selection(metric="accuracy", higher_is_better=True, tie_breaker="loss")
+    trainer.refit_summary = {"monitored_train_sample": {"accuracy": 1.0}}
+    with caplog.at_level("WARNING", logger="lorafit.trainer"):
+        trainer._check_refit({"accuracy": 0.95})  # level: nothing to say
+        assert not caplog.records
+        trainer._check_refit({"accuracy": 0.5})
+    assert "refit: the refit model's training-sample accuracy is 0.5000 against 1.0000" in (
+        caplog.text
+    )
 
 
 def test_saved_adapter_reproduces_test_predictions(tiny_bert_path, sentiment_dir, tmp_path):
@@ -305,7 +368,8 @@ def test_full_finetuning_learns_the_task(tiny_bert_path, sentiment_dir, tmp_path
         sentiment_dir,
         tmp_path / "full",
         **{"method.name": "full", "train.objective": "ce", "train.steps": 40},
-        **{"train.lr": 2e-3, "train.eval_every": 10},
+        # the monitored run's learning; the refit trains alike (its invariant test)
+        **{"train.lr": 2e-3, "train.eval_every": 10, "train.refit": "false"},
     )
     assert summary["train_sample_at_selected"]["accuracy"] >= 0.9
     assert summary["test"]["accuracy"] >= 0.75
@@ -326,6 +390,7 @@ def test_contrastive_objective_fits_the_head_on_the_trained_body(
         # all 16 examples in each batch: 120 pairs a step (tiny models with 1, 2 threads and
         # init seeds 0-2 all reach train accuracy 1.0; batches of 4 reached 0.875 on some)
         **{"train.batch_size": 16, "train.lr": 2e-3, "train.eval_every": 20},
+        **{"train.refit": "false"},  # the monitored run's fit (a refit fits its head alike)
         # the default size keeps all 16 rows; 6 keeps a stratified 3 + 3
         **({} if head_fit_size is None else {"train.head_fit_size": head_fit_size}),
     )
@@ -466,7 +531,8 @@ def test_causal_lm_refit_trains_on_the_validation_responses_too(tiny_llama_path,
     ]
     common = ["data.train_size=12", "train.steps=4", "train.eval_every=2", "eval.batch_size=8"]
     summary = _tiny_sft_run(tiny_llama_path, tmp_path, records, *common, "train.refit=true")
-    assert summary["refit"] == {"steps": 4, "num_train": 12 + summary["num_validation"]}
+    assert summary["refit"]["steps"] == 4
+    assert summary["refit"]["num_train"] == 12 + summary["num_validation"]
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 2, 4]
     assert summary["calibration"] is None and np.isfinite(summary["test"]["loss"])
     (tmp_path / "m").mkdir()
