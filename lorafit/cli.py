@@ -280,10 +280,11 @@ def _print_summary(summary: dict, run_dir: str) -> None:
             f"            macro-F1 {test['f1_macro']:.4f}, ECE {test['ece']:.4f}, NLL {test['nll']:.4f}"
         )
         calibration = summary.get("calibration")
+        fitted_on = "the monitored run's validation" if summary.get("refit") else "validation"
         if calibration and "test_before" in calibration and calibration["temperature"] != 1.0:
             lines.append(
                 f"            calibrated by temperature {calibration['temperature']:.3g} "
-                f"(fitted on validation): test ECE {calibration['test_before']['ece']:.4f} "
+                f"(fitted on {fitted_on}): test ECE {calibration['test_before']['ece']:.4f} "
                 f"before, NLL {calibration['test_before']['nll']:.4f} before"
             )
         majority = _majority_class(summary)

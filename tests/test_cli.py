@@ -201,6 +201,25 @@ def test_classification_summary_gap_is_train_minus_test(capsys):
     assert "calibrated" not in capsys.readouterr().out
 
 
+def test_summary_of_a_refit_says_which_model_each_line_describes(capsys):
+    test = {"accuracy": 0.7, "f1_macro": 0.7, "ece": 0.1, "nll": 0.6}
+    fields = dict(selection_metric="accuracy", selected="best", best_step=150)
+    summary = _summary("classification", test, {"accuracy": 0.3}, **fields)
+    calibration = {"temperature": 2.5, "test_before": {"ece": 0.21, "nll": 0.93, "brier": 0.4}}
+    summary.update(
+        refit={"steps": 150, "num_train": 64},
+        calibration=calibration,
+        validation_at_start={"accuracy": 0.5},
+        validation_at_selected={"accuracy": 0.75},
+    )
+    cli._print_summary(summary, "runs/x")
+    out = capsys.readouterr().out
+    assert "accuracy = +0.3000 (the refit's last step 150)" in out  # the gap: the refit's
+    assert "0.5000 at step 0 -> 0.7500 (weights of step 150, best by validation" in out
+    assert "trained again from the start on train + validation (64 rows, 150 steps" in out
+    assert "temperature 2.5 (fitted on the monitored run's validation)" in out
+
+
 def test_summary_prints_validation_before_and_after_training(capsys):
     test = {"accuracy": 0.7, "f1_macro": 0.7, "ece": 0.1, "nll": 0.6}
     fields = dict(selection_metric="f1_macro", selected="last", stopped_at_step=200)
