@@ -37,6 +37,8 @@ def test_minilm_sst2_k16_lora(shared_data, tmp_path):
     assert summary["pooling"] == "mean"  # the sentence-transformers checkpoint's own pooling
     assert (summary["num_train"], summary["num_validation"], summary["num_test"]) == (32, 32, 300)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 20, 40]
+    # the K-shot default: trained again on the 32 + 32 rows for the same 40 steps, then tested
+    assert (summary["refit"]["steps"], summary["refit"]["num_train"]) == (40, 64)
     # Mean-pooled MiniLM separates SST-2 sentiment well above chance even from 32 labels.
     assert summary["test"]["accuracy"] >= 0.6, summary["test"]
     lo, hi = summary["test"]["ci"]["accuracy"]

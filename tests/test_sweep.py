@@ -162,6 +162,7 @@ def test_example_configs_parse_and_follow_the_protocol():
     assert lmbff.config.seeds == [13, 21, 42, 87, 100]
     assert len({r.cell for r in lmbff.runs}) == 4 * 3 * 5  # x the learning-rate grid
     assert all(r.config.model.name_or_path == "minilm" for r in lmbff.runs)
+    assert all(r.config.train.refit is False for r in lmbff.runs)  # LM-BFF tests the best step
     ci = load_sweep(ROOT / "configs/compare_sst2_ci.yaml")
     assert len(ci.runs) <= 12
     for name in ("compare_sst2_lmbff.yaml", "compare_sst2_ci.yaml"):
