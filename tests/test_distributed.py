@@ -335,7 +335,9 @@ def test_fsdp2_trains_sharded_and_saves_what_ddp_saves(trained, fsdp_trained, na
     for file, weights in replicated.items():
         assert sharded[file].keys() == weights.keys(), file
         for k, v in weights.items():
-            torch.testing.assert_close(sharded[file][k], v, rtol=1e-4, atol=1e-5)
+            # reduce-scatter vs all-reduce: float32 sums in another order, drifting apart by
+            # ~1e-7 a step over the monitored run and the refit (up to 1.8e-5 measured)
+            torch.testing.assert_close(sharded[file][k], v, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("name", FSDP_JOBS)
