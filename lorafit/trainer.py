@@ -792,9 +792,8 @@ class Trainer:
         # train + validation; validation's rows renumbered after train's, so that a row number
         # names one example (a given validation file numbers its rows from 0 too)
         offset = max(self.train_set["row"], default=-1) + 1
-        validation = self.validation_set.map(
-            lambda batch: {"row": [row + offset for row in batch["row"]]}, batched=True
-        )
+        rows = [row + offset for row in self.validation_set["row"]]
+        validation = self.validation_set.remove_columns("row").add_column("row", rows)
         self.train_set = datasets.concatenate_datasets([self.train_set, validation])
         if not cfg.train.select_best:  # a fixed budget keeps its pass floor on the larger set
             floor = dataclasses.replace(self.train_cfg, steps=steps)
