@@ -431,12 +431,6 @@ def refit_for(cfg: RunConfig, task: str) -> bool:
     training data; a validation split the user gave is never trained on by default)."""
     from lorafit import recipes
 
-    if cfg.train.refit and cfg.method.name.lower() == "adalora":
-        raise ConfigError(
-            "train.refit does not apply to method.name=adalora: its rank budget is scheduled "
-            "over the monitored run's steps and keeps that run's importance scores; set "
-            "train.refit=false"
-        )
     if cfg.train.refit is not None:
         return cfg.train.refit
     return (
@@ -519,6 +513,12 @@ class RunConfig:
         tc = self.train
         if tc.warmup_steps > tc.steps:
             raise ConfigError(f"train.warmup={tc.warmup} is longer than train.steps={tc.steps}")
+        if tc.refit and self.method.name.lower() == "adalora":
+            raise ConfigError(
+                "train.refit does not apply to method.name=adalora: its rank budget is scheduled "
+                "over the monitored run's steps and keeps that run's importance scores; set "
+                "train.refit=false"
+            )
         if self.model.task != "auto":  # refuse impossible mixes before any loading
             objective_for(tc, self.model.task)
             selection_metric_for(tc, self.model.task)
