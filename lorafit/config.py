@@ -165,6 +165,10 @@ PEFT_METHODS_WITH_DEFAULTS = ("full", "head", "lora", "qlora")
 BATCH_SAMPLINGS = ("auto", "random", "class_pairs", "by_length")
 
 
+# method.target_modules values that name a rule rather than layers (lorafit.methods)
+TARGET_KEYWORDS = ("auto", "all-linear", "attention")
+
+
 @dataclass
 class MethodConfig:
     name: str = _f(
@@ -198,6 +202,9 @@ class MethodConfig:
 
         self.name = self.name.lower()
         check_method_name(self.name)  # at config load, not after the data and model
+        if isinstance(self.target_modules, str) and self.target_modules not in TARGET_KEYWORDS:
+            # `method.target_modules=query,value` (or one name) typed without brackets
+            self.target_modules = [n.strip() for n in self.target_modules.split(",") if n.strip()]
         recipes.resolve_method(self)  # r / alpha left as None -> the method's defaults
         _check_positive("method", "r", self.r)
         _check_positive("method", "alpha", self.alpha)

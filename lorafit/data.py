@@ -417,11 +417,14 @@ def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> 
                 kwargs["quoting"] = 3  # csv.QUOTE_NONE
             # every column as text: inferring types from the first chunk breaks on later rows
             header = pd.read_csv(path, nrows=0, **kwargs).columns
+            _check_unique_header(path, kwargs)
             kwargs["features"] = Features({column: Value("string") for column in header})
         with _quiet_datasets_errors():  # a failure becomes one DataError line below
             return load_dataset(
                 SUPPORTED_EXTENSIONS[suffix], data_files=path, split="train", **kwargs
             )
+    except DataError:
+        raise
     except Exception as e:
         if "corresponds to no data" in str(e):  # a header without rows
             return Dataset.from_dict({})
@@ -437,6 +440,20 @@ def _load_cached(path: str, mtime_ns: int, size: int, delimiter: str | None) -> 
             other = _separator_fix(header, used=kwargs.get("delimiter"))
             fix = f"its header looks separated by {other}" if other else fix
         raise DataError(f"could not read {path}: {bad_line or _root_cause(e)}; {fix}") from None
+
+
+def _check_unique_header(path: str, read_kwargs: dict[str, Any]) -> None:
+    """A csv/tsv header naming a column twice: pandas would rename the second copy `name.1`
+    and lorafit would read the first without a word, so refuse it."""
+    names = [str(n).strip() for n in pd.read_csv(path, nrows=1, header=None, **read_kwargs).iloc[0]]
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, start=1):
+        if name in seen:
+            raise DataError(
+                f"{path}: the header names column {name!r} twice (columns {seen[name]} and "
+                f"{number}); rename or drop one"
+            )
+        seen[name] = number
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ libraries' progress bars and warnings on the other ranks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Any
@@ -136,7 +137,7 @@ def make_accelerator(cfg: RunConfig):
 
 
 def backend_note(accelerator) -> str | None:
-    """A line when the launch asked for FSDP or DeepSpeed and accelerate runs something else.
+    """A line when the launch asked for FSDP, DeepSpeed or N processes and got something else.
 
     accelerate selects FSDP and DeepSpeed only on accelerators (GPUs, ...): on CPU an FSDP
     template silently becomes DDP, every rank holding the whole model.
@@ -152,6 +153,15 @@ def backend_note(accelerator) -> str | None:
                 f"{accelerator.device.type}: the model is not sharded, every rank holds all of it "
                 "(accelerate shards on GPUs only; docs/distributed.md)"
             )
+    # accelerate's one-process launcher sets MASTER_ADDR only for --num_processes > 1
+    launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ and "MASTER_ADDR" in os.environ
+    if launched and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
+        return (
+            "backend: accelerate launch started 1 process, not the --num_processes asked for "
+            "(its --cpu launcher starts one); on CPU launch with `accelerate launch --multi_gpu "
+            "--num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no` or "
+            "torchrun (docs/distributed.md)"
+        )
     return None
 
 
@@ -181,6 +191,11 @@ def quiet_libraries() -> None:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+    with contextlib.suppress(Exception):
+        # transformers' GGUF loader draws a tqdm bar of its own, outside that switch
+        from transformers import modeling_gguf_pytorch_utils as gguf_loading
+
+        gguf_loading.tqdm = functools.partial(gguf_loading.tqdm, disable=True)
 
 
 # ----------------------------------------------------------------------------- device placement

@@ -37,7 +37,15 @@ from typing import Any, NamedTuple, Union
 
 import yaml
 
-from lorafit.config import RunConfig, _f, _unknown_key, apply_overrides, from_dict, load_yaml
+from lorafit.config import (
+    DataConfig,
+    RunConfig,
+    _f,
+    _unknown_key,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+)
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.io import write_json, write_text
 from lorafit.rundir import RunDir, changed_settings, read_summary
@@ -758,9 +766,11 @@ def _check_data(sweep: Sweep) -> None:
 
 def _sweep_keys(message: str) -> str:
     """A run's data error in the sweep's own keys: data.k_shot is sweep.k_shots, data.x base.data.x."""
-    message = re.sub(r"(?<![\w.])data\.k_shot_unit\b", "sweep.k_shot_unit", message)
-    message = re.sub(r"(?<![\w.])data\.k_shot\b", "sweep.k_shots", message)
-    return re.sub(r"(?<![\w.])data\.(?!k_shot)(\w+)", r"base.data.\1", message)
+    message = re.sub(r"(?<![\w./\\-])data\.k_shot_unit\b", "sweep.k_shot_unit", message)
+    message = re.sub(r"(?<![\w./\\-])data\.k_shot\b", "sweep.k_shots", message)
+    # only the settings' own names: a file called data.csv in the message stays as it is
+    fields = "|".join(f.name for f in dataclasses.fields(DataConfig) if "k_shot" not in f.name)
+    return re.sub(rf"(?<![\w./\\-])data\.({fields})\b", r"base.data.\1", message)
 
 
 def causal_lm_error(sweep: Sweep, run_id: str) -> ConfigError:

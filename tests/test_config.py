@@ -30,6 +30,20 @@ def test_yaml_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("query,value", ["query", "value"]),  # typed without brackets
+        ("query", ["query"]),
+        ("5", ["5"]),  # a name, checked against the model's layers when it loads
+        ("attention", "attention"),
+        ("all-linear", "all-linear"),
+    ],
+)
+def test_target_modules_without_brackets_is_a_list_of_names(given, expected):
+    assert load_config(None, [f"method.target_modules={given}"]).method.target_modules == expected
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         (["train.lrr=1"], "did you mean 'train.lr'"),

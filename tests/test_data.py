@@ -1082,6 +1082,21 @@ def test_csv_with_another_separator_says_to_set_the_delimiter(tmp_path: Path) ->
     assert "its header looks separated by ';': set data.delimiter=';'" in message
 
 
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path: Path) -> None:
+    rows = "".join(f"t{i} w,{'ab'[i % 2]},other {i}\n" for i in range(10))
+    twice = tmp_path / "twice.csv"
+    twice.write_text("text,label,text\n" + rows)
+    assert _error(DataConfig(path=str(twice))).endswith(
+        f"{twice}: the header names column 'text' twice (columns 1 and 3); rename or drop one"
+    )
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text("text,label,text.1\n" + rows)  # a real column name with a dot still loads
+    assert load_task_data(DataConfig(path=str(renamed)), "classification").label_names == [
+        "a",
+        "b",
+    ]
+
+
 def test_an_empty_file_is_named(tmp_path: Path) -> None:
     empty = tmp_path / "empty.csv"
     empty.write_text("")

@@ -570,18 +570,47 @@ def test_a_sharding_template_that_accelerate_runs_as_ddp_is_named(monkeypatch):
     assert "DeepSpeed" in backend_note(ddp)
 
 
+def test_accelerate_cpu_launcher_starting_one_of_two_processes_is_named(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process and says nothing."""
+    script = tmp_path / "note.py"
+    script.write_text(
+        "from accelerate import Accelerator\n"
+        "from lorafit.distributed import backend_note\n"
+        "print('NOTE', backend_note(Accelerator(cpu=True)))\n"
+    )
+    accelerate = Path(sys.executable).with_name("accelerate")
+    notes = {}
+    for processes in ("2", "1"):
+        out = subprocess.run(
+            [str(accelerate), "launch", "--cpu", "--num_processes", processes, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        notes[processes] = [line for line in out.stdout.splitlines() if line.startswith("NOTE")]
+    assert len(notes["2"]) == 1 and "started 1 process, not the --num_processes" in notes["2"][0]
+    assert notes["1"] == ["NOTE None"]
+
+
 def test_rank_1_keeps_lorafit_warnings_and_the_interrupt_line_to_rank_0(monkeypatch, capsys):
     import logging
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
 
     from lorafit import cli
 
     logger = logging.getLogger("lorafit")
-    before = logger.level
+    before, gguf_bar = logger.level, gguf_loading.tqdm
+    assert not gguf_bar(range(2)).disable
     try:
         dist.quiet_libraries()  # what a non-main rank runs once its Accelerator exists
         assert not logging.getLogger("lorafit.data").isEnabledFor(logging.WARNING)
+        assert gguf_loading.tqdm(range(2)).disable  # the GGUF loader's own bar
     finally:
         logger.setLevel(before)
+        gguf_loading.tqdm = gguf_bar
 
     def interrupted(args):
         raise KeyboardInterrupt

@@ -867,6 +867,19 @@ def test_causal_lm_sweeps_are_refused_before_training(tmp_path):
     assert launcher.calls == [] and not (tmp_path / "sweep" / "sweep.yaml").exists()
 
 
+def test_data_errors_name_the_sweep_keys_but_not_file_names():
+    from lorafit.sweep import _sweep_keys
+
+    message = _sweep_keys(
+        "/in/data.csv: no column 'mood' (data.label); data.k_shot=100 is more than a class "
+        "has; or data.k_shot_unit=total; see data.tsv"
+    )
+    assert message == (
+        "/in/data.csv: no column 'mood' (base.data.label); sweep.k_shots=100 is more than a "
+        "class has; or sweep.k_shot_unit=total; see data.tsv"
+    )
+
+
 def test_data_mistakes_are_one_error_before_any_run(tmp_path):
     data = tmp_path / "reviews.csv"
     rows = [
