@@ -345,7 +345,8 @@ def _majority_class(summary: dict) -> str | None:
 def _tested(summary: dict, metric: str) -> str:
     """Which weights were tested: the refit's, else the monitored run's selected ones."""
     if summary.get("refit"):
-        return f"the refit's last step {summary['refit']['steps']}"
+        weights = "EMA weights at step" if summary.get("ema_decay") else "last step"
+        return f"the refit's {weights} {summary['refit']['steps']}"
     return _selected(summary, metric)
 
 
@@ -354,6 +355,8 @@ def _selected(summary: dict, metric: str) -> str:
     fixed budget."""
     if summary.get("selected") == "best":
         return f"weights of step {summary['best_step']}, best by validation {metric}"
+    if summary.get("ema_decay"):
+        return f"EMA weights at the last step {summary['stopped_at_step']}, a fixed budget"
     return f"weights of the last step {summary['stopped_at_step']}, a fixed budget"
 
 

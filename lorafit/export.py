@@ -536,7 +536,14 @@ def _manifest(package: Package, staging: Path, merge_report: dict | None) -> dic
             "run_dir": str(package.root.resolve()),
             "config_sha256": summary.get("config_sha256"),
             "status": summary.get("status"),
-            "best_step": summary.get("best_step"),
+            "best_step": summary.get("best_step"),  # the monitored run's
+            # the shipped weights were trained again on train + validation (train.refit)
+            "refit": {
+                k: v
+                for k, v in (summary.get("refit") or {}).items()
+                if k != "monitored_train_sample"
+            }
+            or None,
             "k_shot": summary.get("k_shot"),
             "seed": summary.get("seed"),
         }

@@ -11,7 +11,8 @@ Protocol, in the order it is applied:
    while other grid points crashed or have not run is flagged: it may change once they finish.
 2. Failed runs (Mosbach et al. 2021): a kept run whose validation accuracy (of the weights it
    tested) is at or below the validation set's majority-class rate is `failed`: listed apart,
-   never in the metric means.
+   never in the metric means. So is a run whose refit diverged (train.refit: its
+   training-sample accuracy ended more than 10 points under the monitored run's).
 3. Per method x K over the `ok` seeds: mean, sample std, Student-t CI across seeds, the mean of
    the per-run bootstrap CIs, gap and ECE; cost over the `ok` and `failed` seeds.
 4. Paired test against the baseline at the same K, over the seeds where both runs are ok and
@@ -180,6 +181,7 @@ def _summary_fields(summary: dict, validation: dict, metric: str) -> dict[str, A
         "num_train": summary.get("num_train"),
         # rows the tested model was refit on (train + validation; train.refit), else None
         "refit_num_train": (summary.get("refit") or {}).get("num_train"),
+        "refit_diverged": bool((summary.get("refit") or {}).get("diverged")),
         "num_validation": summary.get("num_validation"),
         "num_test": summary.get("num_test"),
         "num_classes": len(summary.get("label_names") or []) or None,
@@ -191,6 +193,8 @@ def _minus(a, b):
 
 
 def _is_failed(row: dict) -> bool:
+    if row.get("refit_diverged"):  # the tested model is the refit, which validation never saw
+        return True
     accuracy, majority = row.get("validation_accuracy"), row.get("validation_majority_rate")
     return accuracy is not None and majority is not None and accuracy <= majority + 1e-12
 
@@ -330,11 +334,13 @@ def _paired_against_baseline(sweep: Sweep, by_cell: dict, method: str, k: int) -
 
     cfg = sweep.config
     rows, labels, preds_method, preds_baseline = [], [], [], []
-    num_classes = None
+    num_classes, refit_differs = None, 0
     for seed in cfg.seeds:
         a, b = by_cell.get((method, k, seed)), by_cell.get((cfg.baseline, k, seed))
         if not a or not b or a["status"] != "ok" or b["status"] != "ok":
             continue
+        # one side trained on train + validation (twice the labels at K-shot), the other not
+        refit_differs += bool(a.get("refit_num_train")) != bool(b.get("refit_num_train"))
         pa, pb = _predictions(a["run_dir"]), _predictions(b["run_dir"])
         common = sorted(set(pa) & set(pb))
         if not common:
@@ -361,6 +367,7 @@ def _paired_against_baseline(sweep: Sweep, by_cell: dict, method: str, k: int) -
     )
     return {
         "paired_seeds": len(rows),
+        "refit_differs": refit_differs,
         "paired_test_rows": len(set().union(*rows)),
         "paired_examples": sum(len(seed_rows) for seed_rows in rows),
         "delta": test.difference,
@@ -488,6 +495,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
                 f"{e['delta']:+.3f} [{e['delta_ci_low']:+.3f}, {e['delta_ci_high']:+.3f}] "
                 f"({_plural(e['paired_seeds'], 'seed')}{_few_seeds_note(e['paired_seeds'])})"
             )
+            if e.get("refit_differs"):
+                delta += " ‡"
         bootstrap = f"[{_fmt(e['bootstrap_ci_low_mean'])}, {_fmt(e['bootstrap_ci_high_mean'])}]"
         if len(run_levels) > 1 and e["n_ok"]:
             cell_level = e["bootstrap_ci_level"]
@@ -509,6 +518,13 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
             "head) were trained again on train + validation after the monitored run: their "
             "test metric, gap and ECE are of that model; validation (and the failed-run check) "
             "is of the monitored run."
+        )
+    if any(e.get("refit_differs") for e in table):
+        lines.append(
+            "- **‡ refit differs**: one side of this comparison was refit on train + validation "
+            "and the other was not (train.refit is on by default for lora, qlora, full and head "
+            "only), so Δ mixes the method with twice the labels; set base.train.refit the same "
+            "for every method to compare the methods alone."
         )
     if any(e["n_grid_incomplete"] for e in table):
         lines.append(
@@ -541,9 +557,10 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         f"p-values (of the {cfg.paired_test} test) control the family-wise error rate. "
         "Read a difference as significant at 5% only if p (Holm) < 0.05.",
         "- **Failed runs** (validation accuracy of the tested weights at or below the "
-        "majority-class rate of the validation set, Mosbach et al. 2021) of the kept grid "
-        "points, and crashed runs of every grid point, are listed below and are not in the "
-        "means.",
+        "majority-class rate of the validation set, Mosbach et al. 2021, or a refit whose "
+        "training-sample accuracy ended more than 10 points under the monitored run's) of the "
+        "kept grid points, and crashed runs of every grid point, are listed below and are not "
+        "in the means.",
         "",
         "## Cost",
         "",
@@ -604,12 +621,15 @@ def _run_list(rows: list[dict], status: str, metric: str) -> list[str]:
             "",
             "## Failed runs (not averaged)",
             "",
-            "| run | validation accuracy | majority-class rate | test " + metric + " |",
-            "|---|---:|---:|---:|",
+            "| run | validation accuracy | majority-class rate | refit diverged | test "
+            + metric
+            + " |",
+            "|---|---:|---:|:---:|---:|",
         ]
         out += [
             f"| {r['run_id']} | {_fmt(r['validation_accuracy'])} "
-            f"| {_fmt(r['validation_majority_rate'])} | {_fmt(r[f'test_{metric}'])} |"
+            f"| {_fmt(r['validation_majority_rate'])} | {'yes' if r.get('refit_diverged') else ''} "
+            f"| {_fmt(r[f'test_{metric}'])} |"
             for r in chosen
         ]
     elif status == "crashed":

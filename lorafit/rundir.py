@@ -190,13 +190,14 @@ def plot_learning_curve(
     best_step: int | None,
     tested_step: int | None,
     refit_rows: int | None = None,
+    refit_steps: int | None = None,
 ):
     """Train vs validation loss and metric over steps: the overfitting picture at a glance.
 
     A solid line marks the step whose weights were tested; a dashed one the best validation
     step when that is another (train.select_best=false keeps the last step). After a refit
-    (`refit_rows` rows of train + validation) the solid line marks the monitored run's step
-    whose length the refit trained for: the refit itself has no validation curve."""
+    (`refit_steps` steps on `refit_rows` rows of train + validation) the solid line marks the
+    monitored run's step whose weights the refit replaced: the refit has no validation curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +219,10 @@ def plot_learning_curve(
             which = "best" if tested_step == best_step else "last"
             label = f"tested: {which} step {tested_step}"
             if refit_rows:
-                label = f"{which} step {tested_step}: its length refit on {refit_rows} rows, tested"
+                label = (
+                    f"{which} step {tested_step}; refit: {refit_steps} steps on {refit_rows} "
+                    "rows, tested"
+                )
             ax.axvline(tested_step, color="black", label=label)
         if best_step is not None and best_step != tested_step:
             ax.axvline(

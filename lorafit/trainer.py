@@ -76,8 +76,8 @@ from lorafit.rundir import (
 
 logger = logging.getLogger(__name__)
 
-# A refit whose training-sample metric ends this share below the monitored run's is reported
-# as possibly diverged (both trained on those rows; a healthy refit is level or better).
+# A refit whose training-sample accuracy ends more than this below the monitored run's (10
+# points) is reported as diverged (both trained on those rows; a healthy refit is level or better).
 REFIT_WARN_DROP = 0.1
 
 # Test hook: SIGKILL this process after the given optimisation step (checkpoint written first),
@@ -697,6 +697,13 @@ class Trainer:
         step_loss = self.backward_step(micro_batches)
         # A NaN/inf on any rank stops every rank: the last good checkpoint stays on disk.
         if acc.reduce(torch.isfinite(step_loss).logical_not().float(), "sum").item() > 0:
+            if self.monitored_selected is not None:
+                # a resume would rerun the same seeded refit into the same NaN
+                raise TrainingError(
+                    f"the refit's training loss is {step_loss.item()} at step {step} (lr "
+                    f"{lr:.3g}); lower train.lr, or set train.refit=false to test the "
+                    "monitored run"
+                )
             raise TrainingError(
                 f"training loss is {step_loss.item()} at step {step} (lr {lr:.3g}); lower "
                 f"train.lr or enable train.max_grad_norm; last good checkpoint: "
@@ -795,11 +802,13 @@ class Trainer:
         rows = [row + offset for row in self.validation_set["row"]]
         validation = self.validation_set.remove_columns("row").add_column("row", rows)
         self.train_set = datasets.concatenate_datasets([self.train_set, validation])
-        if not cfg.train.select_best:  # a fixed budget keeps its pass floor on the larger set
+        if not cfg.train.select_best and not self.stopped_early:
+            # a fixed budget keeps its pass floor on the larger set; an early stop is kept as is
             floor = dataclasses.replace(self.train_cfg, steps=steps)
             steps = budget_steps(floor, acc.num_processes, len(self.train_set), self.task)
         self._prepare_head_fit()
         label_counts = _label_counts(self.train_set, self.num_classes)
+        monitored_sampling = self.batch_sampling
         self.batch_sampling = batch_sampling_for(cfg.train, self.contrastive, label_counts)
 
         # start over: the initial weights, a fresh optimiser state, schedule, EMA and loss
@@ -833,27 +842,28 @@ class Trainer:
         self.refit_summary = {
             "steps": steps,
             "num_train": len(self.train_set),
+            "batch_sampling": self.batch_sampling,
             "calibration": calibration,
             "monitored_train_sample": monitored_train,
         }
+        self.batch_sampling = monitored_sampling  # the summary's own field is the monitored run's
         return examples_seen
 
-    def _check_refit(self, refit_train: dict) -> None:
-        """Warn when the refit scores far below the monitored run on the training sample (rows
-        both trained on): a diverged refit that no validation number would show."""
-        metric = self.selection.metric
-        higher = self.selection.higher_is_better
-        before = self.refit_summary["monitored_train_sample"].get(metric)
-        after = refit_train.get(metric)
-        if before is None or after is None:
-            return
-        worse = (before - after) if higher else (after - before)
-        if worse > REFIT_WARN_DROP * max(abs(before), 1e-12):
-            logger.warning(
-                f"refit: the refit model's training-sample {metric} is {after:.4f} against "
-                f"{before:.4f} for the monitored run; it may have diverged (lower train.lr, "
-                "or compare with train.refit=false)"
-            )
+    def _refit_diverged(self, refit_train: dict) -> bool:
+        """Whether the refit's training-sample accuracy (rows both models trained on) is more
+        than REFIT_WARN_DROP below the monitored run's: a diverged refit that no validation
+        number would show. Warns when it is. Classification only: a causal LM's training loss
+        rises in a healthy refit too, which sees each row half as often."""
+        before = self.refit_summary["monitored_train_sample"].get("accuracy")
+        after = refit_train.get("accuracy")
+        if before is None or after is None or before - after <= REFIT_WARN_DROP:
+            return False
+        logger.warning(
+            f"refit: the refit model's training-sample accuracy is {after:.4f} against "
+            f"{before:.4f} for the monitored run; it may have diverged (lower train.lr, or "
+            "compare with train.refit=false); lorafit compare counts it as a failed run"
+        )
+        return True
 
     # ------------------------------------------------------------------------------- evaluation
     def _evaluate(self, loader, keep=False) -> EvalResult:
@@ -989,7 +999,7 @@ class Trainer:
         metric = self.selection.metric
         final_train = self._train_sample_metrics()
         if self.refit_summary is not None:
-            self._check_refit(final_train)
+            self.refit_summary["diverged"] = self._refit_diverged(final_train)
         test = self._evaluate(self.test_loader, keep=True)
         ci = confidence_intervals(test.per_example, self.task, self.num_classes, cfg.eval)
         if calibration:  # what calibration changed on test: the same logits before the scaling
@@ -1022,6 +1032,7 @@ class Trainer:
             "data_seed": cfg.data.seed,
             "selection_metric": metric,
             "selected": selected,
+            "ema_decay": cfg.train.ema_decay,  # "last" weights are the EMA's when set
             "best_step": self.selection.best_step,
             "steps": self.train_cfg.steps,  # the budget run: train.steps or the min_passes floor
             "stopped_at_step": self.stopped_at,
@@ -1041,7 +1052,7 @@ class Trainer:
             "num_validation": len(self.validation_set),
             # the tested model was trained again on train + validation (train.refit)
             "refit": (
-                {k: self.refit_summary[k] for k in ("steps", "num_train", "monitored_train_sample")}
+                {k: v for k, v in self.refit_summary.items() if k != "calibration"}
                 if self.refit_summary
                 else None
             ),
@@ -1088,6 +1099,7 @@ class Trainer:
                     self.selection.best_step,
                     tested_step,
                     refit_rows=self.refit_summary["num_train"] if self.refit_summary else None,
+                    refit_steps=self.refit_summary["steps"] if self.refit_summary else None,
                 )
             summary["adapter_bytes"] = _weight_bytes(self.run.adapter)
             write_json(self.run.summary, summary)

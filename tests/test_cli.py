@@ -218,6 +218,8 @@ def test_summary_of_a_refit_says_which_model_each_line_describes(capsys):
     assert "0.5000 at step 0 -> 0.7500 (weights of step 150, best by validation" in out
     assert "trained again from the start on train + validation (64 rows, 150 steps" in out
     assert "temperature 2.5 (fitted on the monitored run's validation)" in out
+    cli._print_summary({**summary, "ema_decay": 0.99}, "runs/x")  # tested: the EMA's weights
+    assert "(the refit's EMA weights at step 150)" in capsys.readouterr().out
 
 
 def test_summary_prints_validation_before_and_after_training(capsys):
@@ -234,6 +236,9 @@ def test_summary_prints_validation_before_and_after_training(capsys):
         "trained:    validation f1_macro 0.6100 at step 0 -> 0.7400 "
         "(weights of the last step 200, a fixed budget)"
     ) in capsys.readouterr().out
+    ema = {"validation_at_start": start, "validation_at_selected": tested, "ema_decay": 0.99}
+    cli._print_summary({**summary, **ema}, "runs/x")
+    assert "(EMA weights at the last step 200, a fixed budget)" in capsys.readouterr().out
 
 
 def test_a_missing_cpp_core_is_a_one_line_error(tmp_path):

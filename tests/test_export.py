@@ -122,6 +122,10 @@ def test_adapter_export_holds_peft_files_and_manifest(cls_run, cls_export, tiny_
     assert "tokenizer.json" in manifest["tokenizer_files"]
     assert manifest["lorafit_version"] == __import__("lorafit").__version__
     assert manifest["training"]["config_sha256"] == summary["config_sha256"]
+    # K-shot LoRA refits on train + validation: the manifest says what the weights saw
+    assert manifest["training"]["refit"]["num_train"] == summary["refit"]["num_train"] == 16
+    assert manifest["training"]["refit"]["steps"] == summary["refit"]["steps"]
+    assert "monitored_train_sample" not in manifest["training"]["refit"]
     assert manifest["test_metrics"]["accuracy"] == summary["test"]["accuracy"]
     for name, sha in manifest["files_sha256"].items():
         assert _sha(cls_export / name) == sha, name

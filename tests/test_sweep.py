@@ -551,7 +551,29 @@ def test_the_report_says_when_a_tested_model_was_refit(tmp_path):
     run_compare(_sweep_file(tmp_path / "b", {"seeds": [2]}), [], launch=FakeTrainer(plan))
     text = (tmp_path / "b" / "sweep" / "summary.md").read_text()
     assert "- **refit**: runs with train.refit" in text
-    assert _summary_row(tmp_path / "b" / "sweep", "lora")  # the row is there as before
+    # lora was refit, the full baseline was not: its Δ is marked and the note says why
+    assert int(_summary_row(tmp_path / "b" / "sweep", "lora")["refit_differs"]) == 1
+    assert "(1 seed: test rows only) ‡" in text and "- **‡ refit differs**" in text
+    plan[("full", 2)] = {"correct": _mask(0.7), "refit": {"steps": 3, "num_train": 32}}
+    (tmp_path / "c").mkdir()
+    run_compare(_sweep_file(tmp_path / "c", {"seeds": [2]}), [], launch=FakeTrainer(plan))
+    text = (tmp_path / "c" / "sweep" / "summary.md").read_text()
+    assert "‡" not in text and "- **refit**: runs with train.refit" in text
+
+
+def test_a_diverged_refit_is_a_failed_run(tmp_path):
+    diverged = {"steps": 3, "num_train": 32, "diverged": True}
+    plan = {
+        ("lora", 1): {"correct": _mask(0.9, 1)},
+        ("lora", 2): {"correct": _mask(0.8, 2)},
+        ("lora", 3): {"correct": _mask(0.5, 3), "refit": diverged},  # validation is fine
+    }
+    run_compare(_sweep_file(tmp_path), [], launch=FakeTrainer(plan))
+    row = _summary_row(tmp_path / "sweep", "lora")
+    assert (row["n_ok"], row["n_failed"]) == ("2", "1")
+    assert float(row["accuracy_mean"]) == pytest.approx(0.85)
+    failed = (tmp_path / "sweep" / "summary.md").read_text().split("## Failed runs")[1]
+    assert "| lora/k8/seed3 | 0.900 | 0.500 | yes | 0.500 |" in failed
 
 
 def test_a_one_seed_comparison_says_its_ci_covers_test_rows_only(tmp_path):

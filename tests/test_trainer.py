@@ -249,6 +249,32 @@ def test_refit_keeps_the_pass_floor_on_train_plus_validation(
     summary = run_tiny(tiny_bert_path, sentiment_dir, tmp_path / "run", **extra)
     assert summary["steps"] == 20
     assert (summary["refit"]["steps"], summary["refit"]["num_train"]) == (40, 32)
+    # a tiny random model: its refit can end far below the monitored run on the training rows
+    drop = (
+        summary["refit"]["monitored_train_sample"]["accuracy"]
+        - (summary["train_sample_at_selected"]["accuracy"])
+    )
+    assert summary["refit"]["diverged"] is (drop > 0.1)
+    assert summary["refit"]["batch_sampling"] == summary["batch_sampling"] == "class_pairs"
+
+
+def test_refit_after_an_early_stop_under_a_fixed_budget_keeps_the_stop(
+    tiny_bert_path, sentiment_dir, tmp_path
+):
+    """The monitored run stopped before its budget: the refit trains as long as it ran, not
+    the pass floor over train + validation (which would be 40 steps here)."""
+    extra = {
+        "train.steps": 2,
+        "train.min_passes": 5,
+        "train.eval_every": 2,
+        "train.early_stopping.patience": 1,
+        "train.early_stopping.min_steps": 0,
+        "train.lr": 5e-2,
+    }
+    summary = run_tiny(tiny_bert_path, sentiment_dir, tmp_path / "run", **extra)
+    assert summary["selected"] == "last" and summary["stopped_early"]
+    assert summary["stopped_at_step"] < 20
+    assert summary["refit"]["steps"] == summary["stopped_at_step"]
 
 
 def test_refit_numbers_a_given_validation_files_rows_after_the_training_rows(
@@ -272,16 +298,18 @@ def test_refit_numbers_a_given_validation_files_rows_after_the_training_rows(
 
 
 def test_a_refit_far_below_the_monitored_run_on_the_training_sample_is_reported(caplog):
-    trainer = Trainer.__new__(Trainer)  # only the check: the selection and the two scores
-    trainer.selection = Selection(metric="accuracy", higher_is_better=True, tie_breaker="loss")
-    trainer.refit_summary = {"monitored_train_sample": {"accuracy": 1.0}}
+    trainer = Trainer.__new__(Trainer)  # only the check: the two training-sample scores
+    trainer.refit_summary = {"monitored_train_sample": {"accuracy": 1.0, "loss": 0.1}}
     with caplog.at_level("WARNING", logger="lorafit.trainer"):
-        trainer._check_refit({"accuracy": 0.95})  # level: nothing to say
+        # 9 points down, or a loss twice as high (a healthy refit sees each row less often)
+        assert not trainer._refit_diverged({"accuracy": 0.91, "loss": 0.2})
         assert not caplog.records
-        trainer._check_refit({"accuracy": 0.5})
+        assert trainer._refit_diverged({"accuracy": 0.5, "loss": 0.7})
     assert "refit: the refit model's training-sample accuracy is 0.5000 against 1.0000" in (
         caplog.text
     )
+    trainer.refit_summary = {"monitored_train_sample": {"loss": 1.2}}  # a causal LM
+    assert not trainer._refit_diverged({"loss": 2.4})
 
 
 def test_saved_adapter_reproduces_test_predictions(tiny_bert_path, sentiment_dir, tmp_path):
