@@ -151,6 +151,7 @@ def _validation_of_tested_weights(run: Run) -> dict:
 def _summary_fields(summary: dict, validation: dict, metric: str) -> dict[str, Any]:
     test = summary.get("test") or {}
     train_sample = summary.get("train_sample_at_selected") or {}
+    refit = summary.get("refit") or {}  # the tested model was trained again (train.refit)
     ci = (test.get("ci") or {}).get(metric) or [None, None]
     wall, eval_s = summary.get("wall_time_s"), summary.get("eval_time_s")
     return {
@@ -180,8 +181,8 @@ def _summary_fields(summary: dict, validation: dict, metric: str) -> dict[str, A
         "stopped_at_step": summary.get("stopped_at_step"),
         "num_train": summary.get("num_train"),
         # rows the tested model was refit on (train + validation; train.refit), else None
-        "refit_num_train": (summary.get("refit") or {}).get("num_train"),
-        "refit_diverged": bool((summary.get("refit") or {}).get("diverged")),
+        "refit_num_train": refit.get("num_train"),
+        "refit_diverged": bool(refit.get("diverged")),
         "num_validation": summary.get("num_validation"),
         "num_test": summary.get("num_test"),
         "num_classes": len(summary.get("label_names") or []) or None,

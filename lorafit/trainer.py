@@ -660,8 +660,9 @@ class Trainer:
             step_loss += loss.detach()
         return step_loss
 
-    def _batches(self, tc: TrainConfig, start_step: int):
-        """Iterator over the training micro-batches of steps start_step+1 .. tc.steps."""
+    def _batches(self, tc: TrainConfig, start_step: int, sampling: str):
+        """Iterator over the training micro-batches of steps start_step+1 .. tc.steps, drawn as
+        `sampling` says (batch_sampling_for)."""
         acc = self.accelerator
         window = dict(
             start=start_step * tc.grad_accum,
@@ -669,10 +670,10 @@ class Trainer:
             rank=acc.process_index,
             world=acc.num_processes,
         )
-        if self.batch_sampling == "class_pairs":
+        if sampling == "class_pairs":
             labels = self.train_set["labels"]
             sampler = ClassPairBatchSampler(labels, tc.batch_size, tc.seed, **window)
-        elif self.batch_sampling == "by_length":
+        elif sampling == "by_length":
             lengths = [len(ids) for ids in self.train_set["input_ids"]]
             sampler = LengthGroupedBatchSampler(lengths, tc.batch_size, tc.seed, **window)
         else:
@@ -721,7 +722,7 @@ class Trainer:
 
     def train(self) -> dict:
         tc = self.train_cfg  # train.steps raised to train.min_passes passes where it applies
-        batches = self._batches(tc, self.start_step)
+        batches = self._batches(tc, self.start_step, self.batch_sampling)
         fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
         self.model.train()
         start_time = self.start_time = time.perf_counter()
@@ -808,8 +809,7 @@ class Trainer:
             steps = budget_steps(floor, acc.num_processes, len(self.train_set), self.task)
         self._prepare_head_fit()
         label_counts = _label_counts(self.train_set, self.num_classes)
-        monitored_sampling = self.batch_sampling
-        self.batch_sampling = batch_sampling_for(cfg.train, self.contrastive, label_counts)
+        sampling = batch_sampling_for(cfg.train, self.contrastive, label_counts)
 
         # start over: the initial weights, a fresh optimiser state, schedule, EMA and loss
         # scale, the seed; the schedule has the monitored run's shape, over `steps`
@@ -829,7 +829,7 @@ class Trainer:
             f"{len(self.validation_set)} rows) for {steps} steps; validation numbers are the "
             "monitored run's, the test is this model's"
         )
-        batches = self._batches(tc, 0)
+        batches = self._batches(tc, 0, sampling)
         self.model.train()
         examples_seen = 0
         with tqdm(total=steps, disable=not self.is_main, desc="refit", unit="step") as bar:
@@ -842,11 +842,10 @@ class Trainer:
         self.refit_summary = {
             "steps": steps,
             "num_train": len(self.train_set),
-            "batch_sampling": self.batch_sampling,
+            "batch_sampling": sampling,  # the summary's own field is the monitored run's
             "calibration": calibration,
             "monitored_train_sample": monitored_train,
         }
-        self.batch_sampling = monitored_sampling  # the summary's own field is the monitored run's
         return examples_seen
 
     def _refit_diverged(self, refit_train: dict) -> bool:
