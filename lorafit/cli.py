@@ -332,7 +332,8 @@ def _majority_class(summary: dict) -> str | None:
     matrix = (summary.get("test_per_class") or {}).get("confusion_matrix")
     counts = [sum(row) for row in matrix or []]
     total = sum(counts)
-    if not total or max(counts) < 2 * min(counts):  # near-balanced: chance is ~1/C anyway
+    present = [c for c in counts if c]  # a class with no test rows does not unbalance the set
+    if not total or max(present) < 2 * min(present):  # near-balanced: chance is ~1/C anyway
         return None
     names = summary.get("label_names") or [str(c) for c in range(len(counts))]
     top = max(range(len(counts)), key=counts.__getitem__)

@@ -112,10 +112,19 @@ def load_task_data(cfg: DataConfig, task: str) -> TaskData:
     raw = _read_splits(cfg)
     warnings = _warn(_unused_files_note(cfg))
     if task == "classification":
-        label_names, pools = _normalise_classification(raw, cfg)
+        label_names, pools, label_warnings = _normalise_classification(raw, cfg)
+        warnings += label_warnings
     else:
-        label_names, pools = None, {role: _normalise_sft(split, cfg) for role, split in raw.items()}
-    train, validation, test, notes, split_warnings = _assign_splits(pools, cfg, label_names)
+        label_names = None
+        pools = {
+            role: _normalise_sft(split, cfg)
+            for role, split in raw.items()
+            if not (role == "validation" and _validation_unused(raw, cfg))
+        }
+    validation_unused = "validation" in raw and "validation" not in pools
+    train, validation, test, notes, split_warnings = _assign_splits(
+        pools, cfg, label_names, validation_unused
+    )
     origins = ", ".join(f"{role}: {raw[role].origin}" for role in pools)
     source = f"{origins}; " + "; ".join(notes)
     return TaskData(task, train, validation, test, label_names, source, warnings + split_warnings)
@@ -332,6 +341,12 @@ def _split_names(cfg: DataConfig) -> dict[str, str]:
     if _validation_is_test(cfg):
         del names["validation"]
     return {role: name for role, name in names.items() if name is not None}
+
+
+def _validation_unused(raw: dict[str, _Split], cfg: DataConfig) -> bool:
+    """K-shot draws validation from train, so a given validation split beside a labelled test
+    split is not used, and its rows are not checked (a bad row there must not stop the run)."""
+    return cfg.k_shot is not None and "validation" in raw and "test" in raw
 
 
 def _validation_is_test(cfg: DataConfig) -> bool:
@@ -742,7 +757,20 @@ def _numbers_if_all_numeric(values: list[str | None]) -> list[Any]:
     stripped = [(v or "").strip() for v in values]
     if not all(_NUMBER.fullmatch(v) for v in stripped if v):
         return values
-    return [(int(v) if v.lstrip("+-").isdigit() else float(v)) if v else None for v in stripped]
+    return [_number(v) if v else None for v in stripped]
+
+
+def _number(text: str) -> int | float:
+    return int(text) if text.lstrip("+-").isdigit() else float(text)
+
+
+def numeric_label_name(text: str) -> str | None:
+    """The label name training gives a numeric csv/tsv label ("01", "+1", "1.0" -> "1"); None
+    for text that is not a number."""
+    text = text.strip()
+    if not _NUMBER.fullmatch(text):
+        return None
+    return str(_label_key(_number(text), negative_is_missing=False))
 
 
 def _more_rows(rows: list[int]) -> str:
@@ -771,8 +799,9 @@ def _unlabelled_error(split: _Split, role: str, keys: list, column: str) -> Data
 
 def _normalise_classification(
     raw: dict[str, _Split], cfg: DataConfig
-) -> tuple[list[str], dict[str, Dataset]]:
-    """Map text and label columns of every split; label ids follow `cfg.labels` or sorted training values."""
+) -> tuple[list[str], dict[str, Dataset], list[str]]:
+    """Map text and label columns of every split; label ids follow `cfg.labels` or sorted
+    training values. Returns the label names, the splits and the warnings."""
     raw = dict(raw)
     keys: dict[str, list] = {}
     label_columns: dict[str, str] = {}
@@ -792,6 +821,8 @@ def _normalise_classification(
         if role == "test" and all(k is None for k in keys[role]):
             # hidden test labels (GLUE on the hub): behave as if no test split was given
             del raw[role], keys[role]
+    if _validation_unused(raw, cfg):
+        del raw["validation"], keys["validation"]
 
     train = raw["train"]
     feature = train.dataset.features.get(label_columns["train"])
@@ -834,7 +865,44 @@ def _normalise_classification(
             f"labels in the training split, found only {train_keys[0]!r}; add rows of the other classes "
             "(or point data.label at the column that holds the classes)"
         )
-    return names, pools
+    warnings = _warn(_respelled_numbers_note(train, label_columns["train"]))
+    warnings += _warn(_missing_value_labels_note(names, train.origin))
+    return names, pools, warnings
+
+
+# spellings that spreadsheets and pandas write for a missing value; "none" and "NA" are left
+# out: they are real class names in some datasets ("no relation", "North America")
+_MISSING_SPELLINGS = {"nan", "null", "#n/a", "n/a", "<na>"}
+
+
+def _missing_value_labels_note(names: list[str], origin: str) -> str | None:
+    """A label 'NaN' is a class to lorafit (csv/tsv cells are read as written); say so."""
+    missing = [n for n in names if n.strip().lower() in _MISSING_SPELLINGS]
+    if not missing:
+        return None
+    shown = ", ".join(repr(n) for n in missing)
+    return (
+        f"{origin}: label {shown} looks like a missing value but is a class of its own; if those "
+        f"rows are unlabelled, empty the label cells or remove the rows"
+    )
+
+
+def _respelled_numbers_note(split: _Split, column: str) -> str | None:
+    """Numeric csv/tsv labels are read as numbers, so '01' becomes class '1': say so."""
+    if not split.untyped:
+        return None
+    spelled = {v.strip() for v in split.dataset[column][:] if v and v.strip()}
+    if not all(numeric_label_name(v) for v in spelled):
+        return None  # not a numeric column: labels keep their spelling
+    changed = sorted(v for v in spelled if numeric_label_name(v) != v)
+    if not changed:
+        return None
+    shown = ", ".join(f"'{v}' -> '{numeric_label_name(v)}'" for v in changed[:4])
+    more = ", ..." if len(changed) > 4 else ""
+    return (
+        f"{split.origin} column '{column}': the labels are numbers, so they are named by their "
+        f"value ({shown}{more}); predictions and label_map.json use these names"
+    )
 
 
 def _integer_labels_are_ids(
@@ -1078,10 +1146,14 @@ def _fraction_size(n: int, fraction: float, what: str, origin: str) -> int:
 
 
 def _assign_splits(
-    pools: dict[str, Dataset], cfg: DataConfig, label_names: list[str] | None
+    pools: dict[str, Dataset],
+    cfg: DataConfig,
+    label_names: list[str] | None,
+    validation_unused: bool = False,
 ) -> tuple[Dataset, Dataset, Dataset, list[str], list[str]]:
     """Given or carved test, then (K-shot) train and validation from the train pool; returns the
-    splits, the sampling notes and the warnings."""
+    splits, the sampling notes and the warnings. `validation_unused`: a given validation split
+    was dropped (K-shot with a test split), which the notes say."""
     pool = pools["train"]
     notes: list[str] = []
     warnings: list[str] = []
@@ -1130,7 +1202,7 @@ def _assign_splits(
         notes.append(
             f"train: {cfg.k_shot} {unit}, validation: {cfg.validation_k or cfg.k_shot} {unit}, disjoint, "
             f"both from the train pool (LM-BFF, seed {cfg.seed})"
-            + ("; the given validation split is unused" if given_validation else "")
+            + ("; the given validation split is unused" if validation_unused else "")
         )
     else:
         if given_validation:
@@ -1173,6 +1245,8 @@ def _assign_splits(
             raise DataError(
                 f"the {role} split is empty after sampling; check data.k_shot, data.train_size and the data files"
             )
+    if label_names is not None:
+        warnings.extend(_warn(_classes_without_test_rows_note(test, train, label_names)))
     validation_in_pool = cfg.k_shot is not None or not given_validation
     keys = {name: _row_keys(d) for name, d in (("train", train), ("validation", validation))}
     warnings.extend(_warn(_leakage_note(pool, keys, test, validation_in_pool)))
@@ -1202,6 +1276,23 @@ def _classes_without_rows_note(
         f"no rows in the train pool{after} for data.labels {classes} {names}: kept in the label "
         "space but never trained on, so test rows of that label count as errors; add training "
         "rows for each or drop it from data.labels and the test file"
+    )
+
+
+def _classes_without_test_rows_note(
+    test: Dataset, train: Dataset, label_names: list[str]
+) -> str | None:
+    """A trained class with no test rows: macro-F1 then counts it only if the model predicts it
+    (as F1 0), so the number depends on the model's mistakes, not the data."""
+    missing = sorted(set(train["label"][:]) - set(test["label"][:]))
+    if not missing:
+        return None
+    names = ", ".join(f"'{label_names[c]}'" for c in missing[:5])
+    classes = "class" if len(missing) == 1 else "classes"
+    return (
+        f"test: no rows of {classes} {names}{', ...' if len(missing) > 5 else ''}: macro-F1 counts "
+        f"such a class (as F1 0) only when the model predicts it; add test rows of every class "
+        f"for comparable macro-F1"
     )
 
 

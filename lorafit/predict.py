@@ -739,8 +739,8 @@ def _label_id(row: dict[str, Any], names: list[str]) -> int:
     label name is a number (labels 1/3/5: "1" is the name, never id 1)."""
     raw = row["true_label"]
     text = str(raw).strip()
-    if re.fullmatch(r"[+-]?\d+\.0*", text):  # 1.0 is 1, as in training data (docs/data.md)
-        text = str(int(float(text)))
+    if text not in names and not isinstance(raw, bool):  # "01", "+1", "1.0": training's "1"
+        text = D.numeric_label_name(text) or text
     if text in names:
         return names.index(text)
     numbered = any(re.fullmatch(r"[+-]?\d+", name) for name in names)

@@ -271,6 +271,10 @@ def test_classification_summary_names_the_majority_class_rate(capsys):
     balanced = {"confusion_matrix": [[100, 91], [98, 111]]}  # 52/48
     cli._print_summary({**summary, "test_per_class": balanced}, "runs/x")
     assert "largest test class" not in capsys.readouterr().out
+    # a class with no test rows does not make a 20/20 test set imbalanced
+    absent = {"confusion_matrix": [[18, 2, 0], [3, 17, 0], [0, 0, 0]]}
+    cli._print_summary({**summary, "test_per_class": absent}, "runs/x")
+    assert "largest test class" not in capsys.readouterr().out
 
 
 def test_export_names_what_it_wrote(tmp_path, monkeypatch, capsys):

@@ -951,6 +951,60 @@ def test_k_shot_ignores_a_given_validation_split(tmp_path: Path) -> None:
     assert "the given validation split is unused" in td.source
 
 
+def test_k_shot_does_not_check_an_unused_validation_split(tmp_path: Path) -> None:
+    # unused under K-shot, so a bad row there (unknown label, empty text) must not stop the run
+    _write(tmp_path / "train.csv", _rows({"a": 10, "b": 10}))
+    bad = [{"sentence": "given", "label": "zzz"}, {"sentence": "", "label": "a"}]
+    _write(tmp_path / "validation.csv", bad)
+    _write(tmp_path / "test.csv", _rows({"a": 3, "b": 3}))
+    td = load_task_data(DataConfig(path=str(tmp_path), k_shot=3), "classification")
+    assert "the given validation split is unused" in td.source and len(td.validation) == 6
+    # without K-shot the file is the validation split, and its rows are checked
+    assert "validation.csv row 1 column 'sentence': empty text" in _error(
+        DataConfig(path=str(tmp_path))
+    )
+
+
+def test_numeric_labels_are_named_by_value_and_predict_reads_them_alike(tmp_path: Path) -> None:
+    from lorafit.predict import _label_id
+
+    spellings = ["01", "+2", "3.0"]
+    rows = [{"sentence": f"row {i} w", "label": spellings[i % 3]} for i in range(30)]
+    td = load_task_data(
+        DataConfig(path=str(_write(tmp_path / "codes.tsv", rows))), "classification"
+    )
+    assert td.label_names == ["1", "2", "3"]
+    [note] = [w for w in td.warnings if "named by their value" in w]
+    assert "'+2' -> '2'" in note and "'01' -> '1'" in note and "'3.0' -> '3'" in note
+    # a file lorafit trained on can be scored by `predict --label-column` in its own spelling
+    ids = [_label_id({"true_label": v, "origin": "codes.tsv"}, td.label_names) for v in spellings]
+    assert ids == [0, 1, 2]
+    same = [{"sentence": f"row {i} w", "label": str(i % 2)} for i in range(30)]
+    td = load_task_data(DataConfig(path=str(_write(tmp_path / "ids.csv", same))), "classification")
+    assert not [w for w in td.warnings if "named by their value" in w]
+
+
+def test_a_label_spelled_as_a_missing_value_is_named(tmp_path: Path) -> None:
+    rows = _rows({"pos": 10, "neg": 10}) + [{"sentence": "no label here", "label": "NaN"}] * 2
+    td = load_task_data(DataConfig(path=str(_write(tmp_path / "d.csv", rows))), "classification")
+    [note] = [w for w in td.warnings if "looks like a missing value" in w]
+    assert "'NaN'" in note and "empty the label cells or remove the rows" in note
+    rows = _rows({"none": 10, "some": 10})  # a real class name in many datasets
+    td = load_task_data(DataConfig(path=str(_write(tmp_path / "n.csv", rows))), "classification")
+    assert not [w for w in td.warnings if "missing value" in w]
+
+
+def test_a_class_with_no_test_rows_is_named(tmp_path: Path) -> None:
+    _write(tmp_path / "train.csv", _rows({"a": 10, "b": 10, "c": 10}))
+    _write(tmp_path / "test.csv", _rows({"a": 4, "b": 4}))
+    td = load_task_data(DataConfig(path=str(tmp_path), k_shot=2), "classification")
+    [note] = [w for w in td.warnings if w.startswith("test: no rows")]
+    assert "class 'c'" in note and "macro-F1" in note
+    _write(tmp_path / "test.csv", _rows({"a": 4, "b": 4, "c": 1}))
+    td = load_task_data(DataConfig(path=str(tmp_path), k_shot=2), "classification")
+    assert not [w for w in td.warnings if w.startswith("test: no rows")]
+
+
 # -- regressions ----------------------------------------------------------------------------------
 
 
