@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -330,6 +331,32 @@ def _read_splits(cfg: DataConfig) -> dict[str, _Split]:
     return splits
 
 
+def data_files_sha256(cfg: DataConfig) -> dict[str, str]:
+    """{split role: sha256 of its file's bytes} of the local files `cfg` reads; {} for a hub
+    dataset. Recorded in summary.json, so a sweep never reuses a run trained on a file that has
+    been edited since."""
+    path = Path(cfg.path).expanduser() if cfg.path else None
+    if path is None or not path.exists():
+        return {}
+    files = {"train": path} if path.is_file() else _split_files(path, cfg)
+    return {role: _file_sha256(str(f), *_stamp(f)) for role, f in sorted(files.items())}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """Cached on (path, mtime, size): a sweep asks once per run."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in SUPPORTED_EXTENSIONS
 
@@ -543,8 +570,7 @@ def _load_file(path: Path, delimiter: str | None) -> Dataset:
         raise DataError(
             f"{path}: unsupported file extension '{path.suffix}'; use one of {supported}"
         )
-    stat = path.stat()
-    return _load_cached(str(path), stat.st_mtime_ns, stat.st_size, delimiter)
+    return _load_cached(str(path), *_stamp(path), delimiter)
 
 
 @functools.lru_cache(maxsize=4)

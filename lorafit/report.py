@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lorafit.errors import ConfigError
 from lorafit.io import read_jsonl, write_text, write_with
 from lorafit.rundir import RunDir, flat_settings, read_summary
 
@@ -101,7 +102,7 @@ def collect_runs(sweep: Sweep) -> list[dict[str, Any]]:
     varying = _varying_settings(sweep.runs)
     rows = []
     for run in sweep.runs:
-        status = run_status(run, state)  # refuses a finished run made with another config
+        status = run_status(run, state, check_data=False)  # data: checked by run_compare
         summary = read_summary(run.dir)
         if status == "completed" and summary.get("task") == "causal_lm":
             raise causal_lm_error(sweep, run.id)
@@ -327,6 +328,21 @@ def summarise(sweep: Sweep, rows: list[dict]) -> list[dict[str, Any]]:
     return table
 
 
+def _check_same_test_labels(
+    tested: dict[int, tuple[int, str]], predictions: dict[int, tuple[int, int]], run_id: str
+) -> None:
+    """Paired tests match test rows by number across runs: one row with two labels means the
+    runs were tested on different data (a file edited between runs made before lorafit
+    recorded data hashes)."""
+    for row, (label, _) in predictions.items():
+        seen, other = tested.setdefault(row, (label, run_id))
+        if seen != label:
+            raise ConfigError(
+                f"test row {row} has label {seen} in run {other} and {label} in run {run_id}: "
+                "the runs were tested on different data; rerun the sweep into a new sweep.dir"
+            )
+
+
 def _paired_against_baseline(sweep: Sweep, by_cell: dict, method: str, k: int) -> dict:
     """Paired test over the seeds where both runs are ok, on the test rows both runs predicted:
     seed spread plus a bootstrap over test rows, and a permutation test that swaps whole runs
@@ -336,6 +352,7 @@ def _paired_against_baseline(sweep: Sweep, by_cell: dict, method: str, k: int) -
     cfg = sweep.config
     rows, labels, preds_method, preds_baseline = [], [], [], []
     num_classes, refit_differs = None, 0
+    tested: dict[int, tuple[int, str]] = {}  # test row -> (label, the first run that had it)
     for seed in cfg.seeds:
         a, b = by_cell.get((method, k, seed)), by_cell.get((cfg.baseline, k, seed))
         if not a or not b or a["status"] != "ok" or b["status"] != "ok":
@@ -346,8 +363,8 @@ def _paired_against_baseline(sweep: Sweep, by_cell: dict, method: str, k: int) -
         common = sorted(set(pa) & set(pb))
         if not common:
             continue
-        if any(pa[row][0] != pb[row][0] for row in common):
-            raise ValueError(f"test labels differ between {a['run_id']} and {b['run_id']}")
+        _check_same_test_labels(tested, pa, a["run_id"])
+        _check_same_test_labels(tested, pb, b["run_id"])
         rows.append(common)
         labels.append([pa[row][0] for row in common])
         preds_method.append([pa[row][1] for row in common])
@@ -454,6 +471,15 @@ def _fmt_p(value) -> str:
     return f"{value:.3g}" if value >= 0.001 else "<0.001"
 
 
+def _baseline_note(cfg: Any, table: list[dict]) -> str:
+    """Why Δ cells are blank: the baseline has no ok run at some K (all failed or not run)."""
+    empty = [e["k_shot"] for e in table if e["method"] == cfg.baseline and not e["n_ok"]]
+    if not empty:
+        return ""
+    at = ", ".join(map(str, empty))
+    return f" It has no ok run at K = {at}, so there are no paired tests (Δ –) there."
+
+
 def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
     cfg = sweep.config
     metric, level = cfg.metric, _pct_text(cfg.ci_level)
@@ -481,7 +507,7 @@ def summary_markdown(sweep: Sweep, rows: list[dict], table: list[dict]) -> str:
         "",
         f"Seeds {cfg.seeds}. Runs: {counts['ok']} ok, {counts['failed']} failed, "
         f"{counts['crashed']} crashed, {counts['pending']} not run yet.{grid_note} "
-        f"Baseline for the paired tests: **{cfg.baseline}**.",
+        f"Baseline for the paired tests: **{cfg.baseline}**.{_baseline_note(cfg, table)}",
         "",
         f"| method | K | ok / failed / crashed | {metric} mean ± std | {level} CI across seeds "
         f"| {bootstrap_head} | gap (train − test) | ECE "
@@ -733,7 +759,8 @@ def write_plots(sweep: Sweep, rows: list[dict], table: list[dict]) -> dict[str, 
                 fmt="-o",
                 capsize=3,
                 color=colours[method],
-                label=method,
+                # all failed: in the legend (its colour), not silently absent from the axes
+                label=method if any(e["n_ok"] for e in cells) else f"{method} (no ok run)",
             )
         if key == "gap":
             ax.axhline(0.0, color="grey", linewidth=0.8)

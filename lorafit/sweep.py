@@ -361,8 +361,11 @@ class SweepState:
             write_json(self.path, {"runs": self.runs})
 
 
-def run_status(run: Run, state: SweepState) -> str:
-    """completed | crashed | pending (never run, or interrupted with the sweep)."""
+def run_status(run: Run, state: SweepState, check_data: bool = True) -> str:
+    """completed | crashed | pending (never run, or interrupted with the sweep).
+
+    A completed run made under other settings, or (`check_data`) on a data file that has been
+    edited since, is refused: reusing it would mix two experiments in one table."""
     summary = read_summary(run.dir)
     if summary.get("status") == "completed":
         if summary.get("config_sha256") not in (None, run.config.fingerprint()):
@@ -372,6 +375,8 @@ def run_status(run: Run, state: SweepState) -> str:
                     f"run {run.dir} was trained with other settings than sweep run {run.id} now "
                     f"has ({'; '.join(changed[:3])}); restore them or choose a new sweep.dir"
                 )
+        if check_data:
+            _check_same_data(run, summary.get("data_sha256") or {})
         return "completed"
     recorded = state.get(run)
     if recorded.get("status") != "crashed":
@@ -379,6 +384,35 @@ def run_status(run: Run, state: SweepState) -> str:
     # a crash under other settings (a config mistake since fixed) is not this run's result
     same = recorded.get("config_sha256") in (None, run.config.fingerprint())
     return "crashed" if same else "pending"
+
+
+def _check_same_data(run: Run, trained_on: dict[str, str]) -> None:
+    """Refuse a finished run whose data files (their sha256 in summary.json) have changed."""
+    from lorafit.data import data_files_sha256
+
+    now = data_files_sha256(run.config.data)
+    changed = [role for role, digest in trained_on.items() if now.get(role, digest) != digest]
+    if changed:
+        raise ConfigError(
+            f"run {run.dir} was trained on other data: the {' and '.join(changed)} file of "
+            f"{run.config.data.path} (data.path) has changed since; restore it, or choose a new "
+            "sweep.dir to run the sweep on the new data"
+        )
+
+
+def _check_runs_share_data(sweep: Sweep) -> None:
+    """--report-only: the finished runs must have been trained on the same data files, even
+    when those files have changed since (the report is about the runs, not today's files)."""
+    first: dict[str, tuple[str, str]] = {}  # role -> (sha256, run id)
+    for run in sweep.runs:
+        for role, digest in (read_summary(run.dir).get("data_sha256") or {}).items():
+            seen, other = first.setdefault(role, (digest, run.id))
+            if seen != digest:
+                raise ConfigError(
+                    f"runs {other} and {run.id} were trained on different {role} files "
+                    f"(data.path was edited between them), so they cannot share a table; rerun "
+                    "the sweep into a new sweep.dir"
+                )
 
 
 def execute(
@@ -718,8 +752,10 @@ def run_compare(
             "run `lorafit compare` without --report-only first, or point sweep.dir at the sweep"
         )
     state = SweepState(sweep.dir / "state.json")
-    for run in sweep.runs:
-        run_status(run, state)  # refuses finished runs made with other settings: before any write
+    for run in sweep.runs:  # refuses finished runs made with other settings: before any write
+        run_status(run, state, check_data=not report_only)
+    if report_only:
+        _check_runs_share_data(sweep)
     if not report_only:  # a --report-only what-if (other seeds, a metric) leaves the record alone
         write_text(
             sweep.dir / "sweep.yaml",
@@ -732,7 +768,7 @@ def run_compare(
     path = report.write_report(sweep)
     print(f"report: {path}")
     state = SweepState(sweep.dir / "state.json")  # as execute left it
-    crashed = [run.id for run in sweep.runs if run_status(run, state) == "crashed"]
+    crashed = [r.id for r in sweep.runs if run_status(r, state, check_data=False) == "crashed"]
     return CompareResult(path, crashed)
 
 

@@ -310,6 +310,7 @@ class Trainer:
         self.calibration = calibration_for(cfg.train, self.task)
         selection_metric = selection_metric_for(cfg.train, self.task)
         self.data = D.load_task_data(cfg.data, self.task)
+        self.data_sha256 = D.data_files_sha256(cfg.data)  # a sweep refuses to mix edited data
         self.label_names = self.data.label_names
         # The loop runs train.steps, raised to cover train.min_passes passes over a large
         # training set; config.yaml keeps the settings as given (the floor is recomputed).
@@ -1072,6 +1073,7 @@ class Trainer:
             "examples_per_s": self.examples_per_s,
             "num_processes": acc.num_processes,
             "config_sha256": cfg.fingerprint(),
+            "data_sha256": self.data_sha256,
             **environment_info(),
         }
         acc.wait_for_everyone()

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
+from lorafit.data import data_files_sha256
 from lorafit.errors import ConfigError
 from lorafit.io import write_json
 from lorafit.report import holm, seed_stats
@@ -131,6 +132,7 @@ def write_fake_run(
         "wall_time_s": 10.0,
         "eval_time_s": 2.5,
         "config_sha256": run.config.fingerprint(),
+        "data_sha256": data_files_sha256(run.config.data),
         "refit": refit,
     }
     write_json(run.dir / "summary.json", summary)
@@ -374,6 +376,53 @@ def test_changed_config_of_a_finished_run_is_refused(tmp_path):
     del saved["train"]["label_smoothing"]
     (sweep.runs[0].dir / "config.yaml").write_text(yaml.safe_dump(saved))
     run_compare(path, [], report_only=True)
+
+
+def test_finished_runs_on_a_data_file_edited_since_are_refused(tmp_path):
+    from lorafit.report import _check_same_test_labels
+
+    data = tmp_path / "d.csv"
+    rows = [f"text {i} {'good' if i % 2 else 'bad'} words,{i % 2}" for i in range(80)]
+    data.write_text("text,label\n" + "\n".join(rows) + "\n")
+    base = {"model": {"name_or_path": "unused"}, "data": {"path": str(data)}}
+    path = _sweep_file(tmp_path, {"seeds": [1]}, base)
+    run_compare(path, [], launch=FakeTrainer({}))
+    data.write_text("text,label\n" + "\n".join(rows[::-1]) + "\n")  # same rows, new order
+    with pytest.raises(ConfigError, match=r"trained on other data: the train file of .*d.csv"):
+        run_compare(path, ["sweep.seeds=[1,2]"], launch=FakeTrainer({}))
+    # the report is about the runs: it rebuilds while they all share the data they had
+    run_compare(path, [], report_only=True)
+    # runs trained on two versions of the file cannot share a table
+    new = ["sweep.dir=" + str(tmp_path / "new"), "sweep.seeds=[1,2]"]
+    run_compare(path, new, launch=FakeTrainer({}))
+    old_hashes = json.loads((load_sweep(path).runs[0].dir / "summary.json").read_text())
+    seed2 = load_sweep(path, new).runs[1]
+    summary = json.loads((seed2.dir / "summary.json").read_text())
+    assert seed2.id == "full/k8/seed2" and summary["data_sha256"] != old_hashes["data_sha256"]
+    write_json(seed2.dir / "summary.json", {**summary, "data_sha256": old_hashes["data_sha256"]})
+    with pytest.raises(
+        ConfigError, match=r"runs full/k8/seed1 and full/k8/seed2 .*different train"
+    ):
+        run_compare(path, new, report_only=True)
+    # older runs without data hashes: a test row with two labels is one line, not a traceback
+    tested = {}
+    _check_same_test_labels(tested, {3: (1, 0), 4: (0, 0)}, "lora/k8/seed1")
+    with pytest.raises(ConfigError, match=r"test row 3 has label 1 in run lora/k8/seed1 and 0"):
+        _check_same_test_labels(tested, {3: (0, 0)}, "lora/k8/seed2")
+
+
+def test_a_baseline_without_ok_runs_says_why_deltas_are_blank(tmp_path):
+    path = _sweep_file(tmp_path, {"seeds": [1, 2]})
+    plan = {("full", 1): "crash", ("full", 2): "crash"}
+    text = (
+        run_compare(path, [], launch=FakeTrainer(plan)).report.parent / "summary.md"
+    ).read_text()
+    assert "It has no ok run at K = 8, so there are no paired tests" in text
+    text = (
+        run_compare(path, [], launch=FakeTrainer({}), retry_failed=True).report.parent
+        / "summary.md"
+    ).read_text()
+    assert "no ok run" not in text
 
 
 def test_report_only_runs_nothing_and_lists_missing_runs(tmp_path):

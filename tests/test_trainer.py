@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -141,6 +142,12 @@ def test_classification_run_directory(tiny_bert_path, sentiment_dir, tmp_path):
     )
     # the resolved config is saved and reloads to the same run
     assert load_config(out / "config.yaml").fingerprint() == summary["config_sha256"]
+    # and the data files it read are named by their bytes (a sweep refuses edited data)
+    digests = {
+        s: hashlib.sha256((sentiment_dir / f"{s}.jsonl").read_bytes()).hexdigest()
+        for s in ("train", "test")
+    }
+    assert summary["data_sha256"] == digests
 
 
 def _without_dropout(model_path: str, folder: Path) -> str:
