@@ -333,7 +333,7 @@ def _majority_class(summary: dict) -> str | None:
     counts = [sum(row) for row in matrix or []]
     total = sum(counts)
     present = [c for c in counts if c]  # a class with no test rows does not unbalance the set
-    if not total or max(present) < 2 * min(present):  # near-balanced: chance is ~1/C anyway
+    if not total or (len(present) > 1 and max(present) < 2 * min(present)):  # near-balanced
         return None
     names = summary.get("label_names") or [str(c) for c in range(len(counts))]
     top = max(range(len(counts)), key=counts.__getitem__)

@@ -323,7 +323,9 @@ def _read_splits(cfg: DataConfig) -> dict[str, _Split]:
         )
     else:
         splits = _hub_splits(cfg)
-    for split in splits.values():
+    for role, split in splits.items():
+        if role == "validation" and _validation_unused(splits, cfg):
+            continue  # dropped once the test labels are read (see _normalise_classification)
         if len(split.dataset) == 0:
             raise DataError(
                 f"{split.origin}: no data rows (empty split); add rows or point data.path elsewhere"
@@ -339,7 +341,19 @@ def data_files_sha256(cfg: DataConfig) -> dict[str, str]:
     if path is None or not path.exists():
         return {}
     files = {"train": path} if path.is_file() else _split_files(path, cfg)
+    if _validation_unused(files, cfg):
+        del files["validation"]  # not read, so an edit there changes nothing
     return {role: _file_sha256(str(f), *_stamp(f)) for role, f in sorted(files.items())}
+
+
+def changed_data_files(then: dict[str, str], now: dict[str, str]) -> str:
+    """What differs between two `data_files_sha256` results, for an error message."""
+    parts = [
+        f"the {role} file {'was removed' if role not in now else 'was added' if role not in then else 'has changed'}"
+        for role in sorted(set(then) | set(now))
+        if then.get(role) != now.get(role)
+    ]
+    return " and ".join(parts)
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -370,7 +384,7 @@ def _split_names(cfg: DataConfig) -> dict[str, str]:
     return {role: name for role, name in names.items() if name is not None}
 
 
-def _validation_unused(raw: dict[str, _Split], cfg: DataConfig) -> bool:
+def _validation_unused(raw: dict[str, Any], cfg: DataConfig) -> bool:
     """K-shot draws validation from train, so a given validation split beside a labelled test
     split is not used, and its rows are not checked (a bad row there must not stop the run)."""
     return cfg.k_shot is not None and "validation" in raw and "test" in raw
@@ -831,7 +845,12 @@ def _normalise_classification(
     raw = dict(raw)
     keys: dict[str, list] = {}
     label_columns: dict[str, str] = {}
-    for role, split in sorted(raw.items(), key=lambda item: item[0] != "train"):  # train first
+    # train first, validation last: whether it is used depends on the test split's labels
+    order = {"train": 0, "test": 1, "validation": 2}
+    for role, split in sorted(raw.items(), key=lambda item: order[item[0]]):
+        if role == "validation" and _validation_unused(raw, cfg):
+            del raw[role]  # K-shot draws validation from train: the file is not read further
+            continue
         try:
             label_columns[role] = _label_column(split, cfg)
         except DataError:
@@ -847,8 +866,6 @@ def _normalise_classification(
         if role == "test" and all(k is None for k in keys[role]):
             # hidden test labels (GLUE on the hub): behave as if no test split was given
             del raw[role], keys[role]
-    if _validation_unused(raw, cfg):
-        del raw["validation"], keys["validation"]
 
     train = raw["train"]
     feature = train.dataset.features.get(label_columns["train"])
@@ -891,8 +908,9 @@ def _normalise_classification(
             f"labels in the training split, found only {train_keys[0]!r}; add rows of the other classes "
             "(or point data.label at the column that holds the classes)"
         )
-    warnings = _warn(_respelled_numbers_note(train, label_columns["train"]))
-    warnings += _warn(_missing_value_labels_note(names, train.origin))
+    warnings = [] if ints_are_ids else _warn(_respelled_numbers_note(train, label_columns["train"]))
+    if cfg.labels is None:  # listed in data.labels: the user means them as classes
+        warnings += _warn(_missing_value_labels_note(names, train.origin))
     return names, pools, warnings
 
 

@@ -387,15 +387,15 @@ def run_status(run: Run, state: SweepState, check_data: bool = True) -> str:
 
 
 def _check_same_data(run: Run, trained_on: dict[str, str]) -> None:
-    """Refuse a finished run whose data files (their sha256 in summary.json) have changed."""
-    from lorafit.data import data_files_sha256
+    """Refuse a finished run whose data files (their sha256 in summary.json) have changed, or
+    been added or removed. Runs of a lorafit that did not record them are not checked."""
+    from lorafit.data import changed_data_files, data_files_sha256
 
     now = data_files_sha256(run.config.data)
-    changed = [role for role, digest in trained_on.items() if now.get(role, digest) != digest]
-    if changed:
+    if trained_on and now and now != trained_on:  # a missing data.path fails in _check_data
         raise ConfigError(
-            f"run {run.dir} was trained on other data: the {' and '.join(changed)} file of "
-            f"{run.config.data.path} (data.path) has changed since; restore it, or choose a new "
+            f"run {run.dir} was trained on other data: {changed_data_files(trained_on, now)} "
+            f"since, in {run.config.data.path} (data.path); restore it, or choose a new "
             "sweep.dir to run the sweep on the new data"
         )
 
@@ -403,16 +403,22 @@ def _check_same_data(run: Run, trained_on: dict[str, str]) -> None:
 def _check_runs_share_data(sweep: Sweep) -> None:
     """--report-only: the finished runs must have been trained on the same data files, even
     when those files have changed since (the report is about the runs, not today's files)."""
-    first: dict[str, tuple[str, str]] = {}  # role -> (sha256, run id)
+    from lorafit.data import changed_data_files
+
+    first: dict[str, tuple[dict, str]] = {}  # data setting -> (data_sha256, run id)
     for run in sweep.runs:
-        for role, digest in (read_summary(run.dir).get("data_sha256") or {}).items():
-            seen, other = first.setdefault(role, (digest, run.id))
-            if seen != digest:
-                raise ConfigError(
-                    f"runs {other} and {run.id} were trained on different {role} files "
-                    f"(data.path was edited between them), so they cannot share a table; rerun "
-                    "the sweep into a new sweep.dir"
-                )
+        digests = read_summary(run.dir).get("data_sha256")
+        if not digests:
+            continue  # not finished, a hub dataset, or a lorafit that did not record them
+        data = run.config.data  # the settings that choose the files, not the K-shot draw
+        setting = json.dumps([data.path, data.train_split, data.validation_split, data.test_split])
+        seen, other = first.setdefault(setting, (digests, run.id))
+        if seen != digests:
+            raise ConfigError(
+                f"runs {other} and {run.id} were trained on different data "
+                f"({changed_data_files(seen, digests)} between them), so they cannot share a "
+                "table; rerun the sweep into a new sweep.dir"
+            )
 
 
 def execute(

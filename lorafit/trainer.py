@@ -309,8 +309,9 @@ class Trainer:
         self.objective = objective_for(cfg.train, self.task)
         self.calibration = calibration_for(cfg.train, self.task)
         selection_metric = selection_metric_for(cfg.train, self.task)
-        self.data = D.load_task_data(cfg.data, self.task)
+        # hashed before the read: an edit in between makes the hash disagree, never agree
         self.data_sha256 = D.data_files_sha256(cfg.data)  # a sweep refuses to mix edited data
+        self.data = D.load_task_data(cfg.data, self.task)
         self.label_names = self.data.label_names
         # The loop runs train.steps, raised to cover train.min_passes passes over a large
         # training set; config.yaml keeps the settings as given (the floor is recomputed).
@@ -576,6 +577,14 @@ class Trainer:
             return
         acc = self.accelerator
         ckpt = load_checkpoint(checkpoints[-1], rank=acc.process_index)
+        trained_on = ckpt["trainer"].get("data_sha256")  # absent before 2026-12
+        if trained_on is not None and trained_on != self.data_sha256:
+            changed = D.changed_data_files(trained_on, self.data_sha256)
+            raise ConfigError(
+                f"train.resume: {checkpoints[-1]} was trained on other data ({changed} of "
+                f"{self.cfg.data.path}); restore the file, or start a new run (another "
+                "output.dir, or output.overwrite=true)"
+            )
         if ckpt["num_ranks"] != acc.num_processes:
             # rank r of W takes global batches r, r+W, ...: another W would replay or skip
             # batches, and the step budget and the per-rank dropout streams depend on W too
@@ -962,6 +971,7 @@ class Trainer:
                     "elapsed_s": self.elapsed_before + elapsed,
                     "eval_s": self.eval_seconds_before + self.eval_seconds,
                     "stopped_early": self.stopped_early,
+                    "data_sha256": self.data_sha256,
                 },
                 best_weights=self.best_weights,
                 ema_weights=self.ema.shadow if self.ema is not None else None,

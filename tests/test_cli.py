@@ -275,6 +275,11 @@ def test_classification_summary_names_the_majority_class_rate(capsys):
     absent = {"confusion_matrix": [[18, 2, 0], [3, 17, 0], [0, 0, 0]]}
     cli._print_summary({**summary, "test_per_class": absent}, "runs/x")
     assert "largest test class" not in capsys.readouterr().out
+    # a test set of one class: the constant guess is perfect
+    one = {"confusion_matrix": [[0, 0, 0], [3, 17, 0], [0, 0, 0]]}
+    names = ["complaint", "ok", "other"]
+    cli._print_summary({**summary, "test_per_class": one, "label_names": names}, "runs/x")
+    assert "largest test class 'ok' scores accuracy 1.0000" in capsys.readouterr().out
 
 
 def test_export_names_what_it_wrote(tmp_path, monkeypatch, capsys):

@@ -959,6 +959,11 @@ def test_k_shot_does_not_check_an_unused_validation_split(tmp_path: Path) -> Non
     _write(tmp_path / "test.csv", _rows({"a": 3, "b": 3}))
     td = load_task_data(DataConfig(path=str(tmp_path), k_shot=3), "classification")
     assert "the given validation split is unused" in td.source and len(td.validation) == 6
+    for unused in ("sentence,label\n", "sentence\ngiven\n"):  # no rows; no label column
+        (tmp_path / "validation.csv").write_text(unused)
+        td = load_task_data(DataConfig(path=str(tmp_path), k_shot=3), "classification")
+        assert "the given validation split is unused" in td.source
+    _write(tmp_path / "validation.csv", bad)
     # without K-shot the file is the validation split, and its rows are checked
     assert "validation.csv row 1 column 'sentence': empty text" in _error(
         DataConfig(path=str(tmp_path))
@@ -979,6 +984,12 @@ def test_numeric_labels_are_named_by_value_and_predict_reads_them_alike(tmp_path
     # a file lorafit trained on can be scored by `predict --label-column` in its own spelling
     ids = [_label_id({"true_label": v, "origin": "codes.tsv"}, td.label_names) for v in spellings]
     assert ids == [0, 1, 2]
+    # with data.labels naming the ids, the classes are those names: nothing is renamed
+    ids = [{"sentence": f"row {i} w", "label": f"0{i % 2}"} for i in range(30)]
+    cfg = DataConfig(path=str(_write(tmp_path / "ids.tsv", ids)), labels=["neg", "pos"])
+    td = load_task_data(cfg, "classification")
+    assert td.label_names == ["neg", "pos"]
+    assert not [w for w in td.warnings if "named by their value" in w]
     same = [{"sentence": f"row {i} w", "label": str(i % 2)} for i in range(30)]
     td = load_task_data(DataConfig(path=str(_write(tmp_path / "ids.csv", same))), "classification")
     assert not [w for w in td.warnings if "named by their value" in w]
@@ -989,6 +1000,8 @@ def test_a_label_spelled_as_a_missing_value_is_named(tmp_path: Path) -> None:
     td = load_task_data(DataConfig(path=str(_write(tmp_path / "d.csv", rows))), "classification")
     [note] = [w for w in td.warnings if "looks like a missing value" in w]
     assert "'NaN'" in note and "empty the label cells or remove the rows" in note
+    listed = DataConfig(path=str(tmp_path / "d.csv"), labels=["neg", "pos", "NaN"])
+    assert not [w for w in load_task_data(listed, "classification").warnings if "missing" in w]
     rows = _rows({"none": 10, "some": 10})  # a real class name in many datasets
     td = load_task_data(DataConfig(path=str(_write(tmp_path / "n.csv", rows))), "classification")
     assert not [w for w in td.warnings if "missing value" in w]

@@ -379,8 +379,6 @@ def test_changed_config_of_a_finished_run_is_refused(tmp_path):
 
 
 def test_finished_runs_on_a_data_file_edited_since_are_refused(tmp_path):
-    from lorafit.report import _check_same_test_labels
-
     data = tmp_path / "d.csv"
     rows = [f"text {i} {'good' if i % 2 else 'bad'} words,{i % 2}" for i in range(80)]
     data.write_text("text,label\n" + "\n".join(rows) + "\n")
@@ -388,7 +386,9 @@ def test_finished_runs_on_a_data_file_edited_since_are_refused(tmp_path):
     path = _sweep_file(tmp_path, {"seeds": [1]}, base)
     run_compare(path, [], launch=FakeTrainer({}))
     data.write_text("text,label\n" + "\n".join(rows[::-1]) + "\n")  # same rows, new order
-    with pytest.raises(ConfigError, match=r"trained on other data: the train file of .*d.csv"):
+    with pytest.raises(
+        ConfigError, match=r"trained on other data: the train file has changed since, in .*d.csv"
+    ):
         run_compare(path, ["sweep.seeds=[1,2]"], launch=FakeTrainer({}))
     # the report is about the runs: it rebuilds while they all share the data they had
     run_compare(path, [], report_only=True)
@@ -401,14 +401,41 @@ def test_finished_runs_on_a_data_file_edited_since_are_refused(tmp_path):
     assert seed2.id == "full/k8/seed2" and summary["data_sha256"] != old_hashes["data_sha256"]
     write_json(seed2.dir / "summary.json", {**summary, "data_sha256": old_hashes["data_sha256"]})
     with pytest.raises(
-        ConfigError, match=r"runs full/k8/seed1 and full/k8/seed2 .*different train"
+        ConfigError,
+        match=r"runs full/k8/seed1 and full/k8/seed2 .*different data \(the train file has changed",
     ):
         run_compare(path, new, report_only=True)
-    # older runs without data hashes: a test row with two labels is one line, not a traceback
-    tested = {}
-    _check_same_test_labels(tested, {3: (1, 0), 4: (0, 0)}, "lora/k8/seed1")
-    with pytest.raises(ConfigError, match=r"test row 3 has label 1 in run lora/k8/seed1 and 0"):
-        _check_same_test_labels(tested, {3: (0, 0)}, "lora/k8/seed2")
+
+
+def test_a_data_file_added_to_the_folder_is_other_data_an_unused_one_is_not(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [f"text {i} {'good' if i % 2 else 'bad'} words,{i % 2}" for i in range(80)]
+    (folder / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    base = {"model": {"name_or_path": "unused"}, "data": {"path": str(folder)}}
+    path = _sweep_file(tmp_path, {"seeds": [1]}, base)
+    run_compare(path, [], launch=FakeTrainer({}))  # tested on rows carved from train.csv
+    (folder / "test.csv").write_text("text,label\n" + "\n".join(rows[:20]) + "\n")
+    with pytest.raises(ConfigError, match=r"other data: the test file was added since"):
+        run_compare(path, ["sweep.seeds=[1,2]"], launch=FakeTrainer({}))
+    # with a test file, K-shot does not read validation.csv: adding or editing it changes nothing
+    run_compare(path, ["sweep.dir=" + str(tmp_path / "new")], launch=FakeTrainer({}))
+    (folder / "validation.csv").write_text("text,label\n" + "\n".join(rows[:4]) + "\n")
+    run_compare(
+        path, ["sweep.dir=" + str(tmp_path / "new"), "sweep.seeds=[1,2]"], launch=FakeTrainer({})
+    )
+
+
+def test_runs_tested_on_other_labels_are_a_one_line_error(tmp_path):
+    # runs of an older lorafit (no data_sha256): the paired test meets a row with two labels
+    path = _sweep_file(tmp_path, {"seeds": [1]})
+    run_compare(path, [], launch=FakeTrainer({}))
+    flipped = 1 - np.arange(N_TEST) % 2
+    with pytest.raises(
+        ConfigError,
+        match=r"test row 100 has label 0 in run lora/k8/seed1 and 1 in run lora/k8/seed2",
+    ):
+        run_compare(path, ["sweep.seeds=[1,2]"], launch=FakeTrainer({}, labels=flipped))
 
 
 def test_a_baseline_without_ok_runs_says_why_deltas_are_blank(tmp_path):

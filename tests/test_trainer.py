@@ -799,6 +799,37 @@ def test_resume_with_other_settings_is_refused(tiny_bert_path, sentiment_dir, tm
     assert (out / "config.yaml").read_text() == saved  # the run is left as it was
 
 
+def test_resume_on_an_edited_data_file_is_refused(
+    tiny_bert_path, sentiment_dir, tmp_path, monkeypatch
+):
+    data = shutil.copytree(sentiment_dir, tmp_path / "data")
+    original = Trainer.compute_loss
+    calls = {"n": 0}
+
+    def crash_at_step_6(self, batch):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt  # killed after the step-4 checkpoint
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "compute_loss", crash_at_step_6)
+    settings = {"train.steps": 8, "train.eval_every": 4}
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(tiny_bert_path, data, tmp_path / "run", **settings)
+    monkeypatch.setattr(Trainer, "compute_loss", original)
+    train = data / "train.jsonl"
+    rows = train.read_text()
+    train.write_text(rows.replace("\n", "\n", rows.count("\n") - 1) + rows.splitlines()[0] + "\n")
+    resume = {**settings, "train.resume": "true"}
+    with pytest.raises(
+        ConfigError,
+        match=r"train.resume: .*step-4 was trained on other data \(the train file has changed",
+    ):
+        run_tiny(tiny_bert_path, data, tmp_path / "run", **resume)
+    train.write_text(rows)  # restored: the run resumes and finishes
+    assert run_tiny(tiny_bert_path, data, tmp_path / "run", **resume)["status"] == "completed"
+
+
 def test_non_finite_loss_stops_with_step_and_lr(
     tiny_bert_path, sentiment_dir, tmp_path, monkeypatch
 ):
