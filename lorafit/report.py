@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import yaml
 
 from lorafit.errors import ConfigError
 from lorafit.io import read_jsonl, write_text, write_with
@@ -815,6 +816,10 @@ def write_report(sweep: Sweep) -> Path:
     write_csv(sweep.dir / "runs.csv", rows)
     write_csv(sweep.dir / "summary.csv", table)
     summary_md = summary_markdown(sweep, rows, table)
+    what_if = _what_if_note(sweep)
+    if what_if:  # under the title, where a reader of the tables sees it first
+        title, rest = summary_md.split("\n", 1)
+        summary_md = f"{title}\n\n{what_if}\n{rest}"
     write_text(sweep.dir / "summary.md", summary_md)
     plots = write_plots(sweep, rows, table)
     metric = sweep.config.metric
@@ -846,6 +851,35 @@ def write_report(sweep: Sweep) -> Path:
     path = sweep.dir / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _what_if_note(sweep: Sweep) -> str:
+    """A `--report-only` what-if (other seeds, another metric) rewrites the tables but not
+    sweep.yaml: say which settings differ from the recorded ones, and how to restore."""
+    from lorafit.sweep import _plain
+
+    recorded_path = sweep.dir / "sweep.yaml"
+    if not recorded_path.exists():
+        return ""
+    recorded = (yaml.safe_load(recorded_path.read_text()) or {}).get("sweep") or {}
+    now = _plain(sweep.config)
+    differ = [
+        f"{key}: {now[key]} (sweep.yaml: {recorded[key]})"
+        for key in now
+        if key in recorded
+        and json.dumps(now[key], default=str) != json.dumps(recorded[key], default=str)
+    ]
+    if not differ:
+        return ""
+    restore = f"lorafit compare {shlex.quote(str(recorded_path))} --report-only"
+    return (
+        f"**What-if report** (`--report-only` with other settings than the sweep's record: "
+        f"{'; '.join(differ)}). `{restore}` rebuilds the recorded report."
+    )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _plural(n: int, word: str) -> str:

@@ -465,6 +465,10 @@ def test_report_only_runs_nothing_and_lists_missing_runs(tmp_path):
     assert _summary_row(tmp_path / "sweep", "lora")["n_pending"] == "1"
     # a what-if with other seeds leaves the sweep's record alone: it still rebuilds as run
     assert (tmp_path / "sweep" / "sweep.yaml").read_text() == recorded
+    what_if = "**What-if report** (`--report-only` with other settings than the sweep's record: seeds: [1, 2] (sweep.yaml: [1]))"
+    assert what_if in text and what_if in (tmp_path / "sweep" / "summary.md").read_text()
+    text = run_compare(tmp_path / "sweep" / "sweep.yaml", [], report_only=True).report.read_text()
+    assert "What-if" not in text
 
 
 def test_report_only_on_a_sweep_that_never_ran_is_an_error(tmp_path):
