@@ -3,6 +3,8 @@
     python scripts/recipes_table.py                       # everything, in priority order
     python scripts/recipes_table.py --datasets sst2 --k 16 --seeds 13 21 42
     python scripts/recipes_table.py --report-only         # rebuild the table from finished runs
+    python scripts/recipes_table.py --dataset mytask data.path=my/folder data.label=topic \
+        --k 16 --seeds 13 21 42 --out runs/mytask          # the same comparison on your data
 
 Each cell is one `python -m lorafit train` run (lorafit defaults: only data, K, seed and the
 method are set, nothing else) or one `scripts/baseline_trainer.py` run (the issue's plain
@@ -18,6 +20,9 @@ the train pool with data.seed = seed (the training seed is the same number).
 - MR: no official split. A fixed, stratified 1,000 rows (seed 0) are held out once as the test
   set (written to <out>/data/mr/test.jsonl); the rest is the train pool. The defaults were
   selected on a dev slice of that pool only (scripts/select_defaults.py).
+- Your dataset (`--dataset NAME KEY=VALUE ...`): the lorafit `data.`/`model.` settings you give
+  (data.path at least; a test file beside train, or data.test_fraction carves one), for both
+  lorafit and the plain-Trainer script; model.max_length is lorafit's default unless set.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ METHODS = ("lora", "head", "full", "qlora")
 BASELINES = ("full", "lora", "head")
 SEEDS = (13, 21, 42, 87, 100)
 DATASETS = ("sst2", "mr", "ag_news")
+CUSTOM: dict[str, list[str]] = {}  # --dataset NAME KEY=VALUE ...: name -> its settings
 
 
 def hold_out(labels: list, n: int, eligible: list[int], seed: int = 0) -> set[int]:
@@ -76,6 +82,8 @@ def mr_split(out: Path, n_test: int = 1000, seed: int = 0) -> Path:
 
 def data_overrides(dataset: str, out: Path) -> list[str]:
     """`key=value` data/model settings of one dataset (the protocol above)."""
+    if dataset in CUSTOM:
+        return CUSTOM[dataset]
     if dataset == "sst2":
         return [
             f"data.path={DATA / 'sst2'}",
@@ -333,6 +341,7 @@ def report(args) -> str:
             lines += _per_seed(cells, dataset, k, columns)
             lines += _calibration(cells, dataset, k, columns)
     text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)
     return text
 
@@ -391,7 +400,17 @@ def _calibration(cells: dict, dataset: str, k: int, columns: list[tuple[str, str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "recipes"))
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    p.add_argument("--datasets", nargs="+", default=None, help=f"of {', '.join(DATASETS)}")
+    p.add_argument(
+        "--dataset",
+        dest="custom",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME", "KEY=VALUE"),
+        help="your own dataset: a name for the table, then lorafit data./model. settings "
+        "(data.path=... at least); repeat for several",
+    )
     p.add_argument("--k", nargs="+", type=int, default=[16, 64])
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
@@ -405,6 +424,18 @@ def main() -> None:
     p.add_argument("--stop-at", default=None, help="stop launching after HH:MM (local time)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    for name, *settings in args.custom:
+        bad = [s for s in settings if not s.startswith(("data.", "model.")) or "=" not in s]
+        if not any(s.startswith("data.path=") for s in settings) or bad or name in DATASETS:
+            p.error(
+                f"--dataset {name}: give a new name, then data./model. KEY=VALUE settings with "
+                f"data.path=... among them{f' (not: {bad[0]})' if bad else ''}"
+            )
+        CUSTOM[name] = settings
+    unknown = [d for d in args.datasets or [] if d not in DATASETS and d not in CUSTOM]
+    if unknown:
+        p.error(f"--datasets {unknown[0]}: not one of {', '.join(DATASETS)} or a --dataset name")
+    args.datasets = args.datasets or list(CUSTOM) or list(DATASETS)
     if not args.report_only:
         run_all(args)
     print(report(args))
