@@ -15,6 +15,7 @@
     python scripts/contrastive_probes.py end_to_end --datasets sst2 mr
     python scripts/contrastive_probes.py simcse --datasets sst2 mr
     python scripts/contrastive_probes.py fold_validation --datasets sst2 mr ag_news [--method full]
+    python scripts/contrastive_probes.py refit_calibration --datasets sst2 mr [--method full]
 
 `head`: the frozen MiniLM body, and the fitted head alone varied: logistic regression with
 C = 1/l2 in {0.01, 0.1, 1, 10, 100}, on raw or L2-normalised embeddings. Asks whether the head
@@ -82,6 +83,12 @@ and settings: what `train.refit` does after the monitored run (up to the dropout
 the refit restarts from the seed). Asks what the validation labels are worth once a fixed
 budget has left them nothing to select. Validation is then in-sample, so only the dev score
 counts.
+
+`refit_calibration`: the default run with its refit (`train.refit`), then, on the refit's body,
+the head fitted with the ridge as it ships and with the ridge scaled by the rows (train +
+validation over train: the per-row penalty of the monitored fit the temperature was fitted on),
+each under the monitored run's temperature; the monitored run's own calibrated dev score is
+taken before the refit. Asks whether the temperature carries over to the refit model.
 
 All of them use scripts/select_defaults.py's dev sets and K-shot draws (data seeds 1, 2, 3: the
 same 16 + 16 examples per class as its runs) and never open a test split. One line per data seed
@@ -718,6 +725,48 @@ def probe_fold_validation(
     return f"trained on {rows} rows: {100 * trainer.train()['test']['accuracy']:.1f}"
 
 
+def probe_refit_calibration(
+    dataset: str, folder: Path, seed: int, out: Path, method: str = "lora"
+) -> str:
+    """The default run with its refit; on the refit's body, the head fitted with the ridge as
+    is (what ships) and scaled with the rows (per-row penalty as in the monitored fit the
+    temperature came from), each under the monitored temperature. Dev ECE/NLL x100 and accuracy;
+    "monitored" is the monitored run's own calibrated dev score, taken before the refit."""
+    from lorafit.evaluate import evaluate_logits
+    from lorafit.objectives import HEAD_L2, fit_logistic_head
+
+    extra = (f"method.name={method}", "train.refit=true")
+    trainer = trainer_for(dataset, folder, seed, out / f"refit_calibration-{method}", extra=extra)
+    monitored_rows = len(trainer.train_set)
+    calibrate = trainer._calibrate
+    monitored = {}
+
+    def calibrate_and_score():  # the monitored model, its temperature folded in: dev metrics
+        result = calibrate()
+        monitored.update(trainer._evaluate(trainer.test_loader).metrics)
+        return result
+
+    trainer._calibrate = calibrate_and_score
+    summary = trainer.train()
+    temperature = summary["calibration"]["temperature"]
+    train, (x_dev, y_dev) = train_and_dev_embeddings(trainer)  # the refit's rows and body
+    scale = len(train[1]) / monitored_rows
+
+    def scored(l2: float, t: float) -> str:
+        weight, bias = fit_logistic_head(*train, trainer.num_classes, l2=l2)
+        logits = ((x_dev.double() @ weight.double().T + bias.double()) / t).float().numpy()
+        m = evaluate_logits(logits, y_dev.numpy(), trainer.num_classes, trainer.cfg.eval).metrics
+        return f"acc {100 * m['accuracy']:.1f} ECE {100 * m['ece']:.1f} NLL {100 * m['nll']:.1f}"
+
+    return (
+        f"T {temperature:.2f}, rows {monitored_rows} -> {len(train[1])} | monitored: acc "
+        f"{100 * monitored['accuracy']:.1f} ECE {100 * monitored['ece']:.1f} NLL "
+        f"{100 * monitored['nll']:.1f} | refit, ridge as is: {scored(HEAD_L2, temperature)} "
+        f"| refit, ridge x{scale:g}: {scored(HEAD_L2 * scale, temperature)} "
+        f"| run's own test ECE {100 * summary['test']['ece']:.1f}"
+    )
+
+
 PROBES = {
     "head": probe_head,
     "interpolate": probe_interpolate,
@@ -732,6 +781,7 @@ PROBES = {
     "end_to_end": probe_end_to_end,
     "simcse": probe_simcse,
     "fold_validation": probe_fold_validation,
+    "refit_calibration": probe_refit_calibration,
 }
 
 
@@ -743,7 +793,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "select"))
     p.add_argument("--frozen-only", action="store_true", help="layers: skip the LoRA run")
     p.add_argument("--trained", action="store_true", help="head: on a trained LoRA body")
-    p.add_argument("--method", default="lora", help="fold_validation: the method to run")
+    p.add_argument(
+        "--method", default="lora", help="fold_validation, refit_calibration: the method to run"
+    )
     p.add_argument(
         "--variants",
         nargs="+",
@@ -763,6 +815,7 @@ def main() -> None:
                 "head": {"trained": args.trained},
                 "setfit_pairs": {"variants": args.variants},
                 "fold_validation": {"method": args.method},
+                "refit_calibration": {"method": args.method},
             }.get(args.probe, {})
             line = probe(dataset, folders[dataset], seed, out / "probes", **extra)
             print(f"{dataset} seed {seed}: {line}", flush=True)
