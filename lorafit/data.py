@@ -935,13 +935,13 @@ def _respelled_numbers_note(split: _Split, column: str) -> str | None:
     """Numeric csv/tsv labels are read as numbers, so '01' becomes class '1': say so."""
     if not split.untyped:
         return None
-    spelled = {v.strip() for v in split.dataset[column][:] if v and v.strip()}
-    if not all(numeric_label_name(v) for v in spelled):
+    names = {v.strip(): numeric_label_name(v) for v in split.dataset[column][:] if v and v.strip()}
+    if not all(names.values()):
         return None  # not a numeric column: labels keep their spelling
-    changed = sorted(v for v in spelled if numeric_label_name(v) != v)
+    changed = sorted(v for v, name in names.items() if name != v)
     if not changed:
         return None
-    shown = ", ".join(f"'{v}' -> '{numeric_label_name(v)}'" for v in changed[:4])
+    shown = ", ".join(f"'{v}' -> '{names[v]}'" for v in changed[:4])
     more = ", ..." if len(changed) > 4 else ""
     return (
         f"{split.origin} column '{column}': the labels are numbers, so they are named by their "

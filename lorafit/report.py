@@ -866,8 +866,7 @@ def _what_if_note(sweep: Sweep) -> str:
     differ = [
         f"{key}: {now[key]} (sweep.yaml: {recorded[key]})"
         for key in now
-        if key in recorded
-        and json.dumps(now[key], default=str) != json.dumps(recorded[key], default=str)
+        if key in recorded and _json(now[key]) != _json(recorded[key])
     ]
     if not differ:
         return ""

@@ -378,9 +378,13 @@ def test_changed_config_of_a_finished_run_is_refused(tmp_path):
     run_compare(path, [], report_only=True)
 
 
+# csv lines "text,label" of a learnable 2-class file, for sweeps that read real data files
+DATA_ROWS = [f"text {i} {'good' if i % 2 else 'bad'} words,{i % 2}" for i in range(80)]
+
+
 def test_finished_runs_on_a_data_file_edited_since_are_refused(tmp_path):
     data = tmp_path / "d.csv"
-    rows = [f"text {i} {'good' if i % 2 else 'bad'} words,{i % 2}" for i in range(80)]
+    rows = DATA_ROWS
     data.write_text("text,label\n" + "\n".join(rows) + "\n")
     base = {"model": {"name_or_path": "unused"}, "data": {"path": str(data)}}
     path = _sweep_file(tmp_path, {"seeds": [1]}, base)
@@ -410,7 +414,7 @@ def test_finished_runs_on_a_data_file_edited_since_are_refused(tmp_path):
 def test_a_data_file_added_to_the_folder_is_other_data_an_unused_one_is_not(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
-    rows = [f"text {i} {'good' if i % 2 else 'bad'} words,{i % 2}" for i in range(80)]
+    rows = DATA_ROWS
     (folder / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
     base = {"model": {"name_or_path": "unused"}, "data": {"path": str(folder)}}
     path = _sweep_file(tmp_path, {"seeds": [1]}, base)
