@@ -341,7 +341,7 @@ def data_files_sha256(cfg: DataConfig) -> dict[str, str]:
     if path is None or not path.exists():
         return {}
     files = {"train": path} if path.is_file() else _split_files(path, cfg)
-    if _validation_unused(files, cfg):
+    if _validation_unused(files, cfg) and not _labels_hidden(files["test"], cfg):
         del files["validation"]  # not read, so an edit there changes nothing
     return {role: _file_sha256(str(f), *_stamp(f)) for role, f in sorted(files.items())}
 
@@ -388,6 +388,16 @@ def _validation_unused(raw: dict[str, Any], cfg: DataConfig) -> bool:
     """K-shot draws validation from train, so a given validation split beside a labelled test
     split is not used, and its rows are not checked (a bad row there must not stop the run)."""
     return cfg.k_shot is not None and "validation" in raw and "test" in raw
+
+
+def _labels_hidden(file: Path, cfg: DataConfig) -> bool:
+    """A labelled file whose label cells are all empty: read as no such split at all."""
+    split = _file_split(file, cfg.delimiter)
+    try:
+        keys = _label_keys(split, _label_column(split, cfg))
+    except DataError:
+        return False  # no label column: the run stops on it, so this answer is never used
+    return all(k is None for k in keys)
 
 
 def _validation_is_test(cfg: DataConfig) -> bool:

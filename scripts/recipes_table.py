@@ -268,8 +268,9 @@ def _stat(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if not values:
         return "not run"
     mean = statistics.fmean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"  # one seed has no spread (the seeds column says so)
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 BASELINE_LABEL = {

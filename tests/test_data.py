@@ -970,6 +970,18 @@ def test_k_shot_does_not_check_an_unused_validation_split(tmp_path: Path) -> Non
     )
 
 
+def test_the_data_hash_covers_exactly_the_files_a_k_shot_run_reads(tmp_path: Path) -> None:
+    _write(tmp_path / "train.csv", _rows({"a": 10, "b": 10}))
+    _write(tmp_path / "validation.csv", _rows({"a": 3, "b": 3}))
+    _write(tmp_path / "test.csv", _rows({"a": 3, "b": 3}))
+    cfg = DataConfig(path=str(tmp_path), k_shot=3)
+    assert set(data_module.data_files_sha256(cfg)) == {"train", "test"}  # validation unused
+    # a test file with every label empty is no test set: validation.csv is tested on instead
+    _write(tmp_path / "test.csv", [{"sentence": "hidden", "label": ""}] * 4)
+    assert "validation.csv" in load_task_data(cfg, "classification").source
+    assert set(data_module.data_files_sha256(cfg)) == {"train", "validation", "test"}
+
+
 def test_numeric_labels_are_named_by_value_and_predict_reads_them_alike(tmp_path: Path) -> None:
     from lorafit.predict import _label_id
 
