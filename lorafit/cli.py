@@ -254,6 +254,9 @@ def _cmd_config(args) -> int:
     return 0
 
 
+SMALL_VALIDATION_ROWS = 64  # below this, a flat validation accuracy may hide a moving model
+
+
 def _print_summary(summary: dict, run_dir: str) -> None:
     """A few readable lines: test metric with its CI, the gap, where the plot is."""
     from lorafit.distributed import is_main_process
@@ -304,6 +307,12 @@ def _print_summary(summary: dict, run_dir: str) -> None:
             f"trained:    validation {metric} {start[metric]:.4f} at step 0 -> "
             f"{tested[metric]:.4f} ({_selected(summary, metric)})"
         )
+        rows = summary.get("num_validation") or 0
+        if metric == "accuracy" and 0 < rows <= SMALL_VALIDATION_ROWS:
+            lines.append(
+                f"            on {rows} validation rows one row is {100 / rows:.3g} points of "
+                "accuracy; the validation loss in the plot moves in finer steps"
+            )
     refit = summary.get("refit")
     if refit:
         lines.append(

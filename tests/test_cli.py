@@ -239,6 +239,15 @@ def test_summary_prints_validation_before_and_after_training(capsys):
     ema = {"validation_at_start": start, "validation_at_selected": tested, "ema_decay": 0.99}
     cli._print_summary({**summary, **ema}, "runs/x")
     assert "(EMA weights at the last step 200, a fixed budget)" in capsys.readouterr().out
+    flat = {
+        "validation_at_start": {"accuracy": 0.625},
+        "validation_at_selected": {"accuracy": 0.625},
+    }
+    by_accuracy = {**summary, **flat, "selection_metric": "accuracy"}
+    for rows, says in ((16, True), (0, False), (872, False)):
+        cli._print_summary({**by_accuracy, "num_validation": rows}, "runs/x")
+        note = "on 16 validation rows one row is 6.25 points of accuracy; the validation loss"
+        assert (note in capsys.readouterr().out) is says
 
 
 def test_a_missing_cpp_core_is_a_one_line_error(tmp_path):
