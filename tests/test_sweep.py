@@ -800,8 +800,9 @@ def test_per_run_ci_column_names_the_level_the_runs_used(tmp_path):
     assert "[0.950, 1.050] at 80%" in text and "[0.950, 1.050] at 95%" in text
 
 
-def test_single_k_plot_draws_the_ci_as_error_bars_within_the_metric_range(tmp_path, monkeypatch):
-    from matplotlib.container import ErrorbarContainer
+@pytest.fixture
+def saved_axes(monkeypatch) -> dict:
+    """{plot name: its axes}, filled as the report saves each figure."""
     from matplotlib.figure import Figure
 
     axes = {}
@@ -812,6 +813,13 @@ def test_single_k_plot_draws_the_ci_as_error_bars_within_the_metric_range(tmp_pa
         return savefig(fig, path, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", keep_axes)
+    return axes
+
+
+def test_single_k_plot_draws_the_ci_as_error_bars_within_the_metric_range(tmp_path, saved_axes):
+    from matplotlib.container import ErrorbarContainer
+
+    axes = saved_axes
     plan = {("lora", 1): {"correct": _mask(0.6, 1)}, ("lora", 2): {"correct": _mask(0.9, 2)}}
     run_compare(_sweep_file(tmp_path, {"seeds": [1, 2]}), [], launch=FakeTrainer(plan))
     lora = _summary_row(tmp_path / "sweep", "lora")
@@ -822,6 +830,14 @@ def test_single_k_plot_draws_the_ci_as_error_bars_within_the_metric_range(tmp_pa
     assert len(bars) == 2  # one per method: a band over a single K would be invisible
     low, high = ax.get_ylim()
     assert -0.1 < low and high < 1.1  # and in the plot
+
+
+def test_plot_legends_name_a_method_without_an_ok_run(tmp_path, saved_axes):
+    plan = {("full", 1): "crash", ("full", 2): "crash"}
+    run_compare(_sweep_file(tmp_path, {"seeds": [1, 2]}), [], launch=FakeTrainer(plan))
+    for plot in ("gap_vs_k", "ece_vs_k"):
+        labels = [t.get_text() for t in saved_axes[plot].get_legend().get_texts()]
+        assert labels == ["full (no ok run)", "lora"], plot
 
 
 def test_compare_exits_1_when_runs_crashed_but_not_when_they_failed(tmp_path, monkeypatch, capsys):
